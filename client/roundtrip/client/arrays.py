@@ -1,0 +1,126 @@
+"""The one codec between numpy arrays and the wire's ``roundtrip.v1.Array``.
+
+Client and server both use it, so the two sides cannot disagree on byte order,
+dtype names or the ``raw``/``values`` rules. Decoding checks everything the
+message itself can get wrong (dtype, shape, lengths) and raises
+:class:`ArrayFormatError` naming the offending field; limits that depend on
+the server's configuration are the server's business.
+
+>>> import numpy as np
+>>> msg = to_proto(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+>>> from_proto(msg, field="x").tolist()
+[1.0, 2.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from roundtrip.v1 import roundtrip_pb2 as pb
+
+#: Wire dtype -> little-endian numpy dtype. DTYPE_UNSPECIFIED reads as float32.
+NUMPY_DTYPES: Mapping[int, np.dtype[np.generic]] = {
+    pb.DTYPE_UNSPECIFIED: np.dtype("<f4"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+}
+
+#: numpy dtype name -> wire dtype, for encoding.
+WIRE_DTYPES: Mapping[str, int] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float64": pb.DTYPE_FLOAT64,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
+
+
+class ArrayFormatError(ValueError):
+    """An ``Array`` message that does not describe a valid array.
+
+    ``field`` is the dotted path of the offending field (``x.raw``), so the
+    server can put it into an INVALID_ARGUMENT message a caller can act on.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def dtype_name(wire_dtype: int) -> str:
+    """The enum name of a wire dtype (``DTYPE_FLOAT32``), or its number if unknown."""
+    try:
+        return pb.Dtype.Name(wire_dtype)  # type: ignore[arg-type]
+    except ValueError:
+        return str(wire_dtype)
+
+
+def to_proto(array: npt.ArrayLike, dtype: str | np.dtype[np.generic] | None = None) -> pb.Array:
+    """Encode an array as ``raw`` little-endian bytes of ``dtype`` (default: float32).
+
+    Anything ``numpy.asarray`` accepts works; the cast follows numpy's rules.
+    """
+    target = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
+    if target.name not in WIRE_DTYPES:
+        raise ValueError(
+            f"dtype {target.name} has no wire encoding; use one of {sorted(WIRE_DTYPES)}"
+        )
+    data = np.asarray(array, dtype=target.newbyteorder("<"))
+    return pb.Array(
+        dtype=WIRE_DTYPES[target.name],  # type: ignore[arg-type]
+        shape=data.shape,
+        raw=np.ascontiguousarray(data).tobytes(),
+    )
+
+
+def declared_shape(msg: pb.Array, *, field: str) -> tuple[int, ...]:
+    """The shape ``msg`` describes, checked against its own payload, without decoding it.
+
+    Lets the server weigh a request against its limits before it allocates
+    anything for it.
+    """
+    if msg.dtype not in NUMPY_DTYPES:
+        known = ", ".join(pb.Dtype.Name(d) for d in NUMPY_DTYPES)  # type: ignore[arg-type]
+        raise ArrayFormatError(f"{field}.dtype", f"unknown value {msg.dtype}; use one of {known}")
+    has_raw, has_values = bool(msg.raw), bool(msg.values)
+    if has_raw and has_values:
+        raise ArrayFormatError(field, "set exactly one of raw or values, not both")
+    shape = tuple(int(d) for d in msg.shape)
+    for axis, dim in enumerate(shape):
+        if dim < 0:
+            raise ArrayFormatError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
+    count = math.prod(shape)
+    if has_values:
+        if not shape:
+            return (len(msg.values),)
+        if count != len(msg.values):
+            raise ArrayFormatError(
+                f"{field}.values",
+                f"{len(msg.values)} values, but shape {list(shape)} needs {count}",
+            )
+        return shape
+    if not has_raw and count != 0:
+        raise ArrayFormatError(field, "set exactly one of raw or values (neither is set)")
+    itemsize = NUMPY_DTYPES[msg.dtype].itemsize
+    if len(msg.raw) != count * itemsize:
+        raise ArrayFormatError(
+            f"{field}.raw",
+            f"{len(msg.raw)} bytes, but shape {list(shape)} of {dtype_name(msg.dtype)} "
+            f"needs {count * itemsize}",
+        )
+    return shape
+
+
+def from_proto(msg: pb.Array, *, field: str) -> npt.NDArray[np.generic]:
+    """Decode ``msg`` into a read-only numpy array of its dtype and shape."""
+    shape = declared_shape(msg, field=field)
+    dtype = NUMPY_DTYPES[msg.dtype]
+    if msg.values:
+        return np.asarray(msg.values, dtype=dtype).reshape(shape)
+    return np.frombuffer(msg.raw, dtype=dtype).reshape(shape)
