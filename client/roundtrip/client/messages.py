@@ -1,0 +1,87 @@
+"""Python arguments -> ``RoundTripRequest``, and ``RoundTripResponse`` -> :class:`RoundTripResult`.
+
+Shared by the sync and asyncio clients, so both accept and return the same things.
+
+>>> request = build_request(0, [1, 2, 3], 4.0)
+>>> request.features, list(request.x.shape)
+(4, [3])
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from roundtrip.client import arrays
+from roundtrip.v1 import roundtrip_pb2 as pb
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTripResult:
+    """One answer: both sums, their largest absolute difference, and optional outputs."""
+
+    orig_sum: float
+    merged_sum: float
+    max_abs_diff: float
+    orig_out: npt.NDArray[Any] | None = None
+    merged_out: npt.NDArray[Any] | None = None
+
+    def as_list(self) -> list[float]:
+        """``[orig_sum, merged_sum, max_abs_diff]``, the contract's result array."""
+        return [self.orig_sum, self.merged_sum, self.max_abs_diff]
+
+
+def as_int64(name: str, value: Any) -> int:
+    """``value`` as an int64; floats only when integral (``4.0`` yes, ``4.5`` no)."""
+    if isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be an integer, not a bool")
+    if isinstance(value, numbers.Integral):
+        result = int(value)
+    elif isinstance(value, numbers.Real):
+        as_float = float(value)
+        if not math.isfinite(as_float) or not as_float.is_integer():
+            raise ValueError(f"{name} must be an integer; {value!r} is not integral")
+        result = int(as_float)
+    else:
+        raise ValueError(f"{name} must be an integer, not {type(value).__name__}")
+    if not INT64_MIN <= result <= INT64_MAX:
+        raise ValueError(f"{name} {result} does not fit in int64")
+    return result
+
+
+def build_request(
+    seed: Any,
+    x: npt.ArrayLike,
+    features: Any,
+    *,
+    dtype: str = "float32",
+    return_outputs: bool = False,
+) -> pb.RoundTripRequest:
+    """A ``RoundTripRequest`` with ``x`` sent as ``raw`` bytes of ``dtype``."""
+    return pb.RoundTripRequest(
+        seed=as_int64("seed", seed),
+        x=arrays.to_proto(x, dtype),
+        features=as_int64("features", features),
+        return_outputs=return_outputs,
+    )
+
+
+def parse_response(response: pb.RoundTripResponse) -> RoundTripResult:
+    """The typed result of a response; outputs decoded only when present."""
+    has_outputs = response.HasField("orig_out") and response.HasField("merged_out")
+    return RoundTripResult(
+        orig_sum=response.orig_sum,
+        merged_sum=response.merged_sum,
+        max_abs_diff=response.max_abs_diff,
+        orig_out=arrays.from_proto(response.orig_out, field="orig_out") if has_outputs else None,
+        merged_out=(
+            arrays.from_proto(response.merged_out, field="merged_out") if has_outputs else None
+        ),
+    )

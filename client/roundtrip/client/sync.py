@@ -1,0 +1,158 @@
+"""The blocking client.
+
+>>> # with RoundTripClient("127.0.0.1:50051") as client:
+>>> #     result = client.round_trip(0, [1.0, 2.0, 3.0], 4)
+>>> #     result.as_list()  # [-4.221933364868164, -4.221933364868164, 0.0]
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+
+from roundtrip.client import errors
+from roundtrip.client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, channel_options
+from roundtrip.client.messages import RoundTripResult, build_request, parse_response
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+StreamOutcome = RoundTripResult | errors.RoundTripError
+"""What :meth:`RoundTripClient.stream` yields per request: its result, or its error."""
+
+
+def stream_messages(
+    requests: Iterable[tuple[Any, npt.ArrayLike, Any]], dtype: str, return_outputs: bool
+) -> Iterator[pb.RoundTripStreamRequest]:
+    """Number ``(seed, x, features)`` tuples 0, 1, 2, ... as stream messages."""
+    for index, (seed, x, features) in enumerate(requests):
+        yield pb.RoundTripStreamRequest(
+            id=index,
+            request=build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs),
+        )
+
+
+def stream_outcome(message: pb.RoundTripStreamResponse) -> StreamOutcome:
+    if message.HasField("error"):
+        return errors.from_rpc_code(message.error.code, message.error.message)
+    return parse_response(message.response)
+
+
+class InOrder:
+    """Puts out-of-order ``(id, outcome)`` pairs back into id order 0, 1, 2, ..."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, StreamOutcome] = {}
+        self._next = itertools.count()
+        self._expected = next(self._next)
+
+    def push(self, index: int, outcome: StreamOutcome) -> list[StreamOutcome]:
+        """Record one answer; return those now ready, in order."""
+        self._waiting[index] = outcome
+        ready = []
+        while self._expected in self._waiting:
+            ready.append(self._waiting.pop(self._expected))
+            self._expected = next(self._next)
+        return ready
+
+
+class RoundTripClient:
+    """Calls a RoundTrip worker. Use as a context manager, or call :meth:`close`.
+
+    ``target`` is any gRPC target: ``host:port``, or ``dns:///name:port`` to
+    spread calls over every address the name resolves to. ``timeout`` is the
+    default deadline of each call, in seconds.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials is not None
+            else grpc.insecure_channel(target, options)
+        )
+        self._stub = pb_grpc.RoundTripServiceStub(self._channel)
+        self.timeout = timeout
+        self._metadata = metadata
+
+    def round_trip(
+        self,
+        seed: Any,
+        x: npt.ArrayLike,
+        features: Any,
+        *,
+        timeout: float | None = None,
+        dtype: str = "float32",
+        return_outputs: bool = False,
+    ) -> RoundTripResult:
+        """Run RoundTrip once. Raises a :class:`~roundtrip.client.errors.RoundTripError`."""
+        request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
+        try:
+            response = self._stub.RoundTrip(
+                request, timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return parse_response(response)
+
+    def stream(
+        self,
+        requests: Iterable[tuple[Any, npt.ArrayLike, Any]],
+        *,
+        timeout: float | None = None,
+        dtype: str = "float32",
+        return_outputs: bool = False,
+    ) -> Iterator[StreamOutcome]:
+        """Send many ``(seed, x, features)`` over one stream; yield outcomes in request order.
+
+        A request the worker refuses yields its :class:`RoundTripError` (not
+        raised) and the stream goes on; an error of the stream itself is raised.
+        """
+        calls = self._stub.RoundTripStream(
+            stream_messages(requests, dtype, return_outputs),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
+        )
+        order = InOrder()
+        try:
+            for message in calls:
+                yield from order.push(message.id, stream_outcome(message))
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+
+    def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
+        """The worker's versions, backend, devices and limits."""
+        try:
+            return self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RoundTripClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,168 @@
+"""Assembly of the worker: engine, batcher, servicer, health, reflection, signals.
+
+Start order: bind and start the gRPC server with health NOT_SERVING, compile
+and self-check (off the event loop), then SERVING. Stop order on SIGTERM or
+SIGINT: health NOT_SERVING, refuse new work, let in-flight requests finish
+within ``drain_grace_s``, stop the server, drain the batcher, and only then
+release the compute thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+import jax
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from roundtrip.server import warmup
+from roundtrip.server.batcher import Batcher
+from roundtrip.server.config import WorkerConfig
+from roundtrip.server.engine import Engine
+from roundtrip.server.service import RoundTripServicer
+from roundtrip.server.validation import RequestLimits
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
+
+
+def server_info(config: WorkerConfig) -> pb.GetServerInfoResponse:
+    """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits."""
+    return pb.GetServerInfoResponse(
+        worker_version=metadata.version("roundtrip"),
+        jax_version=jax.__version__,
+        flax_version=metadata.version("flax"),
+        numpy_version=np.__version__,
+        grpc_version=grpc.__version__,
+        backend=jax.default_backend(),
+        devices=[str(device) for device in jax.devices()],
+        x64_enabled=bool(jax.config.jax_enable_x64),
+        limits=pb.Limits(
+            max_x_elements=config.max_x_elements,
+            max_features=config.max_features,
+            max_param_bytes=config.max_param_bytes,
+            max_output_elements=config.max_output_elements,
+            max_message_bytes=config.max_message_bytes,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_us=config.max_queue_delay_us,
+            max_queue_size=config.max_queue_size,
+        ),
+    )
+
+
+@dataclass
+class Worker:
+    """A running worker: its server, bound port, health servicer and batcher."""
+
+    config: WorkerConfig
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    batcher: Batcher
+    engine: Engine
+    executor: ThreadPoolExecutor
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def warm_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self.executor, warmup.warm_up, self.engine, self.config.warmup_pairs()
+        )
+        await self.set_serving(True)
+        log.info("serving", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING, finish in-flight work within the grace, then release."""
+        log.info("draining", extra={"grace_s": self.config.drain_grace_s})
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.drain_grace_s)
+        await self.batcher.drain()
+        self.executor.shutdown(wait=True)
+        log.info("stopped")
+
+
+async def start(config: WorkerConfig) -> Worker:
+    """Build and start a worker; health stays NOT_SERVING until :meth:`Worker.warm_up`."""
+    log.info(
+        "starting",
+        extra={
+            "backend": jax.default_backend(),
+            "devices": [str(device) for device in jax.devices()],
+            "config": config.as_dict(),
+        },
+    )
+    engine = Engine(max_compiled=config.max_compiled, max_batch_size=config.max_batch_size)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-compute")
+    batcher = Batcher(
+        engine,
+        executor,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_us=config.max_queue_delay_us,
+        max_queue_size=config.max_queue_size,
+    )
+    limits = RequestLimits(
+        max_x_elements=config.max_x_elements,
+        max_features=config.max_features,
+        max_param_bytes=config.max_param_bytes,
+        max_output_elements=config.max_output_elements,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    servicer = RoundTripServicer(
+        batcher, limits, server_info(config), max_stream_inflight=config.max_stream_inflight
+    )
+    pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    worker = Worker(config, server, port, health_servicer, batcher, engine, executor)
+    await worker.set_serving(False)
+    batcher.start()
+    await server.start()
+    log.info("listening", extra={"host": config.host, "port": port})
+    return worker
+
+
+async def serve(config: WorkerConfig) -> None:
+    """Run a worker until SIGINT or SIGTERM, then stop it gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    worker = await start(config)
+    warming = asyncio.create_task(worker.warm_up())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({warming, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if warming.done() and warming.exception() is not None:
+        await worker.server.stop(0)
+        worker.executor.shutdown(wait=False)
+        raise warming.exception()  # type: ignore[misc]
+    await stopping
+    await worker.stop()

@@ -1,0 +1,178 @@
+"""Every knob of the worker, in one place, validated at start.
+
+Each field of :class:`WorkerConfig` is settable by a command-line flag
+(``--max-batch-size``) or an environment variable with the ``ROUNDTRIP_``
+prefix (``ROUNDTRIP_MAX_BATCH_SIZE``); a flag wins over the environment. The
+README's configuration table is generated from these fields
+(``python -m roundtrip.server --print-config-table``) and a test keeps the two
+equal.
+
+>>> config = WorkerConfig.from_sources(["--port", "0"], environ={"ROUNDTRIP_MAX_BATCH_SIZE": "8"})
+>>> config.port, config.max_batch_size
+(0, 8)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "ROUNDTRIP_"
+MIB = 1024 * 1024
+
+
+def _knob(default: Any, help: str, *, minimum: int | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker's configuration; see the README's table for each knob."""
+
+    host: str = _knob("127.0.0.1", "Address to listen on (0.0.0.0 or [::] in a pod).")
+    port: int = _knob(50051, "gRPC port; 0 picks a free one (logged at start).", minimum=0)
+    max_message_bytes: int = _knob(
+        64 * MIB,
+        "Largest gRPC message received or sent (applied to both directions).",
+        minimum=1024,
+    )
+    max_x_elements: int = _knob(
+        16 * MIB, "Most elements x may have (RESOURCE_EXHAUSTED beyond).", minimum=1
+    )
+    max_features: int = _knob(65536, "Largest features (RESOURCE_EXHAUSTED beyond).", minimum=1)
+    max_param_bytes: int = _knob(
+        512 * MIB,
+        "Largest float32 parameter set, (width + 1) * features * 4 bytes "
+        "(RESOURCE_EXHAUSTED beyond).",
+        minimum=1,
+    )
+    max_output_elements: int = _knob(
+        16 * MIB,
+        "Most elements one output may have, rows of x * features (RESOURCE_EXHAUSTED beyond).",
+        minimum=1,
+    )
+    max_batch_size: int = _knob(
+        32, "Most same-shape requests run as one batch (1 turns batching off).", minimum=1
+    )
+    max_queue_delay_us: int = _knob(
+        0,
+        "How long the oldest queued request may wait for its batch to fill, in microseconds; "
+        "0 runs whatever is queued as soon as the engine is free.",
+        minimum=0,
+    )
+    max_queue_size: int = _knob(
+        2048,
+        "Most requests waiting for the engine; beyond it new ones get RESOURCE_EXHAUSTED.",
+        minimum=1,
+    )
+    max_stream_inflight: int = _knob(
+        256,
+        "Most unanswered requests one RoundTripStream may have; the worker stops reading "
+        "the stream until some are answered.",
+        minimum=1,
+    )
+    max_compiled: int = _knob(
+        64, "Most compiled executables kept (least recently used is evicted).", minimum=1
+    )
+    warmup_shapes: str = _knob(
+        "3:4,64:64",
+        "Comma-separated width:features pairs compiled (1-D float32 x, every batch size) "
+        "and self-checked before health turns SERVING.",
+    )
+    drain_grace_s: float = _knob(
+        10.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled."
+    )
+    log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            minimum = f.metadata.get("minimum")
+            value = getattr(self, f.name)
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{f.name} must be >= {minimum} (got {value})")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0 (got {self.drain_grace_s})")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level})")
+        self.warmup_pairs()
+
+    def warmup_pairs(self) -> list[tuple[int, int]]:
+        """``warmup_shapes`` parsed into (width, features) pairs."""
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.warmup_shapes.split(","))):
+            try:
+                width, features = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise ValueError(
+                    f"warmup_shapes: {item!r} is not width:features (e.g. 64:64)"
+                ) from None
+            if width < 1 or features < 1:
+                raise ValueError(f"warmup_shapes: {item!r} needs width and features >= 1")
+            pairs.append((width, features))
+        return pairs
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> WorkerConfig:
+        """Read flags (``argv``) over environment variables over defaults, then validate."""
+        parser = argument_parser()
+        args = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        env = environ or {}
+        for f in dataclasses.fields(cls):
+            raw = getattr(args, f.name)
+            if raw is None:
+                raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            try:
+                values[f.name] = type(f.default)(raw)
+            except ValueError:
+                parser.error(f"{f.name}: {raw!r} is not a valid {type(f.default).__name__}")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            parser.error(str(error))
+            raise  # unreachable: parser.error exits
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """Flags for every field; defaults are None so the environment can fill them."""
+    parser = argparse.ArgumentParser(
+        prog="roundtrip-server",
+        description="gRPC worker serving the Flax NNX split/merge RoundTrip computation.",
+    )
+    for f in dataclasses.fields(WorkerConfig):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            help=f"{f.metadata['help']} Env {ENV_PREFIX}{f.name.upper()}; default {f.default}.",
+        )
+    parser.add_argument(
+        "--print-config-table",
+        action="store_true",
+        help="Print the configuration table (Markdown) and exit.",
+    )
+    return parser
+
+
+def config_table() -> str:
+    """The README's configuration table, generated from :class:`WorkerConfig`."""
+    rows = [
+        "| flag | environment variable | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(WorkerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(
+            f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows)

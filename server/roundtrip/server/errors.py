@@ -1,0 +1,61 @@
+"""Request errors as values that carry their gRPC status code.
+
+Validation and the batcher raise these; the servicer maps them to a status
+in one place (``service.rpc_errors``), so every method answers the same way.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RequestError(Exception):
+    """A request this worker will not answer, with the status a caller should see."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(RequestError):
+    """The request is malformed or the reference itself rejects it; do not retry."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class LimitExceeded(RequestError):
+    """The request is well-formed but larger than this worker's configured limits."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueFull(RequestError):
+    """The worker is overloaded: its queue is at ``max_queue_size``; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ShuttingDown(RequestError):
+    """The worker is draining and takes no new work; retry on another worker."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExpired(RequestError):
+    """The caller's deadline passed before the request reached the engine."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ComputeFailed(RequestError):
+    """JAX failed on this request alone; the worker keeps serving."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ComputeOutOfMemory(ComputeFailed):
+    """JAX could not allocate memory for this request."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

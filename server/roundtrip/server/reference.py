@@ -1,0 +1,30 @@
+"""The eager reference steps of the contract, run in this process on its backend.
+
+The worker uses them to prove, before it reports SERVING, that its compiled
+fast path gives the same bits on the backend it runs on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from roundtrip.server.engine import RoundTripResult
+
+
+def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripResult:
+    """SPEC.md's steps 1-6, eagerly, in order."""
+    x = jnp.asarray(x)
+    model = nnx.Linear(in_features=x.shape[-1], out_features=int(features), rngs=nnx.Rngs(int(seed)))
+    orig_out = model(x)
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)
+    merged_out = merged(x)
+    abs_diff = jnp.max(jnp.abs(orig_out - merged_out))
+    return RoundTripResult(
+        orig_sum=float(orig_out.sum()),
+        merged_sum=float(merged_out.sum()),
+        max_abs_diff=float(abs_diff),
+    )

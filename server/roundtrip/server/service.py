@@ -1,0 +1,169 @@
+"""The gRPC servicer: wire -> validation -> batcher -> wire. No computation here.
+
+``rpc_errors`` maps :class:`RequestError` to its status for every unary
+method; the stream turns the same errors into per-message ``StreamError``s so a
+bad message never ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from roundtrip.client import arrays
+from roundtrip.server.batcher import Batcher
+from roundtrip.server.engine import RoundTripResult
+from roundtrip.server.errors import RequestError
+from roundtrip.server.validation import RequestLimits, validate
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+UnaryMethod = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
+
+
+def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Response]:
+    """Answer a :class:`RequestError` with its status; anything else is INTERNAL and logged."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Response:
+        try:
+            return await method(self, request, context)
+        except RequestError as error:
+            log.debug("request refused", extra={"code": error.code.name, "error": error.message})
+            await context.abort(error.code, error.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug: keep serving, tell the caller and the operator
+            log.exception("unexpected error", extra={"code": "INTERNAL"})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+def encode_result(result: RoundTripResult) -> pb.RoundTripResponse:
+    response = pb.RoundTripResponse(
+        orig_sum=result.orig_sum,
+        merged_sum=result.merged_sum,
+        max_abs_diff=result.max_abs_diff,
+    )
+    if result.orig_out is not None and result.merged_out is not None:
+        dtype = result.orig_out.dtype
+        response.orig_out.CopyFrom(arrays.to_proto(result.orig_out, dtype))
+        response.merged_out.CopyFrom(arrays.to_proto(result.merged_out, dtype))
+    return response
+
+
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
+    """Implements ``roundtrip.v1.RoundTripService`` over a :class:`Batcher`."""
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        limits: RequestLimits,
+        server_info: pb.GetServerInfoResponse,
+        *,
+        max_stream_inflight: int,
+    ) -> None:
+        self._batcher = batcher
+        self._limits = limits
+        self._server_info = server_info
+        self._max_stream_inflight = max_stream_inflight
+
+    async def _answer(
+        self, request: pb.RoundTripRequest, deadline: float | None
+    ) -> pb.RoundTripResponse:
+        item = validate(request, self._limits)
+        result = await self._batcher.submit(item, deadline=deadline)
+        return encode_result(result)
+
+    @rpc_errors
+    async def RoundTrip(  # noqa: N802 (the generated servicer's name)
+        self, request: pb.RoundTripRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RoundTripResponse:
+        return await self._answer(request, _deadline(context))
+
+    @rpc_errors
+    async def GetServerInfo(  # noqa: N802
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetServerInfoResponse:
+        return self._server_info
+
+    async def RoundTripStream(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.RoundTripStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.RoundTripStreamResponse]:
+        """Answer each message as soon as it is done, tagged with its id.
+
+        At most ``max_stream_inflight`` messages are unanswered at once; past
+        that the worker stops reading, and HTTP/2 flow control slows the caller.
+        """
+        deadline = _deadline(context)
+        answers: asyncio.Queue[pb.RoundTripStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._max_stream_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer_one(message: pb.RoundTripStreamRequest) -> None:
+            try:
+                response = await self._answer(message.request, deadline)
+                answers.put_nowait(pb.RoundTripStreamResponse(id=message.id, response=response))
+            except RequestError as error:
+                answers.put_nowait(
+                    pb.RoundTripStreamResponse(
+                        id=message.id,
+                        error=pb.StreamError(code=error.code.value[0], message=error.message),
+                    )
+                )
+            except Exception as error:
+                log.exception("unexpected error in stream", extra={"code": "INTERNAL"})
+                answers.put_nowait(
+                    pb.RoundTripStreamResponse(
+                        id=message.id,
+                        error=pb.StreamError(
+                            code=grpc.StatusCode.INTERNAL.value[0],
+                            message=f"internal error: {error!r}",
+                        ),
+                    )
+                )
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            async for message in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(answer_one(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*tasks)
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # re-raise a read error, if any
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+

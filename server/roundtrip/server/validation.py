@@ -1,0 +1,80 @@
+"""Wire request -> checked, typed :class:`RoundTripInput`, or a :class:`RequestError`.
+
+Everything the eager reference would reject is INVALID_ARGUMENT, naming the
+field; everything beyond this worker's limits is RESOURCE_EXHAUSTED, naming the
+limit and its setting. All limits are weighed on the declared shape, before
+anything is allocated, so ``features = 10**12`` never reaches JAX.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from roundtrip.client import arrays
+from roundtrip.server.engine import RoundTripInput
+from roundtrip.server.errors import InvalidArgument, LimitExceeded
+from roundtrip.v1 import roundtrip_pb2 as pb
+
+#: Bytes of one parameter: nnx.Linear keeps float32 parameters by default.
+PARAM_ITEMSIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The per-request limits from the worker's configuration."""
+
+    max_x_elements: int
+    max_features: int
+    max_param_bytes: int
+    max_output_elements: int
+
+
+def _over_limit(what: str, value: int, limit: int, knob: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"{what} is {value}, over this worker's limit of {limit} "
+        f"({knob}, env ROUNDTRIP_{knob.upper()})"
+    )
+
+
+def validate(request: pb.RoundTripRequest, limits: RequestLimits) -> RoundTripInput:
+    """Check ``request`` against the contract and ``limits``; return the engine's input."""
+    if not request.HasField("x"):
+        raise InvalidArgument("x is required: an Array with raw or values")
+    features = request.features
+    if features < 1:
+        raise InvalidArgument(f"features must be >= 1 (got {features})")
+    if features > limits.max_features:
+        raise _over_limit("features", features, limits.max_features, "max_features")
+    try:
+        shape = arrays.declared_shape(request.x, field="x")
+    except arrays.ArrayFormatError as error:
+        raise InvalidArgument(str(error)) from None
+    if not shape:
+        raise InvalidArgument("x has rank 0; it needs rank >= 1 (its last axis is the input width)")
+    width = shape[-1]
+    if width == 0:
+        raise InvalidArgument(f"x.shape[-1] is 0 (shape {list(shape)}): the input width must be >= 1")
+    elements = math.prod(shape)
+    if elements == 0:
+        raise InvalidArgument(f"x has no elements (shape {list(shape)})")
+    if elements > limits.max_x_elements:
+        raise _over_limit("x's element count", elements, limits.max_x_elements, "max_x_elements")
+    param_bytes = (width + 1) * features * PARAM_ITEMSIZE
+    if param_bytes > limits.max_param_bytes:
+        raise _over_limit(
+            f"the parameter size for width {width} x features {features}",
+            param_bytes,
+            limits.max_param_bytes,
+            "max_param_bytes",
+        )
+    output_elements = (elements // width) * features
+    if output_elements > limits.max_output_elements:
+        raise _over_limit(
+            "the output's element count", output_elements, limits.max_output_elements,
+            "max_output_elements",
+        )
+    x = arrays.from_proto(request.x, field="x")
+    return RoundTripInput(
+        seed=request.seed, x=x, features=features, with_outputs=request.return_outputs
+    )
