@@ -57,7 +57,8 @@ class AsyncRoundTripClient:
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
         try:
             response = await self._stub.RoundTrip(
-                request, timeout=self.timeout if timeout is None else timeout,
+                request,
+                timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
             )
         except grpc.RpcError as error:
@@ -89,14 +90,15 @@ class AsyncRoundTripClient:
     async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         try:
             return await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self.timeout if timeout is None else timeout,
+                pb.GetServerInfoRequest(),
+                timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def __aenter__(self) -> AsyncRoundTripClient:
         return self

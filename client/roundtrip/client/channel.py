@@ -19,7 +19,10 @@ SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
-            "name": [{"service": SERVICE, "method": "RoundTrip"}, {"service": SERVICE, "method": "GetServerInfo"}],
+            "name": [
+                {"service": SERVICE, "method": "RoundTrip"},
+                {"service": SERVICE, "method": "GetServerInfo"},
+            ],
             "retryPolicy": {
                 "maxAttempts": 4,
                 "initialBackoff": "0.05s",

@@ -24,19 +24,27 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="roundtrip", description="Call a RoundTrip worker.")
-    root.add_argument("--target", default=DEFAULT_TARGET, help=f"worker address (default {DEFAULT_TARGET})")
-    root.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds")
+    root.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"worker address (default {DEFAULT_TARGET})"
+    )
+    root.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds"
+    )
     commands = root.add_subparsers(dest="command", required=True)
     call = commands.add_parser("call", help="run RoundTrip once and print the result")
     call.add_argument("--seed", type=int, required=True)
     call.add_argument("--x", type=_floats, required=True, help="comma-separated values, e.g. 1,2,3")
     call.add_argument("--features", type=int, required=True)
-    call.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    call.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"]
+    )
     call.add_argument("--outputs", action="store_true", help="also print orig_out and merged_out")
     commands.add_parser("info", help="print the worker's versions, backend and limits")
     return root

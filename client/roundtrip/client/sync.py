@@ -101,7 +101,8 @@ class RoundTripClient:
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
         try:
             response = self._stub.RoundTrip(
-                request, timeout=self.timeout if timeout is None else timeout,
+                request,
+                timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
             )
         except grpc.RpcError as error:
@@ -137,7 +138,8 @@ class RoundTripClient:
         """The worker's versions, backend, devices and limits."""
         try:
             return self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self.timeout if timeout is None else timeout,
+                pb.GetServerInfoRequest(),
+                timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
             )
         except grpc.RpcError as error:

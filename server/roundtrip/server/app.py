@@ -19,13 +19,14 @@ from importlib import metadata
 import grpc
 import jax
 import numpy as np
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from roundtrip.server import warmup
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.config import WorkerConfig
-from roundtrip.server.engine import Engine
+from roundtrip.server.engine import Engine, x64_enabled
 from roundtrip.server.service import RoundTripServicer
 from roundtrip.server.validation import RequestLimits
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -46,7 +47,7 @@ def server_info(config: WorkerConfig) -> pb.GetServerInfoResponse:
         grpc_version=grpc.__version__,
         backend=jax.default_backend(),
         devices=[str(device) for device in jax.devices()],
-        x64_enabled=bool(jax.config.jax_enable_x64),
+        x64_enabled=x64_enabled(),
         limits=pb.Limits(
             max_x_elements=config.max_x_elements,
             max_features=config.max_features,
@@ -67,7 +68,7 @@ class Worker:
     config: WorkerConfig
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     batcher: Batcher
     engine: Engine
     executor: ThreadPoolExecutor
@@ -134,7 +135,7 @@ async def start(config: WorkerConfig) -> Worker:
         batcher, limits, server_info(config), max_stream_inflight=config.max_stream_inflight
     )
     pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

@@ -16,7 +16,8 @@ neighbours. Cancelled requests (caller gone) and those past their deadline are
 dropped before they reach the engine.
 
 >>> # inside a running event loop:
->>> # batcher = Batcher(engine, executor, max_batch_size=32, max_queue_delay_us=0, max_queue_size=1024)
+>>> # batcher = Batcher(engine, executor, max_batch_size=32,
+>>> #                   max_queue_delay_us=0, max_queue_size=1024)
 >>> # batcher.start(); result = await batcher.submit(item)
 """
 
@@ -107,7 +108,9 @@ class Batcher:
         if self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def submit(self, item: RoundTripInput, *, deadline: float | None = None) -> RoundTripResult:
+    async def submit(
+        self, item: RoundTripInput, *, deadline: float | None = None
+    ) -> RoundTripResult:
         """Queue ``item`` and wait for its answer. ``deadline`` is a ``time.monotonic()`` time."""
         if not self._accepting:
             raise ShuttingDown("the worker is shutting down; retry on another worker")

@@ -96,7 +96,9 @@ class WorkerConfig:
         if self.drain_grace_s < 0:
             raise ValueError(f"drain_grace_s must be >= 0 (got {self.drain_grace_s})")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level})")
+            raise ValueError(
+                f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level})"
+            )
         self.warmup_pairs()
 
     def warmup_pairs(self) -> list[tuple[int, int]]:
@@ -130,7 +132,7 @@ class WorkerConfig:
             if raw is None:
                 continue
             try:
-                values[f.name] = type(f.default)(raw)
+                values[f.name] = _parse(f, raw)
             except ValueError:
                 parser.error(f"{f.name}: {raw!r} is not a valid {type(f.default).__name__}")
         try:
@@ -141,6 +143,12 @@ class WorkerConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    """A flag or environment string as the field's type (that of its default)."""
+    kind: type[Any] = type(f.default)
+    return kind(raw)
 
 
 def argument_parser() -> argparse.ArgumentParser:

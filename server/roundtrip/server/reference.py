@@ -17,7 +17,9 @@ from roundtrip.server.engine import RoundTripResult
 def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripResult:
     """SPEC.md's steps 1-6, eagerly, in order."""
     x = jnp.asarray(x)
-    model = nnx.Linear(in_features=x.shape[-1], out_features=int(features), rngs=nnx.Rngs(int(seed)))
+    model = nnx.Linear(
+        in_features=x.shape[-1], out_features=int(features), rngs=nnx.Rngs(int(seed))
+    )
     orig_out = model(x)
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state)

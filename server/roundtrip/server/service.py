@@ -165,5 +165,3 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-
-

@@ -54,7 +54,9 @@ def validate(request: pb.RoundTripRequest, limits: RequestLimits) -> RoundTripIn
         raise InvalidArgument("x has rank 0; it needs rank >= 1 (its last axis is the input width)")
     width = shape[-1]
     if width == 0:
-        raise InvalidArgument(f"x.shape[-1] is 0 (shape {list(shape)}): the input width must be >= 1")
+        raise InvalidArgument(
+            f"x.shape[-1] is 0 (shape {list(shape)}): the input width must be >= 1"
+        )
     elements = math.prod(shape)
     if elements == 0:
         raise InvalidArgument(f"x has no elements (shape {list(shape)})")
@@ -71,7 +73,9 @@ def validate(request: pb.RoundTripRequest, limits: RequestLimits) -> RoundTripIn
     output_elements = (elements // width) * features
     if output_elements > limits.max_output_elements:
         raise _over_limit(
-            "the output's element count", output_elements, limits.max_output_elements,
+            "the output's element count",
+            output_elements,
+            limits.max_output_elements,
             "max_output_elements",
         )
     x = arrays.from_proto(request.x, field="x")

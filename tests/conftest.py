@@ -1,0 +1,105 @@
+"""Fixtures that start real workers (subprocesses on port 0) and real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from roundtrip.client import RoundTripClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+class WorkerProcess:
+    """A ``roundtrip-server`` subprocess; its JSON log lines are collected as they come."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.events: list[dict[str, object]] = []
+        self._listening = threading.Event()
+        self.port = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "roundtrip.server", "--port", "0", *flags],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(STARTUP_TIMEOUT_S):
+            self.kill()
+            raise RuntimeError(f"worker did not start listening: {self.events[-5:]}")
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = {"event": "non-json", "line": line.rstrip()}
+            self.events.append(event)
+            if event.get("event") == "listening":
+                self.port = int(event["port"])  # type: ignore[call-overload]
+                self._listening.set()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_serving(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.events[-5:]}")
+            if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("worker never reported SERVING")
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[WorkerProcess]:
+    """One worker shared by the contract tests (small batches, short delay)."""
+    process = WorkerProcess("--max-queue-delay-us", "500", "--warmup-shapes", "3:4")
+    try:
+        process.wait_serving()
+        yield process
+        assert process.terminate() == 0
+    finally:
+        process.kill()
+
+
+@pytest.fixture
+def client(worker: WorkerProcess) -> Iterator[RoundTripClient]:
+    with RoundTripClient(worker.target, timeout=60) as roundtrip_client:
+        yield roundtrip_client
