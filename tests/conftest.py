@@ -24,6 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STARTUP_TIMEOUT_S = 180.0
 
 
+def console_script(name: str) -> str:
+    """A console script installed beside this interpreter (the project's venv)."""
+    return str(Path(sys.executable).parent / name)
+
+
 class WorkerProcess:
     """A ``roundtrip-server`` subprocess; its JSON log lines are collected as they come."""
 

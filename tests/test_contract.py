@@ -97,7 +97,8 @@ def test_outputs_equal_reference_outputs(client: RoundTripClient) -> None:
     result = client.round_trip(7, x, 3, return_outputs=True)
     expected, orig_out, merged_out = reference_with_outputs(7, x, 3)
     assert np.array_equal(numbers(result), expected)
-    assert result.orig_out is not None and result.merged_out is not None
+    assert result.orig_out is not None
+    assert result.merged_out is not None
     assert result.orig_out.dtype == np.float32
     assert np.array_equal(result.orig_out, orig_out)
     assert np.array_equal(result.merged_out, merged_out)

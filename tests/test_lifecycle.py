@@ -1,0 +1,76 @@
+"""Health transitions, reflection, server info, and a clean exit on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import signal
+
+import grpc
+import pytest
+from conftest import WorkerProcess
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from roundtrip.client import RoundTripClient
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_is_not_serving_until_warm_up_then_serving() -> None:
+    # Several warm-up shapes make the compile phase long enough to observe.
+    worker = WorkerProcess("--warmup-shapes", "3:4,64:64,128:32,256:16", "--max-batch-size", "8")
+    try:
+        assert worker.health() == NOT_SERVING
+        assert worker.health("roundtrip.v1.RoundTripService") == NOT_SERVING
+        worker.wait_serving()
+        assert worker.health("roundtrip.v1.RoundTripService") == SERVING
+        events = [e["event"] for e in worker.events]
+        assert events.index("warm-up done") < events.index("serving")
+        done = next(e for e in worker.events if e["event"] == "warm-up done")
+        assert done["self_checked"] >= 5
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_exit_zero(signum: signal.Signals) -> None:
+    worker = WorkerProcess("--warmup-shapes", "3:4", "--max-batch-size", "2")
+    try:
+        worker.wait_serving()
+        worker.process.send_signal(signum)
+        assert worker.process.wait(60) == 0
+        events = [e["event"] for e in worker.events]
+        assert "draining" in events
+        assert "stopped" in events
+    finally:
+        worker.kill()
+
+
+def test_startup_logs_backend_devices_and_config(worker: WorkerProcess) -> None:
+    starting = next(e for e in worker.events if e["event"] == "starting")
+    assert starting["backend"] == "cpu"
+    assert starting["devices"]
+    assert starting["config"]["max_queue_delay_us"] == 500  # type: ignore[index]
+
+
+def test_reflection_lists_the_services(worker: WorkerProcess) -> None:
+    with grpc.insecure_channel(worker.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"roundtrip.v1.RoundTripService", "grpc.health.v1.Health"} <= services
+        method = database.FindFileContainingSymbol("roundtrip.v1.RoundTripService")
+        assert method.name == "roundtrip/v1/roundtrip.proto"
+
+
+def test_server_info_reports_versions_backend_and_limits(client: RoundTripClient) -> None:
+    info = client.server_info()
+    assert info.jax_version == "0.10.2"
+    assert info.flax_version == "0.12.8"
+    assert info.backend == "cpu"
+    assert info.devices
+    assert not info.x64_enabled
+    assert info.limits.max_features == 65536
+    assert info.limits.max_message_bytes == 64 * 1024 * 1024

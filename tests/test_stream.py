@@ -1,0 +1,62 @@
+"""RoundTripStream: ids echo, a bad message gets its own error, the stream goes on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+from conftest import WorkerProcess
+from reference import reference
+
+from roundtrip.client import AsyncRoundTripClient, InvalidArgumentError, RoundTripClient
+from roundtrip.client.messages import build_request
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+
+def test_stream_answers_in_request_order_and_exact(client: RoundTripClient) -> None:
+    rng = np.random.default_rng(5)
+    cases = [(i, rng.standard_normal(64).astype(np.float32), 64) for i in range(300)]
+    outcomes = list(client.stream(cases))
+    assert len(outcomes) == len(cases)
+    for outcome, c in zip(outcomes, cases, strict=True):
+        assert np.array_equal(outcome.as_list(), reference(*c))  # type: ignore[union-attr]
+
+
+def test_bad_message_gets_its_own_error_and_the_stream_goes_on(client: RoundTripClient) -> None:
+    cases = [(0, [1, 2, 3], 4), (0, [1, 2, 3], 0), (1, [1, 2, 3], 4)]
+    first, bad, last = client.stream(cases)
+    assert isinstance(bad, InvalidArgumentError)
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert np.array_equal(first.as_list(), reference(0, np.float32([1, 2, 3]), 4))  # type: ignore[union-attr]
+    assert np.array_equal(last.as_list(), reference(1, np.float32([1, 2, 3]), 4))  # type: ignore[union-attr]
+
+
+def test_each_response_carries_its_request_id(worker: WorkerProcess) -> None:
+    ids = [10**15 + 3, 7, 42, 2**64 - 1]
+    with grpc.insecure_channel(worker.target) as channel:
+        stub = pb_grpc.RoundTripServiceStub(channel)
+        messages = [
+            pb.RoundTripStreamRequest(id=i, request=build_request(i % 1000, [1, 2], 3)) for i in ids
+        ]
+        responses = list(stub.RoundTripStream(iter(messages), timeout=60))
+    assert sorted(r.id for r in responses) == sorted(ids)
+    for response in responses:
+        expected = reference(response.id % 1000, np.float32([1, 2]), 3)
+        got = [
+            response.response.orig_sum,
+            response.response.merged_sum,
+            response.response.max_abs_diff,
+        ]
+        assert np.array_equal(got, expected)
+
+
+def test_async_stream_twin(worker: WorkerProcess) -> None:
+    async def run() -> list[object]:
+        async with AsyncRoundTripClient(worker.target) as client:
+            return [o async for o in client.stream([(3, [1.0], 2), (4, [2.0], 2)])]
+
+    first, second = asyncio.run(run())
+    assert np.array_equal(first.as_list(), reference(3, np.float32([1.0]), 2))  # type: ignore[attr-defined]
+    assert np.array_equal(second.as_list(), reference(4, np.float32([2.0]), 2))  # type: ignore[attr-defined]
