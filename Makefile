@@ -21,12 +21,14 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
 # The same install step the Dockerfile runs: the locked server environment.
+# The image adds SYNC_FLAGS="--no-dev --no-editable" to leave the dev tools out.
+SYNC_FLAGS ?=
 $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen --extra server
+	$(UV) sync --frozen --extra server $(SYNC_FLAGS)
 	touch $@
 
 serve: setup
-	$(BIN)/roundtrip-server --host $(HOST) --port $(PORT)
+	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT)
 
 test: lint typecheck protolint check-protos pytest
 

@@ -32,16 +32,20 @@ def console_script(name: str) -> str:
 class WorkerProcess:
     """A ``roundtrip-server`` subprocess; its JSON log lines are collected as they come."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *flags: str, env: dict[str, str] | None = None, command: list[str] | None = None
+    ) -> None:
         self.events: list[dict[str, object]] = []
         self._listening = threading.Event()
         self.port = 0
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "roundtrip.server", "--port", "0", *flags],
+            command or [sys.executable, "-m", "roundtrip.server", "--port", "0", *flags],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
+            cwd=ROOT,
             env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+            start_new_session=True,  # signals go to the group: `make serve` and its worker
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -81,14 +85,14 @@ class WorkerProcess:
         raise RuntimeError("worker never reported SERVING")
 
     def terminate(self, timeout: float = 60) -> int:
-        self.process.send_signal(signal.SIGTERM)
+        os.killpg(self.process.pid, signal.SIGTERM)
         code = self.process.wait(timeout)
         self._reader.join(5)
         return code
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
 

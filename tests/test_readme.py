@@ -1,0 +1,81 @@
+"""Every command the README shows is run here, against a real worker."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import subprocess
+
+import pytest
+from conftest import ROOT, WorkerProcess, console_script
+
+README = (ROOT / "README.md").read_text()
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def shell_lines(prefix: str) -> list[str]:
+    return [
+        line.split("  #")[0].strip()
+        for block in blocks("sh")
+        for line in block.splitlines()
+        if line.startswith(prefix)
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_readme_python_example_runs(worker: WorkerProcess, index: int) -> None:
+    source = blocks("python")[index].replace(DEFAULT_TARGET, worker.target)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, f"README python block {index}", "exec"), {})
+    assert "-4.221933364868164" in printed.getvalue()
+
+
+@pytest.mark.parametrize("line", shell_lines("roundtrip "))
+def test_readme_cli_command_runs(worker: WorkerProcess, line: str) -> None:
+    args = shlex.split(line.replace(DEFAULT_TARGET, worker.target))[1:]
+    if "--target" not in args:
+        args = ["--target", worker.target, *args]
+    done = subprocess.run([console_script("roundtrip"), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout
+
+
+@pytest.mark.parametrize("line", shell_lines("buf curl"))
+def test_readme_buf_curl_command_runs(worker: WorkerProcess, line: str) -> None:
+    args = shlex.split(line.replace(DEFAULT_TARGET, worker.target))[1:]
+    done = subprocess.run([console_script("buf"), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "-4.221933364868164" in done.stdout
+
+
+def test_readme_names_the_two_commands() -> None:
+    assert shell_lines("make serve")
+    assert shell_lines("make test")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_make_serve_starts_a_worker_that_answers() -> None:
+    worker = WorkerProcess(command=["make", "--no-print-directory", "serve", "PORT=0"])
+    try:
+        worker.wait_serving()
+        from roundtrip.client import RoundTripClient
+
+        with RoundTripClient(worker.target) as client:
+            assert client.round_trip(0, [1.0, 2.0, 3.0], 4).orig_sum == -4.221933364868164
+        worker.terminate()  # SIGTERM to make and the worker; make itself reports the signal
+        assert [e["event"] for e in worker.events][-1] == "stopped"
+    finally:
+        worker.kill()
+
+
+def test_readme_links_exist() -> None:
+    for link in re.findall(r"\]\(((?!http)[^)#]+)\)", README):
+        assert (ROOT / link).exists() or (ROOT / link).resolve().exists(), link
