@@ -18,10 +18,10 @@ Three things keep it bit-identical to the eager reference:
   no rewrite crosses a primitive boundary.
 * Reductions are where fusion changes answers: a sum fused into a bigger XLA
   kernel accumulates in another order than eager's standalone reduce (seen on
-  CPU for a (3, 1) x, features 4: one ulp). So the compiled executable stops
-  at steps 1-4 (both outputs), and steps 5-6 (the sums and the largest
-  difference) run on those outputs through the same ``jnp`` calls, eagerly,
-  as the reference makes them: identical by construction.
+  CPU for a (3, 1) x, features 4: one ulp). So the first executable stops at
+  steps 1-4 (both outputs), and a second one (:func:`reductions`) runs steps
+  5-6 on those materialized outputs, each sum a standalone reduce as eager's
+  ``jnp.sum`` is.
 * A batch runs as ``jax.lax.map`` over its requests inside one executable: each
   request is computed on its own, in the reference's order. ``jax.vmap``
   would batch the matmuls and change the last bits.
@@ -212,17 +212,24 @@ def round_trip(seed: jax.Array, x: jax.Array, features: int) -> tuple[jax.Array,
     return orig_out, merged_out
 
 
-def finish(orig_out: Any, merged_out: Any, *, with_outputs: bool) -> RoundTripResult:
-    """Reference steps 5-6 on computed outputs, eagerly, through the reference's own calls."""
-    orig_dev, merged_dev = jnp.asarray(orig_out), jnp.asarray(merged_out)
-    abs_diff = jnp.max(jnp.abs(orig_dev - merged_dev))
-    return RoundTripResult(
-        orig_sum=float(orig_dev.sum()),
-        merged_sum=float(merged_dev.sum()),
-        max_abs_diff=float(abs_diff),
-        orig_out=np.asarray(orig_out) if with_outputs else None,
-        merged_out=np.asarray(merged_out) if with_outputs else None,
+def reductions(orig_out: jax.Array, merged_out: jax.Array, *, batch_size: int) -> tuple[Any, ...]:
+    """Reference steps 5-6 for each request of a batch of materialized outputs.
+
+    Compiled on its own, so each sum is a standalone reduce over its own
+    request's output, as eager's ``jnp.sum`` is, never fused with the code that
+    produced the values. Returned as ``3 * batch_size`` separate scalars so no
+    concatenation fuses into them either. ``max(abs(a - b))`` is exact in any
+    order, so its fusion is harmless.
+    """
+    pairs = (
+        [(orig_out, merged_out)]
+        if batch_size == 1
+        else [(orig_out[row], merged_out[row]) for row in range(batch_size)]
     )
+    numbers: list[Any] = []
+    for orig, merged in pairs:
+        numbers += [jnp.sum(orig), jnp.sum(merged), jnp.max(jnp.abs(orig - merged))]
+    return tuple(numbers)
 
 
 def _single(seed: jax.Array, x: jax.Array, *, features: int) -> Any:
@@ -234,45 +241,53 @@ def _batched(seeds: jax.Array, xs: jax.Array, *, features: int) -> Any:
 
 
 class CompiledRoundTrip:
-    """One XLA executable: ``batch_size`` requests of one :class:`ShapeSignature`."""
+    """The two executables for ``batch_size`` requests of one :class:`ShapeSignature`.
+
+    ``outputs`` runs steps 1-4 (both outputs); ``reductions`` runs steps 5-6 on
+    them without a round trip through the host.
+    """
 
     def __init__(self, signature: ShapeSignature, batch_size: int) -> None:
         self.signature = signature
         self.batch_size = batch_size
-        seed_dtype = seed_operand(0).dtype
-        x_dtype = np.dtype(signature.x_dtype)
+        self._seed_dtype = seed_operand(0).dtype
+        self._x_dtype = np.dtype(signature.x_dtype)
         body = _single if batch_size == 1 else _batched
         batch_dims: tuple[int, ...] = () if batch_size == 1 else (batch_size,)
-        fn = functools.partial(body, features=signature.features)
-        self._executable = (
-            jax.jit(fn)
-            .lower(
-                jax.ShapeDtypeStruct(batch_dims, seed_dtype),
-                jax.ShapeDtypeStruct(batch_dims + signature.x_shape, x_dtype),
-            )
-            .compile()
-        )
+        seed_spec = jax.ShapeDtypeStruct(batch_dims, self._seed_dtype)
+        x_spec = jax.ShapeDtypeStruct(batch_dims + signature.x_shape, self._x_dtype)
+        outputs_fn = functools.partial(body, features=signature.features)
+        self._outputs = jax.jit(outputs_fn).lower(seed_spec, x_spec).compile()
+        orig_spec, merged_spec = jax.eval_shape(outputs_fn, seed_spec, x_spec)
+        reductions_fn = functools.partial(reductions, batch_size=batch_size)
+        self._reductions = jax.jit(reductions_fn).lower(orig_spec, merged_spec).compile()
 
     def __call__(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripResult]:
         """Run ``inputs`` (at most ``batch_size``; the rest is padding) and split the answers."""
-        count = len(inputs)
-        x_dtype = np.dtype(self.signature.x_dtype)
         if self.batch_size == 1:
             seeds: Any = seed_operand(inputs[0].seed)
-            xs: Any = np.asarray(inputs[0].x, dtype=x_dtype)
+            xs: Any = np.asarray(inputs[0].x, dtype=self._x_dtype)
         else:
-            seeds = np.zeros(self.batch_size, dtype=seed_operand(0).dtype)
-            xs = np.zeros((self.batch_size, *self.signature.x_shape), dtype=x_dtype)
+            seeds = np.zeros(self.batch_size, dtype=self._seed_dtype)
+            xs = np.zeros((self.batch_size, *self.signature.x_shape), dtype=self._x_dtype)
             for row, item in enumerate(inputs):
                 seeds[row] = seed_operand(item.seed)
                 xs[row] = item.x
-        orig_outs, merged_outs = self._executable(seeds, xs)
-        if self.batch_size == 1:
-            return [finish(orig_outs, merged_outs, with_outputs=self.signature.with_outputs)]
-        orig_host, merged_host = np.asarray(orig_outs), np.asarray(merged_outs)
+        orig_outs, merged_outs = self._outputs(seeds, xs)
+        numbers = jax.device_get(self._reductions(orig_outs, merged_outs))
+        if self.signature.with_outputs:
+            orig_host, merged_host = np.asarray(orig_outs), np.asarray(merged_outs)
+            if self.batch_size == 1:
+                orig_host, merged_host = orig_host[None], merged_host[None]
         return [
-            finish(orig_host[row], merged_host[row], with_outputs=self.signature.with_outputs)
-            for row in range(count)
+            RoundTripResult(
+                orig_sum=float(numbers[3 * row]),
+                merged_sum=float(numbers[3 * row + 1]),
+                max_abs_diff=float(numbers[3 * row + 2]),
+                orig_out=orig_host[row] if self.signature.with_outputs else None,
+                merged_out=merged_host[row] if self.signature.with_outputs else None,
+            )
+            for row in range(len(inputs))
         ]
 
 
