@@ -15,6 +15,8 @@ from roundtrip.server.engine import (
     ShapeSignature,
     batch_buckets,
     isolate_primitives,
+    merged_sums,
+    orig_reductions,
     round_trip,
     seed_operand,
 )
@@ -109,3 +111,22 @@ def test_a_batch_must_hold_one_signature() -> None:
                 RoundTripInput(0, np.ones(3, np.float32), 2),
             ]
         )
+
+
+def test_merged_sums_run_only_when_merged_bits_differ() -> None:
+    orig = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    same = orig.copy()
+    other = orig + np.float32(0.5)
+    *sums, abs_diff, same_bits = jax.device_get(
+        jax.jit(functools.partial(orig_reductions, batch_size=2))(orig, same)
+    )
+    assert [float(v) for v in sums] == [3.0, 7.0]
+    assert same_bits.tolist() == [True, True]
+    assert abs_diff.tolist() == [0.0, 0.0]
+    *_, abs_diff, same_bits = jax.device_get(
+        jax.jit(functools.partial(orig_reductions, batch_size=2))(orig, other)
+    )
+    assert same_bits.tolist() == [False, False]
+    assert abs_diff.tolist() == [0.5, 0.5]
+    merged = jax.device_get(jax.jit(functools.partial(merged_sums, batch_size=2))(other))
+    assert [float(v) for v in merged] == [float(jax.numpy.sum(row)) for row in other]
