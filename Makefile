@@ -62,8 +62,10 @@ check-protos: setup
 pytest: setup
 	$(BIN)/pytest
 
+# Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).
 bench: setup
-	$(BIN)/python -m bench.run
+	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .gen-check .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,80 @@
+"""The two comparison servers of the benchmark, both serving roundtrip.v1.RoundTripService.
+
+* ``empty``: answers every RoundTrip with a constant response at once. It is
+  the ceiling of a Python grpc.aio unary server on this machine.
+* ``naive``: runs SPEC.md's eager reference per request on one compute thread,
+  as the worker's predecessors did.
+
+    python -m bench.servers empty --port 50061
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+CONSTANT = pb.RoundTripResponse(orig_sum=1.0, merged_sum=1.0, max_abs_diff=0.0)
+
+
+class EmptyServicer(pb_grpc.RoundTripServiceServicer):
+    async def RoundTrip(self, request: Any, context: Any) -> pb.RoundTripResponse:  # noqa: N802
+        return CONSTANT
+
+
+class NaiveServicer(pb_grpc.RoundTripServiceServicer):
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1)
+
+    @staticmethod
+    def _eager(request: pb.RoundTripRequest) -> pb.RoundTripResponse:
+        from roundtrip.client import arrays
+        from roundtrip.server.reference import eager_round_trip
+
+        result = eager_round_trip(
+            request.seed, arrays.from_proto(request.x, field="x"), request.features
+        )
+        return pb.RoundTripResponse(
+            orig_sum=result.orig_sum,
+            merged_sum=result.merged_sum,
+            max_abs_diff=result.max_abs_diff,
+        )
+
+    async def RoundTrip(self, request: Any, context: Any) -> pb.RoundTripResponse:  # noqa: N802
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._eager, request)
+
+
+async def serve(kind: str, port: int) -> None:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+    )
+    servicer = EmptyServicer() if kind == "empty" else NaiveServicer()
+    pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(json.dumps({"event": "listening", "port": bound}), file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["empty", "naive"])
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    asyncio.run(serve(args.kind, args.port))
+
+
+if __name__ == "__main__":
+    main()
