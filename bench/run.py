@@ -434,7 +434,7 @@ def write_report(
         f"| worker / empty-handler ceiling | {worker / empty:.2f} |",
         f"| worker / naive eager server | {worker / naive:.1f} |",
         f"| worker stream / empty-handler unary | {r['worker W2 stream']['rps'] / empty:.2f} |",
-        f"| W3 worker p50 latency / in-process compute | {r['worker W3 sequential']['p50_ms'] / (r['compute W3']['us_per_request'] / 1000):.2f} |",
+        f"| W3 worker p50 latency / in-process compute | {w3_latency / w3_compute:.2f} |",
         "",
         "| compute ceiling (engine in-process, no RPC) | us per request |",
         "| --- | ---: |",

@@ -97,7 +97,17 @@ class Worker:
         await self.server.stop(self.config.drain_grace_s)
         await self.batcher.drain()
         self.executor.shutdown(wait=True)
-        log.info("stopped")
+        stats = self.engine.stats
+        log.info(
+            "stopped",
+            extra={
+                "requests": stats.requests,
+                "batches": stats.batches,
+                "mean_batch_size": round(stats.requests / max(stats.batches, 1), 2),
+                "compilations": stats.compilations,
+                "compile_seconds": round(stats.compile_seconds, 3),
+            },
+        )
 
 
 async def start(config: WorkerConfig) -> Worker:
