@@ -411,6 +411,8 @@ def write_report(
         r["naive W2 h2load"]["rps"],
         r["worker W2 h2load"]["rps"],
     )
+    w3_latency = r["worker W3 sequential"]["p50_ms"]
+    w3_compute = r["compute W3"]["us_per_request"] / 1000
     lines = [
         f"# Benchmark results ({r['started']}, {r['machine']})",
         "",
@@ -448,8 +450,9 @@ def write_report(
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in sweep_worker:
+        e, w = sweep_empty[c], sweep_worker[c]
         lines.append(
-            f"| {c} | {sweep_empty[c]['rps']:.0f} | {sweep_empty[c]['p99_ms']:.2f} | {sweep_worker[c]['rps']:.0f} | {sweep_worker[c]['p99_ms']:.2f} |"
+            f"| {c} | {e['rps']:.0f} | {e['p99_ms']:.2f} | {w['rps']:.0f} | {w['p99_ms']:.2f} |"
         )
     lines += [
         "",
