@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -74,3 +75,27 @@ def test_server_info_reports_versions_backend_and_limits(client: RoundTripClient
     assert not info.x64_enabled
     assert info.limits.max_features == 65536
     assert info.limits.max_message_bytes == 64 * 1024 * 1024
+
+
+def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> None:
+    flags = (
+        "--warmup-shapes",
+        "3:4",
+        "--max-batch-size",
+        "2",
+        "--compilation-cache-dir",
+        str(tmp_path),
+    )
+    entries = []
+    for _ in range(2):  # the second start loads what the first one wrote
+        worker = WorkerProcess(*flags)
+        try:
+            worker.wait_serving()
+            with RoundTripClient(worker.target) as client:
+                assert client.round_trip(0, [1.0, 2.0, 3.0], 4).orig_sum == -4.221933364868164
+            assert worker.terminate() == 0
+        finally:
+            worker.kill()
+        entries.append(sorted(path.name for path in tmp_path.rglob("*")))
+    assert entries[0]
+    assert entries[1] == entries[0]  # nothing new compiled: every executable came from the cache

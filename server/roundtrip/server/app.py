@@ -110,8 +110,17 @@ class Worker:
         )
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Point JAX's persistent compilation cache at ``directory`` (every executable is cached)."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 async def start(config: WorkerConfig) -> Worker:
     """Build and start a worker; health stays NOT_SERVING until :meth:`Worker.warm_up`."""
+    if config.compilation_cache_dir:
+        use_compilation_cache(config.compilation_cache_dir)
     log.info(
         "starting",
         extra={

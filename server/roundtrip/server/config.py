@@ -77,6 +77,11 @@ class WorkerConfig:
     max_compiled: int = _knob(
         64, "Most compiled executables kept (least recently used is evicted).", minimum=1
     )
+    compilation_cache_dir: str = _knob(
+        "",
+        "Directory for JAX's persistent compilation cache, so a restarted worker loads "
+        "executables instead of compiling them (empty: off). Must be writable.",
+    )
     warmup_shapes: str = _knob(
         "3:4,64:64",
         "Comma-separated width:features pairs compiled (1-D float32 x, every batch size) "
