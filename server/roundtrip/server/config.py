@@ -90,6 +90,14 @@ class WorkerConfig:
     drain_grace_s: float = _knob(
         10.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled."
     )
+    max_connection_age_s: float = _knob(
+        300.0,
+        "Seconds after which the server asks a client to reconnect (GOAWAY), so clients "
+        "re-resolve and spread over pods that came up since; 0 turns it off.",
+    )
+    max_connection_age_grace_s: float = _knob(
+        30.0, "Seconds a connection past its age may keep finishing its calls."
+    )
     log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR.")
 
     def __post_init__(self) -> None:
@@ -98,8 +106,9 @@ class WorkerConfig:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ValueError(f"{f.name} must be >= {minimum} (got {value})")
-        if self.drain_grace_s < 0:
-            raise ValueError(f"drain_grace_s must be >= 0 (got {self.drain_grace_s})")
+        for name in ("drain_grace_s", "max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level})"

@@ -277,7 +277,7 @@ class CompiledRoundTrip:
 
     ``outputs`` runs steps 1-4 (both outputs); ``orig_reductions`` runs steps
     5-6 on them without a round trip through the host (``merged_sums`` is
-    lowered too, and compiled only if a merged output ever differs).
+    compiled only if a merged output ever differs).
     """
 
     def __init__(self, signature: ShapeSignature, batch_size: int) -> None:
@@ -301,10 +301,8 @@ class CompiledRoundTrip:
             .lower(orig_spec, merged_spec)
             .compile()
         )
-        self._merged_sums_lowered = jax.jit(
-            functools.partial(merged_sums, batch_size=batch_size)
-        ).lower(merged_spec)
-        self._merged_sums: Any = None
+        self._merged_spec = merged_spec
+        self._merged_sums: Any = None  # compiled on first need: merged bits never differ
 
     def __call__(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripResult]:
         """Run ``inputs`` (at most ``batch_size``; the rest is padding) and split the answers."""
@@ -326,7 +324,11 @@ class CompiledRoundTrip:
         merged = list(orig_sums)
         if not same_bits[: len(inputs)].all():  # the contract's failure case: sum them too
             if self._merged_sums is None:
-                self._merged_sums = self._merged_sums_lowered.compile()
+                self._merged_sums = (
+                    jax.jit(functools.partial(merged_sums, batch_size=self.batch_size))
+                    .lower(self._merged_spec)
+                    .compile()
+                )
             merged = list(jax.device_get(self._merged_sums(merged_outs)))
         if self.signature.with_outputs:
             orig_host, merged_host = np.asarray(orig_outs), np.asarray(merged_outs)
