@@ -2,7 +2,9 @@
 
     python -m bench.memory --requests 100000 --shapes 50
 
-Starts a worker, reads its RSS (``/proc/PID/status``) once it serves, sends
+Starts a worker whose warm-up compiles the shapes it will serve, reads its RSS
+(``/proc/PID/status``) once it serves, sends a first pass of a tenth of the
+traffic, reads RSS again, then sends
 ``--requests`` requests over ``--shapes`` distinct shape signatures through
 RoundTripStream (so the compiled-executable cache turns over: 50 shapes times
 the batch buckets is more than ``max_compiled``), checks every answer against
@@ -91,7 +93,9 @@ def main() -> None:
             )
     order = [pool[(i * 8 + (i // len(pairs)) % 8) % len(pool)] for i in range(args.requests)]
     first_pass = order[: args.requests // 10]
-    flags = ("--warmup-shapes", "3:4,64:64", "--max-compiled", str(args.max_compiled))
+    # The worker warms up the shapes it will serve, as an operator configures it to.
+    warmup = ",".join(f"{width}:{features}" for width, features in pairs)
+    flags = ("--warmup-shapes", warmup, "--max-compiled", str(args.max_compiled))
     with server("worker", *flags) as port:
         import subprocess
 
