@@ -106,11 +106,28 @@ def server(kind: str, *flags: str) -> Iterator[int]:
     try:
         if not port_found.wait(120):
             raise RuntimeError(f"{kind} server did not report its port")
+        if kind == "worker":
+            _wait_serving(port[0])
         _wait_answering(port[0])
         yield port[0]
     finally:
         process.terminate()
         process.wait(60)
+
+
+def _wait_serving(port: int, timeout: float = 1200) -> None:
+    """Until the worker's health says SERVING (its warm-up is done)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.5)
+    raise RuntimeError("worker never reported SERVING")
 
 
 def _wait_answering(port: int, timeout: float = 300) -> None:

@@ -99,3 +99,17 @@ def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> N
         entries.append(sorted(path.name for path in tmp_path.rglob("*")))
     assert entries[0]
     assert entries[1] == entries[0]  # nothing new compiled: every executable came from the cache
+
+
+def test_sigterm_during_a_long_warm_up_stops_promptly() -> None:
+    many_shapes = ",".join(f"{width}:{width + 1}" for width in range(2, 40))
+    worker = WorkerProcess("--warmup-shapes", many_shapes)  # about 450 compilations
+    try:
+        assert worker.health() == NOT_SERVING
+        worker.process.send_signal(signal.SIGTERM)
+        # Far sooner than the warm-up would take; the bound is generous for CI.
+        assert worker.process.wait(60) == 0
+        assert "stopped" in [e["event"] for e in worker.events]
+        assert "warm-up done" not in [e["event"] for e in worker.events]
+    finally:
+        worker.kill()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import grpc
@@ -72,6 +73,7 @@ class Worker:
     batcher: Batcher
     engine: Engine
     executor: ThreadPoolExecutor
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -85,7 +87,7 @@ class Worker:
     async def warm_up(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
-            self.executor, warmup.warm_up, self.engine, self.config.warmup_pairs()
+            self.executor, warmup.warm_up, self.engine, self.config.warmup_pairs(), self.stopping
         )
         await self.set_serving(True)
         log.info("serving", extra={"port": self.port})
@@ -93,6 +95,7 @@ class Worker:
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, finish in-flight work within the grace, then release."""
         log.info("draining", extra={"grace_s": self.config.drain_grace_s})
+        self.stopping.set()  # a warm-up still compiling gives up at its next compilation
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.drain_grace_s)
         await self.batcher.drain()
@@ -196,9 +199,14 @@ async def serve(config: WorkerConfig) -> None:
     warming = asyncio.create_task(worker.warm_up())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({warming, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if warming.done() and warming.exception() is not None:
+    failure = warming.exception() if warming.done() else None
+    if failure is not None:  # a failed self-check or compilation: never serve
         await worker.server.stop(0)
         worker.executor.shutdown(wait=False)
-        raise warming.exception()  # type: ignore[misc]
+        raise failure
     await stopping
-    await worker.stop()
+    await worker.stop()  # a warm-up still running gives up at its next compilation
+    if not warming.done():
+        warming.cancel()
+    elif not warming.cancelled() and not isinstance(warming.exception(), warmup.WarmUpAborted):
+        warming.result()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 
 import numpy as np
@@ -28,6 +29,10 @@ class SelfCheckFailed(RuntimeError):
     """The compiled path and the eager reference disagree on this backend."""
 
 
+class WarmUpAborted(RuntimeError):
+    """The worker was asked to stop before warm-up finished."""
+
+
 def self_check_inputs() -> list[RoundTripInput]:
     rng = np.random.default_rng(20261125)
     return [
@@ -39,12 +44,20 @@ def self_check_inputs() -> list[RoundTripInput]:
     ]
 
 
-def compile_shapes(engine: Engine, pairs: list[tuple[int, int]]) -> int:
-    """Compile every batch bucket for 1-D float32 x of each (width, features)."""
+def compile_shapes(
+    engine: Engine, pairs: list[tuple[int, int]], stop: threading.Event | None = None
+) -> int:
+    """Compile every batch bucket for 1-D float32 x of each (width, features).
+
+    Checks ``stop`` between compilations, so a SIGTERM during a long warm-up
+    is obeyed within one compilation rather than after all of them.
+    """
     count = 0
     for width, features in pairs:
         signature = ShapeSignature((width,), "float32", features)
         for batch_size in engine.buckets:
+            if stop is not None and stop.is_set():
+                raise WarmUpAborted(f"stopped after {count} compilations")
             engine.executable(signature, batch_size)
             count += 1
     return count
@@ -81,10 +94,12 @@ def _both_nan(a: float, b: float) -> bool:
     return math.isnan(a) and math.isnan(b)
 
 
-def warm_up(engine: Engine, pairs: list[tuple[int, int]]) -> None:
+def warm_up(
+    engine: Engine, pairs: list[tuple[int, int]], stop: threading.Event | None = None
+) -> None:
     """Compile the warm-up shapes and run the self-check; logs what it did."""
     started = time.perf_counter()
-    compiled = compile_shapes(engine, pairs)
+    compiled = compile_shapes(engine, pairs, stop)
     checked = self_check(engine)
     log.info(
         "warm-up done",
