@@ -27,25 +27,17 @@ def test_client_import_does_not_pull_in_jax() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def cli(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``roundtrip`` CLI against ``worker``."""
+    return subprocess.run(
+        [CLI, "--target", worker.target, *args], capture_output=True, text=True, check=False
+    )
+
+
 def test_cli_call_prints_the_worked_example(worker: WorkerProcess) -> None:
-    out = subprocess.run(
-        [
-            CLI,
-            "--target",
-            worker.target,
-            "call",
-            "--seed",
-            "0",
-            "--x",
-            "1,2,3",
-            "--features",
-            "4",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert json.loads(out) == {
+    done = cli(worker, "call", "--seed", "0", "--x", "1,2,3", "--features", "4")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
         "orig_sum": -4.221933364868164,
         "merged_sum": -4.221933364868164,
         "max_abs_diff": 0.0,
@@ -53,31 +45,15 @@ def test_cli_call_prints_the_worked_example(worker: WorkerProcess) -> None:
 
 
 def test_cli_refused_call_exits_one_with_the_status(worker: WorkerProcess) -> None:
-    done = subprocess.run(
-        [
-            CLI,
-            "--target",
-            worker.target,
-            "call",
-            "--seed",
-            "0",
-            "--x",
-            "1,2,3",
-            "--features",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = cli(worker, "call", "--seed", "0", "--x", "1,2,3", "--features", "0")
     assert done.returncode == 1
     assert "INVALID_ARGUMENT: features must be >= 1" in done.stderr
 
 
 def test_cli_info_prints_versions(worker: WorkerProcess) -> None:
-    out = subprocess.run(
-        [CLI, "--target", worker.target, "info"], check=True, capture_output=True, text=True
-    ).stdout
-    assert json.loads(out)["jaxVersion"] == "0.10.2"
+    done = cli(worker, "info")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["jaxVersion"] == "0.10.2"
 
 
 @pytest.mark.parametrize(
