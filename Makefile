@@ -59,7 +59,19 @@ check-protos: setup
 	  || (echo "stubs in $(GEN_DIR) are stale: run 'make protos'" && exit 1)
 	rm -rf .gen-check
 
-pytest: setup
+# promtool from Debian's prometheus package, unpacked here: nothing is installed or started.
+PROMETHEUS_DEB := prometheus=2.42.0+ds-5+deb12u1
+PROMTOOL := $(TOOLS)/promtool
+$(PROMTOOL):
+	rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && (apt-get download $(PROMETHEUS_DEB) 2>/dev/null \
+	  || (apt-get update -qq && apt-get download $(PROMETHEUS_DEB)))
+	dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root
+	cp $(TOOLS)/deb/root/usr/bin/promtool $@
+	rm -rf $(TOOLS)/deb
+	$@ --version
+
+pytest: setup $(PROMTOOL)
 	$(BIN)/pytest
 
 # Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).

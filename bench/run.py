@@ -84,7 +84,16 @@ def cases(width: int, features: int, count: int, *, check: bool) -> list[Case]:
 def server(kind: str, *flags: str) -> Iterator[int]:
     """Start ``worker``, ``empty`` or ``naive`` on a free port; yield the port once it answers."""
     if kind == "worker":
-        command = [sys.executable, "-m", "roundtrip.server", "--port", "0", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "roundtrip.server",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *flags,
+        ]
     else:
         command = [sys.executable, "-m", "bench.servers", kind]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)

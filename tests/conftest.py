@@ -38,8 +38,19 @@ class WorkerProcess:
         self.events: list[dict[str, object]] = []
         self._listening = threading.Event()
         self.port = 0
+        self.metrics_port = 0
         self.process = subprocess.Popen(
-            command or [sys.executable, "-m", "roundtrip.server", "--port", "0", *flags],
+            command
+            or [
+                sys.executable,
+                "-m",
+                "roundtrip.server",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                *flags,
+            ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -63,6 +74,7 @@ class WorkerProcess:
             self.events.append(event)
             if event.get("event") == "listening":
                 self.port = int(event["port"])  # type: ignore[call-overload]
+                self.metrics_port = int(event["metrics_port"])  # type: ignore[call-overload]
                 self._listening.set()
 
     @property

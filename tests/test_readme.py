@@ -63,7 +63,10 @@ def test_readme_names_the_two_commands() -> None:
 
 
 def test_make_serve_starts_a_worker_that_answers() -> None:
-    worker = WorkerProcess(command=["make", "--no-print-directory", "serve", "PORT=0"])
+    worker = WorkerProcess(
+        command=["make", "--no-print-directory", "serve", "PORT=0"],
+        env={"ROUNDTRIP_METRICS_PORT": "0"},
+    )
     try:
         worker.wait_serving()
         from roundtrip.client import RoundTripClient

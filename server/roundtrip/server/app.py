@@ -28,6 +28,7 @@ from roundtrip.server import warmup
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine import Engine, x64_enabled
+from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.service import RoundTripServicer
 from roundtrip.server.validation import RequestLimits
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -155,13 +156,17 @@ async def start(config: WorkerConfig) -> Worker:
     )
     engine = Engine(max_compiled=config.max_compiled, max_batch_size=config.max_batch_size)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-compute")
+    metrics = WorkerMetrics(max_batch_size=config.max_batch_size)
     batcher = Batcher(
         engine,
         executor,
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=config.max_queue_delay_us,
         max_queue_size=config.max_queue_size,
+        on_batch=metrics.observe_batch,
     )
+    metrics.watch_engine(lambda: engine.stats, lambda: engine.cached)
+    metrics.watch_queue(lambda: batcher.queued)
     limits = RequestLimits(
         max_x_elements=config.max_x_elements,
         max_features=config.max_features,
@@ -170,7 +175,11 @@ async def start(config: WorkerConfig) -> Worker:
     )
     server = grpc.aio.server(options=server_options(config))
     servicer = RoundTripServicer(
-        batcher, limits, server_info(config), max_stream_inflight=config.max_stream_inflight
+        batcher,
+        limits,
+        server_info(config),
+        metrics,
+        max_stream_inflight=config.max_stream_inflight,
     )
     pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
     health_servicer = health_aio.HealthServicer()
@@ -185,7 +194,8 @@ async def start(config: WorkerConfig) -> Worker:
     await worker.set_serving(False)
     batcher.start()
     await server.start()
-    log.info("listening", extra={"host": config.host, "port": port})
+    metrics_port = metrics.serve(config.host, config.metrics_port)
+    log.info("listening", extra={"host": config.host, "port": port, "metrics_port": metrics_port})
     return worker
 
 

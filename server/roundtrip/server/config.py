@@ -34,6 +34,12 @@ class WorkerConfig:
 
     host: str = _knob("127.0.0.1", "Address to listen on (0.0.0.0 or [::] in a pod).")
     port: int = _knob(50051, "gRPC port; 0 picks a free one (logged at start).", minimum=0)
+    metrics_port: int = _knob(
+        9464,
+        "HTTP port serving Prometheus metrics at /metrics (on --host); 0 picks a free one "
+        "(logged at start).",
+        minimum=0,
+    )
     max_message_bytes: int = _knob(
         64 * MIB,
         "Largest gRPC message received or sent (applied to both directions).",

@@ -20,6 +20,7 @@ from roundtrip.client import arrays
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.engine import RoundTripResult
 from roundtrip.server.errors import RequestError
+from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, validate
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -32,22 +33,34 @@ UnaryMethod = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Await
 
 
 def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Response]:
-    """Answer a :class:`RequestError` with its status; anything else is INTERNAL and logged."""
+    """Answer a :class:`RequestError` with its status; anything else is INTERNAL and logged.
+
+    Also the one place that counts every unary request by status code and times it.
+    """
 
     @functools.wraps(method)
     async def wrapper(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+        self: RoundTripServicer, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.metrics.inflight.inc()
         try:
             return await method(self, request, context)
         except RequestError as error:
-            log.debug("request refused", extra={"code": error.code.name, "error": error.message})
+            code = error.code
+            log.debug("request refused", extra={"code": code.name, "error": error.message})
             await context.abort(error.code, error.message)
         except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # a bug: keep serving, tell the caller and the operator
+            code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error", extra={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.observe_rpc(method.__name__, code.name, time.perf_counter() - started)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -79,9 +92,11 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         batcher: Batcher,
         limits: RequestLimits,
         server_info: pb.GetServerInfoResponse,
+        metrics: WorkerMetrics,
         *,
         max_stream_inflight: int,
     ) -> None:
+        self.metrics = metrics
         self._batcher = batcher
         self._limits = limits
         self._server_info = server_info
@@ -122,10 +137,14 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer_one(message: pb.RoundTripStreamRequest) -> None:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            self.metrics.inflight.inc()
             try:
                 response = await self._answer(message.request, deadline)
                 answers.put_nowait(pb.RoundTripStreamResponse(id=message.id, response=response))
             except RequestError as error:
+                code = error.code
                 answers.put_nowait(
                     pb.RoundTripStreamResponse(
                         id=message.id,
@@ -133,6 +152,7 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
                     )
                 )
             except Exception as error:
+                code = grpc.StatusCode.INTERNAL
                 log.exception("unexpected error in stream", extra={"code": "INTERNAL"})
                 answers.put_nowait(
                     pb.RoundTripStreamResponse(
@@ -145,6 +165,10 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
                 )
             finally:
                 slots.release()
+                self.metrics.inflight.dec()
+                self.metrics.observe_rpc(
+                    "RoundTripStream", code.name, time.perf_counter() - started
+                )
 
         async def read_all() -> None:
             async for message in request_iterator:

@@ -1,0 +1,155 @@
+"""Prometheus metrics, served in the text format on their own HTTP port.
+
+One :class:`WorkerMetrics` per worker, on its own registry. The servicer and
+the batcher report into it; the engine's counters (compilations, cache) are
+read at scrape time by a collector, so the engine knows nothing of Prometheus.
+Names follow Prometheus conventions: base units, ``_total`` for counters,
+``_seconds`` for durations. The README's metric table is checked against
+:data:`METRIC_NAMES`.
+
+>>> metrics = WorkerMetrics(max_batch_size=8)
+>>> metrics.observe_rpc("RoundTrip", "OK", 0.002)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from roundtrip.server.batcher import BatchRecord
+from roundtrip.server.engine import EngineStats
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+METRIC_NAMES = (
+    "roundtrip_requests_total",
+    "roundtrip_request_duration_seconds",
+    "roundtrip_inflight_requests",
+    "roundtrip_queued_requests",
+    "roundtrip_queue_wait_seconds",
+    "roundtrip_batch_size",
+    "roundtrip_batch_compute_seconds",
+    "roundtrip_compilations_total",
+    "roundtrip_compile_seconds_total",
+    "roundtrip_executable_cache_hits_total",
+    "roundtrip_executable_cache_evictions_total",
+    "roundtrip_executable_cache_entries",
+)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's counters when Prometheus scrapes (they change on the compute thread)."""
+
+    def __init__(self, stats: Callable[[], EngineStats], entries: Callable[[], int]) -> None:
+        self._stats = stats
+        self._entries = entries
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._stats()
+        yield CounterMetricFamily(
+            "roundtrip_compilations", "XLA executables compiled.", value=stats.compilations
+        )
+        yield CounterMetricFamily(
+            "roundtrip_compile_seconds",
+            "Seconds spent compiling executables.",
+            value=stats.compile_seconds,
+        )
+        yield CounterMetricFamily(
+            "roundtrip_executable_cache_hits",
+            "Batches that found their executable compiled.",
+            value=stats.cache_hits,
+        )
+        yield CounterMetricFamily(
+            "roundtrip_executable_cache_evictions",
+            "Executables evicted by the max_compiled bound.",
+            value=stats.evictions,
+        )
+        yield GaugeMetricFamily(
+            "roundtrip_executable_cache_entries",
+            "Executables held now (bounded by max_compiled).",
+            value=self._entries(),
+        )
+
+
+class WorkerMetrics:
+    """Every metric the worker exports, on one registry."""
+
+    def __init__(self, *, max_batch_size: int) -> None:
+        disable_created_metrics()  # the *_created series carry nothing an operator uses here
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "roundtrip_requests",
+            "Requests answered, by RPC (stream messages count one each) and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "roundtrip_request_duration_seconds",
+            "Seconds from receiving a request to its answer, by RPC.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "roundtrip_inflight_requests",
+            "Requests received and not yet answered.",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "roundtrip_queued_requests",
+            "Requests waiting for the engine (max_queue_size refuses beyond).",
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "roundtrip_queue_wait_seconds",
+            "Seconds a request waited in the queue before its batch ran.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        sizes = [1.0]
+        while sizes[-1] < max_batch_size:
+            sizes.append(sizes[-1] * 2)
+        self.batch_size = Histogram(
+            "roundtrip_batch_size",
+            "Requests per engine batch.",
+            buckets=sizes,
+            registry=self.registry,
+        )
+        self.batch_compute = Histogram(
+            "roundtrip_batch_compute_seconds",
+            "Seconds the engine took per batch (compilation included when it happened).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch_engine(self, stats: Callable[[], EngineStats], entries: Callable[[], int]) -> None:
+        self.registry.register(_EngineCollector(stats, entries))
+
+    def watch_queue(self, queued: Callable[[], int]) -> None:
+        self.queued.set_function(queued)
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.duration.labels(method).observe(seconds)
+
+    def observe_batch(self, record: BatchRecord) -> None:
+        self.batch_size.observe(record.size)
+        self.batch_compute.observe(record.compute_seconds)
+        for seconds in record.queue_seconds:
+            self.queue_wait.observe(seconds)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
