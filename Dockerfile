@@ -41,9 +41,11 @@ COPY --from=build /app/.venv /app/.venv
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     ROUNDTRIP_HOST=0.0.0.0 \
-    ROUNDTRIP_PORT=50051
+    ROUNDTRIP_PORT=50051 \
+    ROUNDTRIP_METRICS_PORT=9464
 USER 10001:10001
-EXPOSE 50051
+# gRPC, and Prometheus metrics at /metrics.
+EXPOSE 50051 9464
 STOPSIGNAL SIGTERM
 # Exec form: the worker is PID 1 and receives SIGTERM itself, then drains.
 ENTRYPOINT ["/app/.venv/bin/roundtrip-server"]
