@@ -1,10 +1,11 @@
-"""Assembly of the worker: engine, batcher, servicer, health, reflection, signals.
+"""Assembly of the worker: engine, batcher, servicer, health, reflection, metrics, signals.
 
 Start order: bind and start the gRPC server with health NOT_SERVING, compile
 and self-check (off the event loop), then SERVING. Stop order on SIGTERM or
-SIGINT: health NOT_SERVING, refuse new work, let in-flight requests finish
-within ``drain_grace_s``, stop the server, drain the batcher, and only then
-release the compute thread.
+SIGINT: health NOT_SERVING and new calls refused with UNAVAILABLE for
+``drain_announce_s``, then the server closes, letting in-flight requests
+finish within ``drain_grace_s``; then the batcher drains, and only then is
+the compute thread released.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Worker:
     batcher: Batcher
     engine: Engine
     executor: ThreadPoolExecutor
+    metrics: WorkerMetrics
     stopping: threading.Event = field(default_factory=threading.Event)
 
     async def set_serving(self, serving: bool) -> None:
@@ -95,7 +97,13 @@ class Worker:
 
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, finish in-flight work within the grace, then release."""
-        log.info("draining", extra={"grace_s": self.config.drain_grace_s})
+        log.info(
+            "draining",
+            extra={
+                "grace_s": self.config.drain_grace_s,
+                "inflight": self.metrics.inflight._value.get(),
+            },
+        )
         self.stopping.set()  # a warm-up still compiling gives up at its next compilation
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.drain_grace_s)
@@ -110,6 +118,7 @@ class Worker:
                 "mean_batch_size": round(stats.requests / max(stats.batches, 1), 2),
                 "compilations": stats.compilations,
                 "compile_seconds": round(stats.compile_seconds, 3),
+                "answered_by_code": self.metrics.answered_by_code(),
             },
         )
 
@@ -190,7 +199,7 @@ async def start(config: WorkerConfig) -> Worker:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    worker = Worker(config, server, port, health_servicer, batcher, engine, executor)
+    worker = Worker(config, server, port, health_servicer, batcher, engine, executor, metrics)
     await worker.set_serving(False)
     batcher.start()
     await server.start()

@@ -113,7 +113,7 @@ class Batcher:
     ) -> RoundTripResult:
         """Queue ``item`` and wait for its answer. ``deadline`` is a ``time.monotonic()`` time."""
         if not self._accepting:
-            raise ShuttingDown("the worker is shutting down; retry on another worker")
+            raise ShuttingDown("the worker is draining; retry on another worker")
         if self._queued >= self.max_queue_size:
             raise QueueFull(
                 f"the worker's queue is full ({self.max_queue_size} requests waiting; "
@@ -125,6 +125,11 @@ class Batcher:
         self._queued += 1
         self._arrival.set()
         return await future
+
+    def refuse_new(self) -> None:
+        """From now on refuse new requests (UNAVAILABLE); queued ones are still answered."""
+        self._accepting = False
+        self._arrival.set()
 
     async def drain(self) -> None:
         """Stop taking requests, answer every queued one, then stop the runner."""

@@ -93,6 +93,11 @@ class WorkerConfig:
         "Comma-separated width:features pairs compiled (1-D float32 x, every batch size) "
         "and self-checked before health turns SERVING.",
     )
+    drain_announce_s: float = _knob(
+        1.0,
+        "Seconds between SIGTERM turning health NOT_SERVING (new calls then get UNAVAILABLE, "
+        "which clients retry elsewhere) and the server closing its connections.",
+    )
     drain_grace_s: float = _knob(
         10.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled."
     )
@@ -112,7 +117,12 @@ class WorkerConfig:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ValueError(f"{f.name} must be >= {minimum} (got {value})")
-        for name in ("drain_grace_s", "max_connection_age_s", "max_connection_age_grace_s"):
+        for name in (
+            "drain_announce_s",
+            "drain_grace_s",
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

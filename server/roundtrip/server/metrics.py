@@ -149,6 +149,16 @@ class WorkerMetrics:
         for seconds in record.queue_seconds:
             self.queue_wait.observe(seconds)
 
+    def answered_by_code(self) -> dict[str, int]:
+        """Requests answered so far by status code, over all RPCs (for the stop log)."""
+        counts: dict[str, int] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    code = sample.labels["code"]
+                    counts[code] = counts.get(code, 0) + int(sample.value)
+        return counts
+
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
