@@ -33,8 +33,13 @@ class WorkerProcess:
     """A ``roundtrip-server`` subprocess; its JSON log lines are collected as they come."""
 
     def __init__(
-        self, *flags: str, env: dict[str, str] | None = None, command: list[str] | None = None
+        self,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self.credentials = credentials  # for health checks against a TLS worker
         self.events: list[dict[str, object]] = []
         self._listening = threading.Event()
         self.port = 0
@@ -60,9 +65,7 @@ class WorkerProcess:
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
-        if not self._listening.wait(STARTUP_TIMEOUT_S):
-            self.kill()
-            raise RuntimeError(f"worker did not start listening: {self.events[-5:]}")
+        self._wait_listening()
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None
@@ -76,13 +79,24 @@ class WorkerProcess:
                 self.port = int(event["port"])  # type: ignore[call-overload]
                 self.metrics_port = int(event["metrics_port"])  # type: ignore[call-overload]
                 self._listening.set()
+        self._listening.set()  # the worker exited: stop waiting for it
+
+    def _wait_listening(self) -> None:
+        if not self._listening.wait(STARTUP_TIMEOUT_S) or not self.port:
+            self.kill()
+            raise RuntimeError(f"worker did not start listening: {self.events[-5:]}")
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
+
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
@@ -97,6 +111,8 @@ class WorkerProcess:
         raise RuntimeError("worker never reported SERVING")
 
     def terminate(self, timeout: float = 60) -> int:
+        if self.process.poll() is not None:  # already stopped (by the test itself)
+            return self.process.returncode
         os.killpg(self.process.pid, signal.SIGTERM)
         code = self.process.wait(timeout)
         self._reader.join(5)

@@ -1,14 +1,15 @@
-"""Configuration: flags over environment over defaults, validated, documented."""
+"""Configuration: flags over environment over a TOML file over defaults, validated, documented."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from roundtrip.server.config import WorkerConfig, config_table
+from roundtrip.server.config import WorkerConfig, config_table, read_config_file
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -21,6 +22,24 @@ def test_flag_wins_over_environment() -> None:
     assert config.port == 6000
 
 
+def test_a_config_file_sets_knobs_under_the_environment_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text('max_batch_size = 8\nport = 7000\nhost = "0.0.0.0"\ndrain_grace_s = 3\n')
+    config = WorkerConfig.from_sources(
+        ["--config-file", str(path), "--max-batch-size", "2"], {"ROUNDTRIP_PORT": "6000"}
+    )
+    assert (config.max_batch_size, config.port, config.host) == (2, 6000, "0.0.0.0")
+    assert config.drain_grace_s == 3.0
+    from_env = WorkerConfig.from_sources([], {"ROUNDTRIP_CONFIG_FILE": str(path)})
+    assert from_env.max_batch_size == 8
+
+
+def file_with(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "worker.toml"
+    path.write_text(text)
+    return str(path)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -28,11 +47,19 @@ def test_flag_wins_over_environment() -> None:
         (["--port", "http"], "port: 'http' is not a valid int"),
         (["--warmup-shapes", "64x64"], "warmup_shapes"),
         (["--log-level", "LOUD"], "log_level"),
+        (["--tls-cert-file", "/etc/hostname"], "tls_cert_file and tls_key_file"),
+        (["--auth-token-file", "/nonexistent/token"], "auth_token_file: cannot read"),
+        (["--auth-exempt", "health,metrics"], "auth_exempt: unknown service 'metrics'"),
+        (["--audit-fraction", "1.5"], "audit_fraction must be within [0, 1]"),
+        (["--config-file", "/nonexistent.toml"], "config_file: cannot read"),
+        (["--config-file", "{tmp}/worker.toml"], "unknown setting 'max_batch'"),
     ],
 )
 def test_invalid_settings_stop_the_worker_with_a_clear_message(
-    argv: list[str], message: str
+    argv: list[str], message: str, tmp_path: Path
 ) -> None:
+    file_with(tmp_path, "max_batch = 4\n")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
     done = subprocess.run(
         [sys.executable, "-m", "roundtrip.server", *argv], capture_output=True, text=True
     )
@@ -42,3 +69,18 @@ def test_invalid_settings_stop_the_worker_with_a_clear_message(
 
 def test_readme_configuration_table_matches_the_code() -> None:
     assert config_table() in README.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('port = "50051"\n', "port = '50051'"),
+        ("max_batch_size = true\n", "is not a valid int"),
+        ("port = [\n", "is not valid TOML"),
+    ],
+)
+def test_a_config_file_of_the_wrong_shape_is_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_config_file(file_with(tmp_path, text))

@@ -14,7 +14,12 @@ import grpc
 import numpy.typing as npt
 
 from roundtrip.client import errors
-from roundtrip.client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, channel_options
+from roundtrip.client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT_S,
+    call_metadata,
+    channel_options,
+)
 from roundtrip.client.messages import RoundTripResult, build_request, parse_response
 from roundtrip.client.sync import InOrder, StreamOutcome, stream_messages, stream_outcome
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -32,6 +37,7 @@ class AsyncRoundTripClient:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         metadata: tuple[tuple[str, str], ...] = (),
+        token: str | None = None,
     ) -> None:
         options = channel_options(max_message_bytes)
         self._channel = (
@@ -41,7 +47,7 @@ class AsyncRoundTripClient:
         )
         self._stub = pb_grpc.RoundTripServiceStub(self._channel)
         self.timeout = timeout
-        self._metadata = metadata
+        self._metadata = call_metadata(metadata, token)
 
     async def round_trip(
         self,

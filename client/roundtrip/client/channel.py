@@ -1,4 +1,4 @@
-"""Channel settings both clients share: message limits, service config, keepalive.
+"""Channel settings both clients share: message limits, service config, keepalive, security.
 
 Retries, timeouts and load balancing are declared in the gRPC service config
 (not coded as loops): UNAVAILABLE is retried with exponential backoff, and a
@@ -8,7 +8,10 @@ Retries, timeouts and load balancing are declared in the gRPC service config
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
@@ -46,3 +49,24 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 0),
     ]
+
+
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS from PEM files: ``ca_file`` verifies the worker (system roots when None);
+    ``cert_file`` and ``key_file`` present a client certificate (mutual TLS)."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
+def call_metadata(
+    metadata: tuple[tuple[str, str], ...], token: str | None
+) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus ``authorization: Bearer <token>`` when a token is given."""
+    return (*metadata, ("authorization", f"Bearer {token}")) if token else metadata

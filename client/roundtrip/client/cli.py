@@ -3,6 +3,9 @@
     roundtrip call --seed 0 --x 1,2,3 --features 4 [--target 127.0.0.1:50051]
     roundtrip info [--target ...]
 
+TLS: ``--ca-file`` (and ``--cert-file``/``--key-file`` for mutual TLS); a
+bearer token: ``--token-file``.
+
 ``call`` prints the result as JSON; a refused call prints the status and
 message on stderr and exits 1.
 """
@@ -12,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from google.protobuf import json_format
 
-from roundtrip.client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
+from roundtrip.client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, tls_credentials
 from roundtrip.client.errors import RoundTripError
 from roundtrip.client.sync import RoundTripClient
 
@@ -37,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds"
     )
+    root.add_argument("--ca-file", help="PEM CA that signed the worker's certificate (TLS)")
+    root.add_argument("--cert-file", help="PEM client certificate (mutual TLS)")
+    root.add_argument("--key-file", help="PEM key of --cert-file")
+    root.add_argument("--token-file", help="file holding the bearer token")
     commands = root.add_subparsers(dest="command", required=True)
     call = commands.add_parser("call", help="run RoundTrip once and print the result")
     call.add_argument("--seed", type=int, required=True)
@@ -52,8 +60,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    secure = args.ca_file or args.cert_file or args.key_file
+    credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file) if secure else None
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
     try:
-        with RoundTripClient(args.target, timeout=args.timeout) as client:
+        with RoundTripClient(
+            args.target, timeout=args.timeout, credentials=credentials, token=token
+        ) as client:
             if args.command == "info":
                 print(json_format.MessageToJson(client.server_info(), indent=2))
                 return 0

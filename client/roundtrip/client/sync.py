@@ -16,7 +16,12 @@ import grpc
 import numpy.typing as npt
 
 from roundtrip.client import errors
-from roundtrip.client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, channel_options
+from roundtrip.client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT_S,
+    call_metadata,
+    channel_options,
+)
 from roundtrip.client.messages import RoundTripResult, build_request, parse_response
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -65,7 +70,9 @@ class RoundTripClient:
 
     ``target`` is any gRPC target: ``host:port``, or ``dns:///name:port`` to
     spread calls over every address the name resolves to. ``timeout`` is the
-    default deadline of each call, in seconds.
+    default deadline of each call, in seconds. ``credentials`` turns TLS on
+    (:func:`~roundtrip.client.channel.tls_credentials` builds them from PEM
+    files); ``token`` is sent as ``authorization: Bearer <token>`` on every call.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class RoundTripClient:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         metadata: tuple[tuple[str, str], ...] = (),
+        token: str | None = None,
     ) -> None:
         options = channel_options(max_message_bytes)
         self._channel = (
@@ -85,7 +93,7 @@ class RoundTripClient:
         )
         self._stub = pb_grpc.RoundTripServiceStub(self._channel)
         self.timeout = timeout
-        self._metadata = metadata
+        self._metadata = call_metadata(metadata, token)
 
     def round_trip(
         self,

@@ -1,4 +1,5 @@
-"""Assembly of the worker: engine, batcher, servicer, health, reflection, metrics, signals.
+"""Assembly of the worker: engine, batcher, servicer, health, reflection, metrics, security,
+audit, signals.
 
 Start order: bind and start the gRPC server with health NOT_SERVING, compile
 and self-check (off the event loop), then SERVING. Stop order on SIGTERM or
@@ -25,7 +26,8 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from roundtrip.server import warmup
+from roundtrip.server import security, warmup
+from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine import Engine, x64_enabled
@@ -76,6 +78,7 @@ class Worker:
     engine: Engine
     executor: ThreadPoolExecutor
     metrics: WorkerMetrics
+    auditor: Auditor
     stopping: threading.Event = field(default_factory=threading.Event)
 
     async def set_serving(self, serving: bool) -> None:
@@ -109,6 +112,7 @@ class Worker:
         await self.server.stop(self.config.drain_grace_s)
         await self.batcher.drain()
         self.executor.shutdown(wait=True)
+        self.auditor.stop()
         stats = self.engine.stats
         log.info(
             "stopped",
@@ -119,6 +123,8 @@ class Worker:
                 "compilations": stats.compilations,
                 "compile_seconds": round(stats.compile_seconds, 3),
                 "answered_by_code": self.metrics.answered_by_code(),
+                "audited": int(self.metrics.audit_checks._value.get()),
+                "audit_mismatches": int(self.metrics.audit_mismatches._value.get()),
             },
         )
 
@@ -182,12 +188,22 @@ async def start(config: WorkerConfig) -> Worker:
         max_param_bytes=config.max_param_bytes,
         max_output_elements=config.max_output_elements,
     )
-    server = grpc.aio.server(options=server_options(config))
+    auditor = Auditor(
+        config.audit_fraction,
+        config.audit_queue_size,
+        on_outcome=metrics.observe_audit,
+        on_skipped=metrics.audit_skipped.inc,
+    )
+    server = grpc.aio.server(
+        options=server_options(config),
+        interceptors=security.interceptors(config, metrics.refused_unauthenticated),
+    )
     servicer = RoundTripServicer(
         batcher,
         limits,
         server_info(config),
         metrics,
+        auditor,
         max_stream_inflight=config.max_stream_inflight,
     )
     pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
@@ -196,15 +212,34 @@ async def start(config: WorkerConfig) -> Worker:
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = security.server_credentials(config)
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    worker = Worker(config, server, port, health_servicer, batcher, engine, executor, metrics)
+        raise RuntimeError(f"could not bind {address}")
+    worker = Worker(
+        config, server, port, health_servicer, batcher, engine, executor, metrics, auditor
+    )
     await worker.set_serving(False)
     batcher.start()
+    auditor.start()
     await server.start()
     metrics_port = metrics.serve(config.host, config.metrics_port)
-    log.info("listening", extra={"host": config.host, "port": port, "metrics_port": metrics_port})
+    log.info(
+        "listening",
+        extra={
+            "host": config.host,
+            "port": port,
+            "metrics_port": metrics_port,
+            "tls": credentials is not None,
+            "mutual_tls": bool(config.tls_client_ca_file),
+            "token_required": bool(config.auth_token_file),
+        },
+    )
     return worker
 
 

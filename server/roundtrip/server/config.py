@@ -1,9 +1,12 @@
 """Every knob of the worker, in one place, validated at start.
 
 Each field of :class:`WorkerConfig` is settable by a command-line flag
-(``--max-batch-size``) or an environment variable with the ``ROUNDTRIP_``
-prefix (``ROUNDTRIP_MAX_BATCH_SIZE``); a flag wins over the environment. The
-README's configuration table is generated from these fields
+(``--max-batch-size``), an environment variable with the ``ROUNDTRIP_``
+prefix (``ROUNDTRIP_MAX_BATCH_SIZE``) or a key of a TOML file named by
+``--config-file`` / ``ROUNDTRIP_CONFIG_FILE`` (``max_batch_size = 8``). A flag
+wins over the environment, which wins over the file. Unknown keys and values
+of the wrong type stop the worker with a message naming them. The README's
+configuration table is generated from these fields
 (``python -m roundtrip.server --print-config-table``) and a test keeps the two
 equal.
 
@@ -16,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "ROUNDTRIP_"
+AUTH_EXEMPTABLE = frozenset({"health", "reflection"})
 MIB = 1024 * 1024
 
 
@@ -109,6 +115,36 @@ class WorkerConfig:
     max_connection_age_grace_s: float = _knob(
         30.0, "Seconds a connection past its age may keep finishing its calls."
     )
+    tls_cert_file: str = _knob(
+        "",
+        "PEM certificate chain the server presents; with --tls-key-file turns TLS on "
+        "(empty: plaintext).",
+    )
+    tls_key_file: str = _knob("", "PEM private key of --tls-cert-file.")
+    tls_client_ca_file: str = _knob(
+        "",
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).",
+    )
+    auth_token_file: str = _knob(
+        "",
+        "File holding the bearer token callers must send as 'authorization: Bearer <token>' "
+        "(UNAUTHENTICATED otherwise; empty: no token check).",
+    )
+    auth_exempt: str = _knob(
+        "health",
+        "Comma-separated services callable without the token: health, reflection, both or "
+        "none (empty). Kubernetes gRPC probes cannot send a token.",
+    )
+    audit_fraction: float = _knob(
+        0.001,
+        "Fraction of answered requests re-run through the eager reference steps in the "
+        "background and compared bit for bit (0 turns the audit off).",
+    )
+    audit_queue_size: int = _knob(
+        64,
+        "Most requests waiting for the audit; beyond it samples are skipped and counted.",
+        minimum=1,
+    )
     log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR.")
 
     def __post_init__(self) -> None:
@@ -125,11 +161,39 @@ class WorkerConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path!r}")
+        if self.auth_token_file and not self.auth_token():
+            raise ValueError(f"auth_token_file: {self.auth_token_file!r} is empty")
+        unknown = set(self.auth_exempt_services()) - AUTH_EXEMPTABLE
+        if unknown:
+            raise ValueError(
+                f"auth_exempt: unknown service {sorted(unknown)[0]!r} "
+                f"(choose from {', '.join(sorted(AUTH_EXEMPTABLE))})"
+            )
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction must be within [0, 1] (got {self.audit_fraction})")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level})"
             )
         self.warmup_pairs()
+
+    def auth_token(self) -> str:
+        """The bearer token from ``auth_token_file`` (surrounding whitespace stripped)."""
+        if not self.auth_token_file:
+            return ""
+        with open(self.auth_token_file, encoding="utf-8") as handle:
+            return handle.read().strip()
+
+    def auth_exempt_services(self) -> list[str]:
+        return [part.strip() for part in self.auth_exempt.split(",") if part.strip()]
 
     def warmup_pairs(self) -> list[tuple[int, int]]:
         """``warmup_shapes`` parsed into (width, features) pairs."""
@@ -150,11 +214,15 @@ class WorkerConfig:
     def from_sources(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> WorkerConfig:
-        """Read flags (``argv``) over environment variables over defaults, then validate."""
+        """Read flags (``argv``) over environment variables over a file over defaults."""
         parser = argument_parser()
         args = parser.parse_args(argv)
-        values: dict[str, Any] = {}
         env = environ or {}
+        path = args.config_file or env.get(ENV_PREFIX + "CONFIG_FILE")
+        try:
+            values = read_config_file(path) if path else {}
+        except ValueError as error:
+            parser.error(str(error))
         for f in dataclasses.fields(cls):
             raw = getattr(args, f.name)
             if raw is None:
@@ -173,6 +241,30 @@ class WorkerConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The knobs a TOML file sets, type-checked; unknown keys are errors, not ignored."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ValueError(f"config_file: cannot read {path!r}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config_file: {path!r} is not valid TOML: {error}") from None
+    fields = {f.name: f for f in dataclasses.fields(WorkerConfig)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"config_file: unknown setting {key!r} in {path!r}")
+        kind: type[Any] = type(fields[key].default)
+        accepted = (int, float) if kind is float else (kind,)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ValueError(
+                f"config_file: {key} = {value!r} in {path!r} is not a valid {kind.__name__}"
+            )
+        values[key] = kind(value)
+    return values
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
@@ -195,6 +287,12 @@ def argument_parser() -> argparse.ArgumentParser:
             help=f"{f.metadata['help']} Env {ENV_PREFIX}{f.name.upper()}; default {f.default}.",
         )
     parser.add_argument(
+        "--config-file",
+        default=None,
+        help=f"TOML file of settings (keys as the field names above, e.g. max_batch_size = 8); "
+        f"flags and environment variables win over it. Env {ENV_PREFIX}CONFIG_FILE.",
+    )
+    parser.add_argument(
         "--print-config-table",
         action="store_true",
         help="Print the configuration table (Markdown) and exit.",
@@ -205,12 +303,15 @@ def argument_parser() -> argparse.ArgumentParser:
 def config_table() -> str:
     """The README's configuration table, generated from :class:`WorkerConfig`."""
     rows = [
-        "| flag | environment variable | default | meaning |",
-        "| --- | --- | --- | --- |",
+        "| flag | environment variable | file key | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+        f"| `--config-file` | `{ENV_PREFIX}CONFIG_FILE` | | | TOML file setting any knob below "
+        "by its file key; flags and environment variables win over it. |",
     ]
     for f in dataclasses.fields(WorkerConfig):
         flag = "--" + f.name.replace("_", "-")
         rows.append(
-            f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['help']} |"
+            f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.name}` | `{f.default}` "
+            f"| {f.metadata['help']} |"
         )
     return "\n".join(rows)

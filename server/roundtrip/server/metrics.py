@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from roundtrip.server.audit import AuditOutcome
 from roundtrip.server.batcher import BatchRecord
 from roundtrip.server.engine import EngineStats
 
@@ -45,6 +46,10 @@ METRIC_NAMES = (
     "roundtrip_executable_cache_hits_total",
     "roundtrip_executable_cache_evictions_total",
     "roundtrip_executable_cache_entries",
+    "roundtrip_audit_checks_total",
+    "roundtrip_audit_mismatches_total",
+    "roundtrip_audit_skipped_total",
+    "roundtrip_unauthenticated_total",
 )
 
 
@@ -132,6 +137,36 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.audit_checks = Counter(
+            "roundtrip_audit_checks",
+            "Answers re-run through the eager reference by the audit (audit_fraction).",
+            registry=self.registry,
+        )
+        self.audit_mismatches = Counter(
+            "roundtrip_audit_mismatches",
+            "Audited answers whose bits differed from the eager reference: wrong answers sent.",
+            registry=self.registry,
+        )
+        self.audit_skipped = Counter(
+            "roundtrip_audit_skipped",
+            "Samples the audit skipped because its queue was full (audit_queue_size).",
+            registry=self.registry,
+        )
+        self.unauthenticated = Counter(
+            "roundtrip_unauthenticated",
+            "Calls refused with UNAUTHENTICATED (missing or wrong bearer token), by method.",
+            ["method"],
+            registry=self.registry,
+        )
+
+    def observe_audit(self, outcome: AuditOutcome) -> None:
+        self.audit_checks.inc()
+        if not outcome.matched:
+            self.audit_mismatches.inc()
+
+    def refused_unauthenticated(self, method: str) -> None:
+        self.unauthenticated.labels(method).inc()
 
     def watch_engine(self, stats: Callable[[], EngineStats], entries: Callable[[], int]) -> None:
         self.registry.register(_EngineCollector(stats, entries))

@@ -1,11 +1,14 @@
 """The eager reference steps of the contract, run in this process on its backend.
 
 The worker uses them to prove, before it reports SERVING, that its compiled
-fast path gives the same bits on the backend it runs on.
+fast path gives the same bits on the backend it runs on (warm-up), and to keep
+proving it on a sample of live traffic (audit).
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any
 
 import jax.numpy as jnp
@@ -29,4 +32,17 @@ def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripResult:
         orig_sum=float(orig_out.sum()),
         merged_sum=float(merged_out.sum()),
         max_abs_diff=float(abs_diff),
+    )
+
+
+def same_answer(got: RoundTripResult, expected: RoundTripResult) -> bool:
+    """The three numbers have the same bits (any NaN matches any NaN: the contract says NaN)."""
+    pairs = zip(
+        (got.orig_sum, got.merged_sum, got.max_abs_diff),
+        (expected.orig_sum, expected.merged_sum, expected.max_abs_diff),
+        strict=True,
+    )
+    return all(
+        (math.isnan(a) and math.isnan(b)) or struct.pack("<d", a) == struct.pack("<d", b)
+        for a, b in pairs
     )

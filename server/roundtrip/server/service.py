@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from roundtrip.client import arrays
+from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.engine import RoundTripResult
 from roundtrip.server.errors import RequestError
@@ -93,10 +94,12 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         limits: RequestLimits,
         server_info: pb.GetServerInfoResponse,
         metrics: WorkerMetrics,
+        auditor: Auditor,
         *,
         max_stream_inflight: int,
     ) -> None:
         self.metrics = metrics
+        self._auditor = auditor
         self._batcher = batcher
         self._limits = limits
         self._server_info = server_info
@@ -107,6 +110,7 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
     ) -> pb.RoundTripResponse:
         item = validate(request, self._limits)
         result = await self._batcher.submit(item, deadline=deadline)
+        self._auditor.offer(item, result)
         return encode_result(result)
 
     @rpc_errors

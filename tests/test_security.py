@@ -1,0 +1,180 @@
+"""TLS, mutual TLS and the bearer token, against real workers with certificates made here.
+
+trustme makes a throwaway CA per test module; the worker reads its files as an
+operator's would (a Kubernetes Secret mounted as files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+from conftest import WorkerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_metrics import scrape, value
+
+from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
+from roundtrip.client.channel import tls_credentials
+
+TOKEN = "s3cret-token-for-tests"
+WORKED = (0, [1.0, 2.0, 3.0], 4)
+WORKED_ANSWER = [-4.221933364868164, -4.221933364868164, 0.0]
+
+
+class Pki:
+    """A server CA with the worker's certificate, and a client CA with a client certificate."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        server_ca, client_ca, stranger_ca = trustme.CA(), trustme.CA(), trustme.CA()
+        server_ca.cert_pem.write_to_path(str(directory / "server-ca.pem"))
+        client_ca.cert_pem.write_to_path(str(directory / "client-ca.pem"))
+        served = server_ca.issue_cert("127.0.0.1", "localhost")
+        served.private_key_pem.write_to_path(str(directory / "server.key"))
+        served.cert_chain_pems[0].write_to_path(str(directory / "server.pem"))
+        for name, ca in (("client", client_ca), ("stranger", stranger_ca)):
+            cert = ca.issue_cert("caller@example.test")
+            cert.private_key_pem.write_to_path(str(directory / f"{name}.key"))
+            cert.cert_chain_pems[0].write_to_path(str(directory / f"{name}.pem"))
+        (directory / "token").write_text(TOKEN + "\n")
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def credentials(self, client: str | None = "client") -> grpc.ChannelCredentials:
+        if client is None:
+            return tls_credentials(self.path("server-ca.pem"))
+        return tls_credentials(
+            self.path("server-ca.pem"), self.path(f"{client}.pem"), self.path(f"{client}.key")
+        )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def start(*flags: str, credentials: grpc.ChannelCredentials) -> Iterator[WorkerProcess]:
+    process = WorkerProcess("--warmup-shapes", "3:4", *flags, credentials=credentials)
+    try:
+        process.wait_serving()
+        yield process
+        assert process.terminate() == 0
+    finally:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def mtls_worker(pki: Pki) -> Iterator[WorkerProcess]:
+    """Mutual TLS plus a bearer token; health exempt from the token (the default)."""
+    yield from start(
+        "--tls-cert-file",
+        pki.path("server.pem"),
+        "--tls-key-file",
+        pki.path("server.key"),
+        "--tls-client-ca-file",
+        pki.path("client-ca.pem"),
+        "--auth-token-file",
+        pki.path("token"),
+        credentials=pki.credentials(),
+    )
+
+
+def call(
+    worker: WorkerProcess, credentials: grpc.ChannelCredentials | None, token: str | None
+) -> list[float]:
+    with RoundTripClient(worker.target, credentials=credentials, token=token, timeout=30) as c:
+        return c.round_trip(*WORKED).as_list()
+
+
+def test_a_caller_with_its_certificate_and_the_token_gets_the_exact_answer(
+    mtls_worker: WorkerProcess, pki: Pki
+) -> None:
+    assert call(mtls_worker, pki.credentials(), TOKEN) == WORKED_ANSWER
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x", ""])
+def test_a_call_without_the_right_token_is_unauthenticated(
+    mtls_worker: WorkerProcess, pki: Pki, token: str | None
+) -> None:
+    with pytest.raises(UnauthenticatedError, match="bearer token"):
+        call(mtls_worker, pki.credentials(), token)
+
+
+def test_every_method_needs_the_token(mtls_worker: WorkerProcess, pki: Pki) -> None:
+    with RoundTripClient(mtls_worker.target, credentials=pki.credentials(), timeout=30) as c:
+        with pytest.raises(UnauthenticatedError):
+            c.server_info()
+        with pytest.raises(UnauthenticatedError):  # the stream itself is refused
+            list(c.stream([WORKED]))
+
+
+def test_health_needs_no_token_but_reflection_does(mtls_worker: WorkerProcess, pki: Pki) -> None:
+    with grpc.secure_channel(mtls_worker.target, pki.credentials()) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(reflection.ServerReflectionInfo(iter([ask]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    "client_cert", [None, "stranger"], ids=["no-client-certificate", "certificate-of-another-ca"]
+)
+def test_mutual_tls_refuses_callers_without_a_trusted_certificate(
+    mtls_worker: WorkerProcess, pki: Pki, client_cert: str | None
+) -> None:
+    with pytest.raises(UnavailableError):
+        call(mtls_worker, pki.credentials(client_cert), TOKEN)
+
+
+def test_plaintext_callers_cannot_talk_to_a_tls_worker(mtls_worker: WorkerProcess) -> None:
+    with pytest.raises(UnavailableError):
+        call(mtls_worker, None, TOKEN)
+
+
+def test_refusals_are_counted_and_the_worker_keeps_serving(
+    mtls_worker: WorkerProcess, pki: Pki
+) -> None:
+    with pytest.raises(RoundTripError):
+        call(mtls_worker, pki.credentials(), "wrong")
+    text = scrape(mtls_worker)
+    assert (
+        value(
+            text,
+            'roundtrip_unauthenticated_total{method="/roundtrip.v1.RoundTripService/RoundTrip"}',
+        )
+        >= 1
+    )
+    assert call(mtls_worker, pki.credentials(), TOKEN) == WORKED_ANSWER
+
+
+def test_server_only_tls_with_reflection_exempt(pki: Pki) -> None:
+    """TLS without client certificates; a token, with health and reflection both exempt."""
+    for worker in start(
+        "--tls-cert-file",
+        pki.path("server.pem"),
+        "--tls-key-file",
+        pki.path("server.key"),
+        "--auth-token-file",
+        pki.path("token"),
+        "--auth-exempt",
+        "health,reflection",
+        credentials=pki.credentials(None),
+    ):
+        assert call(worker, pki.credentials(None), TOKEN) == WORKED_ANSWER
+        with pytest.raises(UnauthenticatedError):
+            call(worker, pki.credentials(None), None)
+        with grpc.secure_channel(worker.target, pki.credentials(None)) as channel:
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            answer = next(reflection.ServerReflectionInfo(iter([ask]), timeout=10))
+            names = {service.name for service in answer.list_services_response.service}
+            assert "roundtrip.v1.RoundTripService" in names
