@@ -32,10 +32,9 @@ from roundtrip.server.batcher import Batcher
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine import Engine, x64_enabled
 from roundtrip.server.metrics import WorkerMetrics
-from roundtrip.server.service import RoundTripServicer
+from roundtrip.server.service import RoundTripServicer, add_to_server
 from roundtrip.server.validation import RequestLimits
 from roundtrip.v1 import roundtrip_pb2 as pb
-from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ async def start(config: WorkerConfig) -> Worker:
         auditor,
         max_stream_inflight=config.max_stream_inflight,
     )
-    pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

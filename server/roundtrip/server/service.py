@@ -2,7 +2,9 @@
 
 ``rpc_errors`` maps :class:`RequestError` to its status for every unary
 method; the stream turns the same errors into per-message ``StreamError``s so a
-bad message never ends the stream.
+bad message never ends the stream. :func:`add_to_server` registers the
+methods with a parser that turns undecodable bytes into INVALID_ARGUMENT
+(grpcio's default answers them with UNKNOWN, and a stream would hang).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message, message_factory
 
 from roundtrip.client import arrays
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.engine import RoundTripResult
-from roundtrip.server.errors import RequestError
+from roundtrip.server.errors import InvalidArgument, RequestError
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, validate
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -31,6 +35,53 @@ log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 UnaryMethod = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Unparseable:
+    """What the parser hands the servicer for bytes that are not a valid message."""
+
+    type_name: str
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"request is not a valid {self.type_name} message: {self.reason}")
+
+
+def tolerant_parser(message_type: type[message.Message]) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except message.DecodeError as error:
+            return Unparseable(message_type.DESCRIPTOR.full_name, str(error))
+
+    return parse
+
+
+def add_to_server(servicer: RoundTripServicer, server: grpc.aio.Server) -> None:
+    """Register every method of the service descriptor with :func:`tolerant_parser`."""
+    service = pb.DESCRIPTOR.services_by_name["RoundTripService"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_parser(
+                message_factory.GetMessageClass(method.input_type)
+            ),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    # as the generated add_*_to_server does: the faster lookup (missing from grpc-stubs)
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
 
 
 def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Response]:
@@ -47,6 +98,8 @@ def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, R
         code = grpc.StatusCode.OK
         self.metrics.inflight.inc()
         try:
+            if isinstance(request, Unparseable):
+                raise request.error()
             return await method(self, request, context)
         except RequestError as error:
             code = error.code
@@ -127,7 +180,7 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
 
     async def RoundTripStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[pb.RoundTripStreamRequest],
+        request_iterator: AsyncIterator[pb.RoundTripStreamRequest | Unparseable],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.RoundTripStreamResponse]:
         """Answer each message as soon as it is done, tagged with its id.
@@ -175,20 +228,27 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
                 )
 
         async def read_all() -> None:
-            async for message in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(answer_one(message))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*tasks)
-            answers.put_nowait(None)
+            try:
+                async for item in request_iterator:
+                    if isinstance(item, Unparseable):  # no id to answer it by: end the stream
+                        raise item.error()
+                    await slots.acquire()
+                    task = asyncio.create_task(answer_one(item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
         try:
             while (response := await answers.get()) is not None:
                 yield response
             await reader  # re-raise a read error, if any
+        except RequestError as error:
+            self.metrics.observe_rpc("RoundTripStream", error.code.name, 0.0)
+            await context.abort(error.code, error.message)
         finally:
             reader.cancel()
             for task in list(tasks):
