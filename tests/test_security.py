@@ -6,6 +6,7 @@ operator's would (a Kubernetes Secret mounted as files).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,9 +157,19 @@ def test_refusals_are_counted_and_the_worker_keeps_serving(
     assert call(mtls_worker, pki.credentials(), TOKEN) == WORKED_ANSWER
 
 
-def test_server_only_tls_with_reflection_exempt(pki: Pki) -> None:
-    """TLS without client certificates; a token, with health and reflection both exempt."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_server_only_tls_with_reflection_exempt_and_plaintext_probes(pki: Pki) -> None:
+    """TLS without client certificates; a token, with health and reflection both exempt;
+    a plaintext health-only port for Kubernetes probes, which cannot speak TLS."""
+    probe_port = free_port()
     for worker in start(
+        "--plaintext-health-port",
+        str(probe_port),
         "--tls-cert-file",
         pki.path("server.pem"),
         "--tls-key-file",
@@ -178,3 +189,11 @@ def test_server_only_tls_with_reflection_exempt(pki: Pki) -> None:
             answer = next(reflection.ServerReflectionInfo(iter([ask]), timeout=10))
             names = {service.name for service in answer.list_services_response.service}
             assert "roundtrip.v1.RoundTripService" in names
+        with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as plaintext:
+            health = health_pb2_grpc.HealthStub(plaintext)
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with RoundTripClient(f"127.0.0.1:{probe_port}", token=TOKEN) as c:
+                with pytest.raises(RoundTripError) as only_health:
+                    c.round_trip(*WORKED)
+                assert only_health.value.code == grpc.StatusCode.UNIMPLEMENTED

@@ -78,6 +78,7 @@ class Worker:
     executor: ThreadPoolExecutor
     metrics: WorkerMetrics
     auditor: Auditor
+    health_server: grpc.aio.Server | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
     async def set_serving(self, serving: bool) -> None:
@@ -109,6 +110,8 @@ class Worker:
         self.stopping.set()  # a warm-up still compiling gives up at its next compilation
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.drain_grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.batcher.drain()
         self.executor.shutdown(wait=True)
         self.auditor.stop()
@@ -147,6 +150,18 @@ def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
         ]
     return options
+
+
+async def health_only_server(
+    health_servicer: health_aio.HealthServicer, address: str
+) -> grpc.aio.Server:
+    """A plaintext listener with just the health service: probes see the same status."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"could not bind the plaintext health port {address}")
+    await server.start()
+    return server
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -224,6 +239,10 @@ async def start(config: WorkerConfig) -> Worker:
         config, server, port, health_servicer, batcher, engine, executor, metrics, auditor
     )
     await worker.set_serving(False)
+    if config.plaintext_health_port:
+        worker.health_server = await health_only_server(
+            health_servicer, f"{config.host}:{config.plaintext_health_port}"
+        )
     batcher.start()
     auditor.start()
     await server.start()

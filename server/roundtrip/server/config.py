@@ -125,6 +125,12 @@ class WorkerConfig:
         "",
         "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).",
     )
+    plaintext_health_port: int = _knob(
+        0,
+        "Port of a second, plaintext listener serving only grpc.health.v1, for Kubernetes "
+        "gRPC probes (which cannot speak TLS) when TLS is on; 0: none.",
+        minimum=0,
+    )
     auth_token_file: str = _knob(
         "",
         "File holding the bearer token callers must send as 'authorization: Bearer <token>' "
