@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def worker_pid() -> int:
+    """The pid of the benchmark's worker (started by :func:`bench.run.server`)."""
+    found = subprocess.run(
+        ["pgrep", "-f", "roundtrip.server --port 0"], capture_output=True, text=True, check=True
+    )
+    return int(found.stdout.split()[0])
 
 
 def shapes(count: int) -> list[tuple[int, int]]:
@@ -97,12 +106,7 @@ def main() -> None:
     warmup = ",".join(f"{width}:{features}" for width, features in pairs)
     flags = ("--warmup-shapes", warmup, "--max-compiled", str(args.max_compiled))
     with server("worker", *flags) as port:
-        import subprocess
-
-        found = subprocess.run(
-            ["pgrep", "-f", "roundtrip.server --port 0"], capture_output=True, text=True
-        )
-        pid = int(found.stdout.split()[0])
+        pid = worker_pid()
         warm = rss_mib(pid)
         wrong = asyncio.run(drive(port, [o[0] for o in first_pass], [o[1] for o in first_pass]))
         traffic_warm = rss_mib(pid)

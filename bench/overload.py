@@ -1,0 +1,140 @@
+"""Overload: the worker at ten times the load it can sustain.
+
+    python -m bench.overload --queue 64 --factor 10
+
+1. Closed loop: ``--callers`` callers send one request each, back to back, for
+   ``--seconds``: the sustainable rate R and its latency.
+2. Open loop: requests arrive at ``--factor`` x R on a fixed schedule (they do
+   not wait for answers, as traffic from many services does not) for
+   ``--seconds``. Reports accepted and refused counts and the latency of each;
+   anything other than OK or RESOURCE_EXHAUSTED counts as lost.
+
+The worker runs with ``--max-queue-size`` = ``--queue``: an accepted request
+waits behind at most that many, so its latency is bounded near
+queue / R plus its own compute time, whatever the offered load. Writes
+``docs/bench/overload.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+
+import grpc
+import numpy as np
+
+from bench.run import ROOT, server
+from roundtrip.client.messages import build_request
+
+METHOD = "/roundtrip.v1.RoundTripService/RoundTrip"
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    return {
+        "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 1),
+        "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 1),
+    }
+
+
+async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(METHOD)
+
+        async def caller() -> None:
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                await call(body, timeout=60)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = time.monotonic() - started
+    return {"requests_per_s": round(len(latencies) / elapsed, 1), **percentiles(latencies)}
+
+
+async def open_loop(port: int, body: bytes, rate: float, seconds: float) -> dict[str, object]:
+    outcomes: dict[str, list[float]] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(METHOD)
+
+        async def one() -> None:
+            started = time.perf_counter()
+            try:
+                await call(body, timeout=60)
+                code = "OK"
+            except grpc.aio.AioRpcError as error:
+                code = error.code().name
+            outcomes.setdefault(code, []).append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.monotonic()
+        count = int(rate * seconds)
+        for index in range(count):
+            delay = start + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        sent_in = time.monotonic() - start
+        await asyncio.gather(*tasks)
+    accepted = outcomes.get("OK", [])
+    refused = outcomes.get("RESOURCE_EXHAUSTED", [])
+    codes = Counter({code: len(lat) for code, lat in outcomes.items()})
+    return {
+        "offered_per_s": round(count / sent_in, 1),
+        "sent": count,
+        "codes": dict(codes),
+        "lost": sum(n for code, n in codes.items() if code not in ("OK", "RESOURCE_EXHAUSTED")),
+        "accepted_per_s": round(len(accepted) / sent_in, 1),
+        "accepted": percentiles(accepted),
+        "refused": percentiles(refused),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--features", type=int, default=1024)
+    parser.add_argument("--queue", type=int, default=64)
+    parser.add_argument("--factor", type=float, default=10.0)
+    parser.add_argument("--callers", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((args.rows, args.width)).astype(np.float32)
+    body = build_request(1, x, args.features).SerializeToString()
+    flags = (
+        "--warmup-shapes",
+        f"{args.width}:{args.features}",
+        "--max-queue-size",
+        str(args.queue),
+        "--audit-fraction",
+        "0",
+    )
+    with server("worker", *flags) as port:
+        asyncio.run(closed_loop(port, body, args.callers, 3.0))  # compiles the 2-D shapes
+        sustained = asyncio.run(closed_loop(port, body, args.callers, args.seconds))
+        rate = args.factor * sustained["requests_per_s"]
+        overloaded = asyncio.run(open_loop(port, body, rate, args.seconds))
+    result = {
+        "request": {"x_shape": [args.rows, args.width], "features": args.features},
+        "max_queue_size": args.queue,
+        "closed_loop_callers": args.callers,
+        "sustained": sustained,
+        "factor": args.factor,
+        "overloaded": overloaded,
+        "predicted_wait_bound_ms": round(1000 * args.queue / sustained["requests_per_s"], 1),
+    }
+    print(json.dumps(result, indent=2))
+    (ROOT / "docs" / "bench" / "overload.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
