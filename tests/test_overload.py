@@ -21,7 +21,7 @@ from test_metrics import scrape, value
 from roundtrip.client import AsyncRoundTripClient, ResourceExhaustedError, RoundTripResult
 
 QUEUE = 4
-CALLS = 300
+CALLS = 4000  # well past gRPC core's default of 1000 pending calls, which it would cancel
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_beyond_the_queue_calls_are_refused_and_accepted_ones_stay_exact(
     refused = [o for o in outcomes if isinstance(o, ResourceExhaustedError)]
     accepted = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, RoundTripResult)]
     assert len(refused) + len(accepted) == CALLS
-    assert refused, "300 simultaneous calls against a queue of 4 must overflow it"
+    assert refused, "4,000 simultaneous calls against a queue of 4 must overflow it"
     assert all("max_queue_size" in str(error) for error in refused)
     assert len(accepted) >= QUEUE
     for index, result in accepted:

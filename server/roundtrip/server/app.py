@@ -132,7 +132,7 @@ class Worker:
 
 
 def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
-    """gRPC server options: one message limit both ways, connection age, keepalive.
+    """gRPC server options: one message limit both ways, pending calls, connection age, keepalive.
 
     The client library pings every 30 s during calls; the server accepts pings
     down to every 10 s so it never answers them with "too many pings".
@@ -140,6 +140,10 @@ def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # gRPC core cancels calls beyond these before any handler sees them; admission is
+        # the batcher's bounded queue, which answers RESOURCE_EXHAUSTED instead
+        ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", config.max_pending_rpcs),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),

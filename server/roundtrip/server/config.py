@@ -80,6 +80,13 @@ class WorkerConfig:
         "Most requests waiting for the engine; beyond it new ones get RESOURCE_EXHAUSTED.",
         minimum=1,
     )
+    max_pending_rpcs: int = _knob(
+        4096,
+        "Most calls gRPC holds before a handler takes them (its own default, 1000, cancels "
+        "bursts the queue would answer); beyond it gRPC cancels new calls (CANCELLED). Bounds "
+        "how long calls wait when the RPC layer itself is saturated.",
+        minimum=1,
+    )
     max_stream_inflight: int = _knob(
         256,
         "Most unanswered requests one RoundTripStream may have; the worker stops reading "
