@@ -12,7 +12,7 @@ PORT ?= 50051
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
 
-.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench clean deploy-check
+.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench soak overload clean deploy-check
 
 setup: $(VENV)/.synced
 
@@ -108,6 +108,14 @@ deploy-check: $(KUBECTL) $(VALIDATE)/.synced
 bench: setup
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Ten minutes of mixed valid and invalid traffic (docs/bench/soak.json), and ten
+# times the sustained load (docs/bench/overload.json); see docs/operations.md.
+soak: setup
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+overload: setup
+	$(BIN)/python -m bench.overload $(OVERLOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .gen-check .rendered .mypy_cache .ruff_cache .pytest_cache
