@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -124,16 +125,25 @@ class WorkerProcess:
             self.process.wait(10)
 
 
-@pytest.fixture(scope="session")
-def worker() -> Iterator[WorkerProcess]:
-    """One worker shared by the contract tests (small batches, short delay)."""
-    process = WorkerProcess("--max-queue-delay-us", "500", "--warmup-shapes", "3:4")
+@contextmanager
+def serving_worker(
+    *flags: str, credentials: grpc.ChannelCredentials | None = None
+) -> Iterator[WorkerProcess]:
+    """A worker that reports SERVING; on leaving, SIGTERM must stop it with status 0."""
+    process = WorkerProcess(*flags, credentials=credentials)
     try:
         process.wait_serving()
         yield process
         assert process.terminate() == 0
     finally:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[WorkerProcess]:
+    """One worker shared by the contract tests (small batches, short delay)."""
+    with serving_worker("--max-queue-delay-us", "500", "--warmup-shapes", "3:4") as process:
+        yield process
 
 
 @pytest.fixture

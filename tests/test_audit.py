@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess
+from conftest import WorkerProcess, serving_worker
 from test_metrics import scrape, value
 
 from roundtrip.client import RoundTripClient
@@ -74,13 +74,8 @@ def test_the_background_thread_reports_each_outcome() -> None:
 
 @pytest.fixture(scope="module")
 def audited_worker() -> Iterator[WorkerProcess]:
-    process = WorkerProcess("--warmup-shapes", "3:4", "--audit-fraction", "1")
-    try:
-        process.wait_serving()
+    with serving_worker("--warmup-shapes", "3:4", "--audit-fraction", "1") as process:
         yield process
-        assert process.terminate() == 0
-    finally:
-        process.kill()
 
 
 def test_a_worker_auditing_everything_finds_its_answers_exact(

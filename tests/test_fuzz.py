@@ -16,7 +16,7 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import WorkerProcess
+from conftest import WorkerProcess, serving_worker
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -50,7 +50,7 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def fuzz_worker() -> Iterator[WorkerProcess]:
     """Small limits, so oversize work is cheap to ask for."""
-    process = WorkerProcess(
+    with serving_worker(
         "--warmup-shapes",
         "3:4",
         "--max-message-bytes",
@@ -63,13 +63,8 @@ def fuzz_worker() -> Iterator[WorkerProcess]:
         str(4 * 1024 * 1024),
         "--max-output-elements",
         "65536",
-    )
-    try:
-        process.wait_serving()
+    ) as process:
         yield process
-        assert process.terminate() == 0
-    finally:
-        process.kill()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess
+from conftest import WorkerProcess, serving_worker
 from grpc_health.v1 import health_pb2
 from reference import reference
 from test_metrics import scrape, value
@@ -26,7 +26,7 @@ CALLS = 4000  # well past gRPC core's default of 1000 pending calls, which it wo
 
 @pytest.fixture(scope="module")
 def small_queue_worker() -> Iterator[WorkerProcess]:
-    process = WorkerProcess(
+    with serving_worker(
         "--warmup-shapes",
         "256:256",
         "--max-queue-size",
@@ -35,13 +35,8 @@ def small_queue_worker() -> Iterator[WorkerProcess]:
         "1",
         "--audit-fraction",
         "0",
-    )
-    try:
-        process.wait_serving()
+    ) as process:
         yield process
-        assert process.terminate() == 0
-    finally:
-        process.kill()
 
 
 def test_beyond_the_queue_calls_are_refused_and_accepted_ones_stay_exact(

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from conftest import WorkerProcess
+from conftest import WorkerProcess, serving_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_metrics import scrape, value
@@ -60,13 +60,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def start(*flags: str, credentials: grpc.ChannelCredentials) -> Iterator[WorkerProcess]:
-    process = WorkerProcess("--warmup-shapes", "3:4", *flags, credentials=credentials)
-    try:
-        process.wait_serving()
+    with serving_worker("--warmup-shapes", "3:4", *flags, credentials=credentials) as process:
         yield process
-        assert process.terminate() == 0
-    finally:
-        process.kill()
 
 
 @pytest.fixture(scope="module")
