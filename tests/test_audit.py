@@ -107,4 +107,5 @@ def test_a_worker_auditing_everything_finds_its_answers_exact(
     )
     assert audited_worker.terminate() == 0
     (stopped,) = [e for e in audited_worker.events if e.get("event") == "stopped"]
+    assert stopped["audited"] == value(text, "roundtrip_audit_checks_total"), json.dumps(stopped)
     assert stopped["audit_mismatches"] == 0, json.dumps(stopped)

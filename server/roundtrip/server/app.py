@@ -104,7 +104,7 @@ class Worker:
             "draining",
             extra={
                 "grace_s": self.config.drain_grace_s,
-                "inflight": self.metrics.inflight._value.get(),
+                "inflight": int(self.metrics.value("roundtrip_inflight_requests")),
             },
         )
         self.stopping.set()  # a warm-up still compiling gives up at its next compilation
@@ -125,8 +125,8 @@ class Worker:
                 "compilations": stats.compilations,
                 "compile_seconds": round(stats.compile_seconds, 3),
                 "answered_by_code": self.metrics.answered_by_code(),
-                "audited": int(self.metrics.audit_checks._value.get()),
-                "audit_mismatches": int(self.metrics.audit_mismatches._value.get()),
+                "audited": int(self.metrics.value("roundtrip_audit_checks_total")),
+                "audit_mismatches": int(self.metrics.value("roundtrip_audit_mismatches_total")),
             },
         )
 

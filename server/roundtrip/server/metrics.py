@@ -194,6 +194,10 @@ class WorkerMetrics:
                     counts[code] = counts.get(code, 0) + int(sample.value)
         return counts
 
+    def value(self, sample: str) -> float:
+        """One unlabelled sample's current value, e.g. ``roundtrip_inflight_requests``."""
+        return self.registry.get_sample_value(sample) or 0.0
+
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

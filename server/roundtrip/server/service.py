@@ -189,6 +189,7 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         that the worker stops reading, and HTTP/2 flow control slows the caller.
         """
         deadline = _deadline(context)
+        stream_started = time.perf_counter()
         answers: asyncio.Queue[pb.RoundTripStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._max_stream_inflight)
         tasks: set[asyncio.Task[None]] = set()
@@ -247,7 +248,8 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
                 yield response
             await reader  # re-raise a read error, if any
         except RequestError as error:
-            self.metrics.observe_rpc("RoundTripStream", error.code.name, 0.0)
+            seconds = time.perf_counter() - stream_started
+            self.metrics.observe_rpc("RoundTripStream", error.code.name, seconds)
             await context.abort(error.code, error.message)
         finally:
             reader.cancel()
