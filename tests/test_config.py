@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from roundtrip.server.config import WorkerConfig, config_table, read_config_file
+from roundtrip.server.config import ENV_PREFIX, WorkerConfig, config_table, read_config_file
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def test_flag_wins_over_environment() -> None:
@@ -84,3 +86,17 @@ def test_a_config_file_of_the_wrong_shape_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         read_config_file(file_with(tmp_path, text))
+
+
+def test_every_roundtrip_variable_the_manifests_and_image_set_is_a_knob() -> None:
+    """A typo in a manifest would be silently ignored by the worker: catch it here."""
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(WorkerConfig)}
+    known.add(ENV_PREFIX + "CONFIG_FILE")
+    files = [ROOT / "Dockerfile", *sorted((ROOT / "deploy").rglob("*.yaml"))]
+    used = {
+        (path.relative_to(ROOT).as_posix(), name)
+        for path in files
+        for name in re.findall(r"\b" + ENV_PREFIX + r"[A-Z0-9_]+", path.read_text())
+    }
+    assert used, "the manifests set no ROUNDTRIP_ variables at all?"
+    assert [(path, name) for path, name in sorted(used) if name not in known] == []
