@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from reference import reference
 
+from roundtrip.client.messages import RoundTripResult
 from roundtrip.server.batcher import Batcher, BatchRecord
-from roundtrip.server.engine import Engine, RoundTripInput, RoundTripResult
+from roundtrip.server.engine import Engine, RoundTripInput
 from roundtrip.server.errors import ComputeFailed, DeadlineExpired, QueueFull, ShuttingDown
 
 

@@ -19,7 +19,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from roundtrip.server.engine import RoundTripInput, RoundTripResult
+from roundtrip.client.messages import RoundTripResult
+from roundtrip.server.engine import RoundTripInput
 from roundtrip.server.reference import eager_round_trip, same_answer
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ class Auditor:
                 "audit mismatch: the worker answered differently from the eager reference",
                 extra={
                     "request": describe(item),
-                    "answered": [result.orig_sum, result.merged_sum, result.max_abs_diff],
-                    "reference": [expected.orig_sum, expected.merged_sum, expected.max_abs_diff],
+                    "answered": result.as_list(),
+                    "reference": expected.as_list(),
                 },
             )
         return outcome

@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from roundtrip.server.engine import Engine, RoundTripInput, RoundTripResult, ShapeSignature
+from roundtrip.client.messages import RoundTripResult
+from roundtrip.server.engine import Engine, RoundTripInput, ShapeSignature
 from roundtrip.server.errors import (
     ComputeFailed,
     ComputeOutOfMemory,

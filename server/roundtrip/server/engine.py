@@ -55,6 +55,8 @@ import numpy as np
 import numpy.typing as npt
 from flax import nnx
 
+from roundtrip.client.messages import RoundTripResult  # the answer type callers get, too
+
 
 @dataclass(frozen=True, slots=True)
 class ShapeSignature:
@@ -88,17 +90,6 @@ class RoundTripInput:
             self.features,
             self.with_outputs,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class RoundTripResult:
-    """The contract's three numbers, plus both outputs when they were asked for."""
-
-    orig_sum: float
-    merged_sum: float
-    max_abs_diff: float
-    orig_out: npt.NDArray[Any] | None = None
-    merged_out: npt.NDArray[Any] | None = None
 
 
 @dataclass(slots=True)

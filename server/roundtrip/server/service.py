@@ -21,9 +21,9 @@ import grpc
 from google.protobuf import message, message_factory
 
 from roundtrip.client import arrays
+from roundtrip.client.messages import RoundTripResult
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
-from roundtrip.server.engine import RoundTripResult
 from roundtrip.server.errors import InvalidArgument, RequestError
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, validate
