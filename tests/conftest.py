@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +103,23 @@ class WorkerProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
+    def scrape(self) -> str:
+        """The worker's /metrics page."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    def metric(self, sample: str) -> float:
+        """One sample's value from a fresh scrape (0 when the series does not exist yet)."""
+        return metric_value(self.scrape(), sample, missing=0.0)
+
+    def rss_mib(self) -> float:
+        """The worker's resident memory now (``VmRSS``)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
     def wait_serving(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -123,6 +142,15 @@ class WorkerProcess:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+def metric_value(text: str, sample: str, missing: float | None = None) -> float:
+    """``sample``'s value in a scrape; a missing sample fails unless ``missing`` is given."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, flags=re.MULTILINE)
+    if match is None:
+        assert missing is not None, f"{sample} not in the scrape"
+        return missing
+    return float(match.group(1))
 
 
 @contextmanager

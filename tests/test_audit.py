@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess, serving_worker
-from test_metrics import scrape, value
+from conftest import WorkerProcess, metric_value, serving_worker
 
 from roundtrip.client import RoundTripClient
 from roundtrip.server.audit import Auditor, AuditOutcome
@@ -96,16 +95,19 @@ def test_a_worker_auditing_everything_finds_its_answers_exact(
         for seed, x, features in requests[:10]:
             client.round_trip(seed, x, features)
     deadline = time.monotonic() + 120
-    while value(scrape(audited_worker), "roundtrip_audit_checks_total") < 70:
+    while metric_value(audited_worker.scrape(), "roundtrip_audit_checks_total") < 70:
         assert time.monotonic() < deadline, "the audit did not get through its samples"
         time.sleep(0.2)
-    text = scrape(audited_worker)
-    assert value(text, "roundtrip_audit_mismatches_total") == 0
+    text = audited_worker.scrape()
+    assert metric_value(text, "roundtrip_audit_mismatches_total") == 0
     assert (
-        value(text, "roundtrip_audit_checks_total") + value(text, "roundtrip_audit_skipped_total")
+        metric_value(text, "roundtrip_audit_checks_total")
+        + metric_value(text, "roundtrip_audit_skipped_total")
         == 70
     )
     assert audited_worker.terminate() == 0
     (stopped,) = [e for e in audited_worker.events if e.get("event") == "stopped"]
-    assert stopped["audited"] == value(text, "roundtrip_audit_checks_total"), json.dumps(stopped)
+    assert stopped["audited"] == metric_value(text, "roundtrip_audit_checks_total"), json.dumps(
+        stopped
+    )
     assert stopped["audit_mismatches"] == 0, json.dumps(stopped)

@@ -136,3 +136,25 @@ def test_drain_answers_queued_requests_then_refuses_new_ones() -> None:
             await batcher.submit(item(9))
 
     asyncio.run(with_batcher(Engine(max_compiled=8, max_batch_size=8), body))
+
+
+def test_a_cancelled_request_frees_its_queue_place_at_once() -> None:
+    async def body(batcher: Batcher) -> None:
+        gone = [asyncio.ensure_future(batcher.submit(item(s))) for s in range(3)]
+        await asyncio.sleep(0)
+        assert batcher.queued == 3
+        for future in gone:
+            future.cancel()
+        await asyncio.sleep(0)
+        assert batcher.queued == 0  # not when the window ends: now
+        result = await batcher.submit(item(7))  # the queue of 3 has room again
+        assert result.max_abs_diff == 0.0
+
+    asyncio.run(
+        with_batcher(
+            Engine(max_compiled=8, max_batch_size=8),
+            body,
+            max_queue_size=3,
+            max_queue_delay_us=200_000,
+        )
+    )

@@ -8,10 +8,14 @@ from collections import Counter
 
 import grpc
 import numpy as np
+import pytest
 from conftest import WorkerProcess
+from grpc_health.v1 import health_pb2
 from reference import reference
 
 from roundtrip.client import RoundTripClient, RoundTripError
+from roundtrip.client.messages import build_request
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 CASE = (11, np.linspace(-1, 1, 64, dtype=np.float32), 64)
 
@@ -59,10 +63,36 @@ def test_sigterm_under_load_fails_no_accepted_request() -> None:
     stopped = next(e for e in worker.events if e["event"] == "stopped")
     answered: dict[str, int] = stopped["answered_by_code"]  # type: ignore[assignment]
     # Every request a handler accepted was answered OK (or, arriving after the
-    # drain began, refused with UNAVAILABLE), and every OK reached its caller.
+    # announce, refused with UNAVAILABLE), and every OK reached its caller.
     assert set(answered) <= {"OK", "UNAVAILABLE"}, answered
     assert answered["OK"] == outcomes["ok"], (answered, outcomes)
-    # Calls grpc itself cut off while the server closed never reached a
-    # handler (the equality above); they end UNAVAILABLE or CANCELLED.
-    allowed = {"ok", grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.CANCELLED.name}
-    assert set(outcomes) <= allowed, outcomes
+    # Nothing is cut off: the only other outcome is the retryable UNAVAILABLE.
+    assert set(outcomes) <= {"ok", grpc.StatusCode.UNAVAILABLE.name}, outcomes
+    events = [e["event"] for e in worker.events]
+    assert events.index("draining") < events.index("refusing") < events.index("stopped")
+
+
+def test_calls_during_the_announce_are_answered_then_new_ones_refused() -> None:
+    """Health reads NOT_SERVING at once, calls are still answered for the announce, then refused."""
+    worker = WorkerProcess("--warmup-shapes", "64:64", "--drain-announce-s", "3")
+    try:
+        worker.wait_serving()
+        with RoundTripClient(worker.target, timeout=30) as client:
+            client.round_trip(*CASE)
+            worker.process.send_signal(15)
+            time.sleep(0.5)
+            assert worker.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+            # a caller that ignores health is still answered during the announce
+            with grpc.insecure_channel(worker.target) as channel:
+                stub = pb_grpc.RoundTripServiceStub(channel)
+                response = stub.RoundTrip(build_request(*CASE), timeout=10)
+                assert [response.orig_sum, response.merged_sum, response.max_abs_diff] == list(
+                    reference(*CASE)
+                )
+                time.sleep(3)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.RoundTrip(build_request(*CASE), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert worker.process.wait(60) == 0
+    finally:
+        worker.kill()

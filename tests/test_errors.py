@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from conftest import WorkerProcess
+from conftest import WorkerProcess, serving_worker
 
 from roundtrip.client import InvalidArgumentError, ResourceExhaustedError, RoundTripClient
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -182,3 +183,25 @@ def test_worker_keeps_serving_exactly_after_bad_requests(
             stub.RoundTrip(request, timeout=30)
     result = client.round_trip(0, [1.0, 2.0, 3.0], 4)
     assert result.as_list() == [-4.221933364868164, -4.221933364868164, 0.0]
+
+
+def test_a_compressed_stream_refused_by_grpc_logs_no_error_and_hurts_nothing() -> None:
+    """A message that decompresses past max_message_bytes is refused by gRPC core itself."""
+    big = pb.RoundTripStreamRequest(
+        id=0, request=pb.RoundTripRequest(x=pb.Array(raw=bytes(4 << 20)), features=4)
+    )
+    with serving_worker("--warmup-shapes", "3:4", "--max-message-bytes", str(1 << 20)) as w:
+        with grpc.insecure_channel(w.target) as channel:
+            stub = pb_grpc.RoundTripServiceStub(channel)
+            for _ in range(8):  # grpc's late ERROR depends on timing: give it chances
+                call = stub.RoundTripStream(
+                    iter([big]), timeout=30, compression=grpc.Compression.Gzip
+                )
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(call)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with RoundTripClient(w.target, timeout=30) as client:
+            assert client.round_trip(0, [1.0, 2.0, 3.0], 4).max_abs_diff == 0.0
+        time.sleep(0.5)
+        errors = [e for e in w.events if e.get("level") == "ERROR" or "exception" in e]
+        assert errors == []

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
-import urllib.request
+import time
+from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
-from conftest import ROOT, WorkerProcess
+from conftest import ROOT, WorkerProcess, metric_value, serving_worker
 
 from roundtrip.client import InvalidArgumentError, RoundTripClient
+from roundtrip.client.messages import build_request
 from roundtrip.server.metrics import METRIC_NAMES
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 PROMTOOL = ROOT / ".tools" / "promtool"
-
-
-def scrape(worker: WorkerProcess) -> str:
-    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return str(response.read().decode())
-
-
-def value(text: str, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, flags=re.MULTILINE)
-    assert match, f"{sample} not in the scrape"
-    return float(match.group(1))
 
 
 @pytest.fixture
@@ -37,38 +31,43 @@ def traffic(client: RoundTripClient) -> None:
 
 
 def test_requests_are_counted_by_method_and_code(worker: WorkerProcess, traffic: None) -> None:
-    text = scrape(worker)
-    assert value(text, 'roundtrip_requests_total{code="OK",method="RoundTrip"}') >= 5
-    assert value(text, 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="RoundTrip"}') >= 1
-    assert value(text, 'roundtrip_requests_total{code="OK",method="RoundTripStream"}') >= 1
+    text = worker.scrape()
+    assert metric_value(text, 'roundtrip_requests_total{code="OK",method="RoundTrip"}') >= 5
     assert (
-        value(text, 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="RoundTripStream"}')
+        metric_value(text, 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="RoundTrip"}')
         >= 1
     )
-    assert value(text, 'roundtrip_request_duration_seconds_count{method="RoundTrip"}') >= 6
-    assert value(text, "roundtrip_inflight_requests") == 0
+    assert metric_value(text, 'roundtrip_requests_total{code="OK",method="RoundTripStream"}') >= 1
+    assert (
+        metric_value(
+            text, 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="RoundTripStream"}'
+        )
+        >= 1
+    )
+    assert metric_value(text, 'roundtrip_request_duration_seconds_count{method="RoundTrip"}') >= 6
+    assert metric_value(text, "roundtrip_inflight_requests") == 0
 
 
 def test_engine_and_batching_are_visible(worker: WorkerProcess, traffic: None) -> None:
-    text = scrape(worker)
-    assert value(text, "roundtrip_batch_size_count") >= 1
-    assert value(text, "roundtrip_queue_wait_seconds_count") >= 5
-    assert value(text, "roundtrip_compilations_total") >= 1
-    assert value(text, "roundtrip_compile_seconds_total") > 0
-    assert value(text, "roundtrip_executable_cache_hits_total") >= 1
-    assert value(text, "roundtrip_executable_cache_entries") >= 1
-    assert value(text, "roundtrip_queued_requests") == 0
+    text = worker.scrape()
+    assert metric_value(text, "roundtrip_batch_size_count") >= 1
+    assert metric_value(text, "roundtrip_queue_wait_seconds_count") >= 5
+    assert metric_value(text, "roundtrip_compilations_total") >= 1
+    assert metric_value(text, "roundtrip_compile_seconds_total") > 0
+    assert metric_value(text, "roundtrip_executable_cache_hits_total") >= 1
+    assert metric_value(text, "roundtrip_executable_cache_entries") >= 1
+    assert metric_value(text, "roundtrip_queued_requests") == 0
 
 
 def test_every_documented_metric_is_exported(worker: WorkerProcess, traffic: None) -> None:
-    text = scrape(worker)
+    text = worker.scrape()
     for name in METRIC_NAMES:
         assert re.search(rf"^# TYPE {name} ", text, re.MULTILINE), name
 
 
 def test_promtool_accepts_the_metrics(worker: WorkerProcess, traffic: None) -> None:
     done = subprocess.run(
-        [str(PROMTOOL), "check", "metrics"], input=scrape(worker), capture_output=True, text=True
+        [str(PROMTOOL), "check", "metrics"], input=worker.scrape(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -77,3 +76,47 @@ def test_readme_metric_table_matches_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
     documented = re.findall(r"^\| `(roundtrip_[a-z_]+)` \|", readme, flags=re.MULTILINE)
     assert sorted(documented) == sorted(METRIC_NAMES)
+
+
+def thread_count(worker: WorkerProcess) -> int:
+    status = Path(f"/proc/{worker.process.pid}/status").read_text()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+
+
+def test_idle_metrics_connections_are_bounded_and_time_out() -> None:
+    flags = ("--warmup-shapes", "3:4", "--metrics-max-connections", "4", "--metrics-timeout-s", "1")
+    with serving_worker(*flags) as worker:
+        before = thread_count(worker)
+        idle = [socket.create_connection(("127.0.0.1", worker.metrics_port)) for _ in range(16)]
+        try:
+            time.sleep(0.5)
+            assert thread_count(worker) <= before + 4  # not one thread per idle client
+            assert "roundtrip_requests_total" in worker.scrape()  # served once idlers time out
+            idle[0].settimeout(10)
+            assert idle[0].recv(1) == b""  # the server closed the idle connection
+        finally:
+            for connection in idle:
+                connection.close()
+
+
+def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_code() -> None:
+    slow = build_request(0, np.ones((1, 8191), np.float32), 8192)  # 256 MiB of parameters
+    quick = build_request(1, [1.0, 2.0, 3.0], 4)
+    counted = 'roundtrip_requests_total{{code="{}",method="RoundTrip"}}'
+    with serving_worker("--warmup-shapes", "3:4") as worker, worker.channel() as channel:
+        stub = pb_grpc.RoundTripServiceStub(channel)
+        busy = stub.RoundTrip.future(slow, timeout=120)  # holds the compute thread
+        time.sleep(0.2)
+        expiring = [stub.RoundTrip.future(quick, timeout=0.5) for _ in range(5)]
+        cancelled = [stub.RoundTrip.future(quick, timeout=60) for _ in range(5)]
+        time.sleep(0.2)
+        for call in cancelled:
+            call.cancel()
+        codes = [call.exception().code() for call in expiring]  # type: ignore[union-attr]
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5
+        busy.result()
+        text = worker.scrape()
+        assert metric_value(text, counted.format("DEADLINE_EXCEEDED")) == 5
+        assert metric_value(text, counted.format("CANCELLED")) == 5
+        assert metric_value(text, "roundtrip_queued_requests") == 0
+        assert metric_value(text, "roundtrip_inflight_requests") == 0

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess, serving_worker
+from conftest import WorkerProcess, metric_value, serving_worker
 from grpc_health.v1 import health_pb2
 from reference import reference
-from test_metrics import scrape, value
 
 from roundtrip.client import AsyncRoundTripClient, ResourceExhaustedError, RoundTripResult
 
@@ -67,10 +66,10 @@ def test_beyond_the_queue_calls_are_refused_and_accepted_ones_stay_exact(
     assert len(accepted) >= QUEUE
     for index, result in accepted:
         assert result.as_list() == expected[index % len(inputs)].tolist()
-    text = scrape(small_queue_worker)
-    assert value(text, "roundtrip_queue_wait_seconds_count") == len(
+    text = small_queue_worker.scrape()
+    assert metric_value(text, "roundtrip_queue_wait_seconds_count") == len(
         accepted
     )  # refused: never queued
     code = 'roundtrip_requests_total{code="RESOURCE_EXHAUSTED",method="RoundTrip"}'
-    assert value(text, code) == len(refused)
+    assert metric_value(text, code) == len(refused)
     assert small_queue_worker.health() == health_pb2.HealthCheckResponse.SERVING

@@ -13,10 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from conftest import WorkerProcess, serving_worker
+from conftest import WorkerProcess, metric_value, serving_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_metrics import scrape, value
 
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
 from roundtrip.client.channel import tls_credentials
@@ -141,9 +140,9 @@ def test_refusals_are_counted_and_the_worker_keeps_serving(
 ) -> None:
     with pytest.raises(RoundTripError):
         call(mtls_worker, pki.credentials(), "wrong")
-    text = scrape(mtls_worker)
+    text = mtls_worker.scrape()
     assert (
-        value(
+        metric_value(
             text,
             'roundtrip_unauthenticated_total{method="/roundtrip.v1.RoundTripService/RoundTrip"}',
         )

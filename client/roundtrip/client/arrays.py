@@ -79,16 +79,19 @@ def to_proto(array: npt.ArrayLike, dtype: str | np.dtype[np.generic] | None = No
     )
 
 
-def declared_shape(msg: pb.Array, *, field: str) -> tuple[int, ...]:
+def declared_shape(msg: pb.Array, *, field: str, raw: bytes | None = None) -> tuple[int, ...]:
     """The shape ``msg`` describes, checked against its own payload, without decoding it.
 
     Lets the server weigh a request against its limits before it allocates
-    anything for it.
+    anything for it. ``raw`` is ``msg.raw`` when the caller already holds it:
+    each read of a bytes field copies it (upb), and x may be 64 MiB.
     """
     if msg.dtype not in NUMPY_DTYPES:
         known = ", ".join(pb.Dtype.Name(d) for d in NUMPY_DTYPES)  # type: ignore[arg-type]
         raise ArrayFormatError(f"{field}.dtype", f"unknown value {msg.dtype}; use one of {known}")
-    has_raw, has_values = bool(msg.raw), bool(msg.values)
+    if raw is None:
+        raw = msg.raw
+    has_raw, has_values = bool(raw), bool(msg.values)
     if has_raw and has_values:
         raise ArrayFormatError(field, "set exactly one of raw or values, not both")
     shape = tuple(int(d) for d in msg.shape)
@@ -108,10 +111,10 @@ def declared_shape(msg: pb.Array, *, field: str) -> tuple[int, ...]:
     if not has_raw and count != 0:
         raise ArrayFormatError(field, "set exactly one of raw or values (neither is set)")
     itemsize = NUMPY_DTYPES[msg.dtype].itemsize
-    if len(msg.raw) != count * itemsize:
+    if len(raw) != count * itemsize:
         raise ArrayFormatError(
             f"{field}.raw",
-            f"{len(msg.raw)} bytes, but shape {list(shape)} of {dtype_name(msg.dtype)} "
+            f"{len(raw)} bytes, but shape {list(shape)} of {dtype_name(msg.dtype)} "
             f"needs {count * itemsize}",
         )
     return shape
@@ -119,10 +122,11 @@ def declared_shape(msg: pb.Array, *, field: str) -> tuple[int, ...]:
 
 def from_proto(msg: pb.Array, *, field: str) -> npt.NDArray[np.generic]:
     """Decode ``msg`` into a read-only numpy array of its dtype and shape."""
-    shape = declared_shape(msg, field=field)
+    raw = msg.raw  # read once: every read copies
+    shape = declared_shape(msg, field=field, raw=raw)
     dtype = NUMPY_DTYPES[msg.dtype]
     if msg.values:
         # Out-of-range values become inf, as numpy.asarray makes them: documented, not noise.
         with np.errstate(over="ignore"):
             return np.asarray(msg.values, dtype=dtype).reshape(shape)
-    return np.frombuffer(msg.raw, dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -1,8 +1,10 @@
 """Channel settings both clients share: message limits, service config, keepalive, security.
 
 Retries, timeouts and load balancing are declared in the gRPC service config
-(not coded as loops): UNAVAILABLE is retried with exponential backoff, and a
-``dns:///`` target with several addresses is spread with ``round_robin``.
+(not coded as loops): UNAVAILABLE is retried with exponential backoff, a
+``dns:///`` target with several addresses is spread with ``round_robin``, and
+the channel watches each worker's ``grpc.health.v1`` status, so a worker that
+turns NOT_SERVING (warming up, or draining before it stops) gets no new calls.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ SERVICE = "roundtrip.v1.RoundTripService"
 
 SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": SERVICE},
     "methodConfig": [
         {
             "name": [

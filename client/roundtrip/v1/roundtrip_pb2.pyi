@@ -275,6 +275,7 @@ class Limits(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     max_x_elements: _builtins.int
     max_features: _builtins.int
     max_param_bytes: _builtins.int
@@ -283,6 +284,8 @@ class Limits(_message.Message):
     max_batch_size: _builtins.int
     max_queue_delay_us: _builtins.int
     max_queue_size: _builtins.int
+    max_inflight_bytes: _builtins.int
+    """Bytes of admitted work held at once (max_inflight_bytes, resolved)."""
     def __init__(
         self,
         *,
@@ -294,10 +297,11 @@ class Limits(_message.Message):
         max_batch_size: _builtins.int = ...,
         max_queue_delay_us: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
+        max_inflight_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_features", b"max_features", "max_message_bytes", b"max_message_bytes", "max_output_elements", b"max_output_elements", "max_param_bytes", b"max_param_bytes", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "max_x_elements", b"max_x_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_features", b"max_features", "max_inflight_bytes", b"max_inflight_bytes", "max_message_bytes", b"max_message_bytes", "max_output_elements", b"max_output_elements", "max_param_bytes", b"max_param_bytes", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "max_x_elements", b"max_x_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

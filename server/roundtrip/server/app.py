@@ -3,10 +3,11 @@ audit, signals.
 
 Start order: bind and start the gRPC server with health NOT_SERVING, compile
 and self-check (off the event loop), then SERVING. Stop order on SIGTERM or
-SIGINT: health NOT_SERVING and new calls refused with UNAVAILABLE for
-``drain_announce_s``, then the server closes, letting in-flight requests
-finish within ``drain_grace_s``; then the batcher drains, and only then is
-the compute thread released.
+SIGINT (:meth:`Worker.stop`): health NOT_SERVING while calls are still
+answered for ``drain_announce_s``; then new calls are refused with
+UNAVAILABLE and open ones get up to ``drain_grace_s`` to finish before the
+server closes; then the batcher drains, and only then is the compute thread
+released.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -26,7 +28,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from roundtrip.server import security, warmup
+from roundtrip.server import admission, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.config import WorkerConfig
@@ -61,8 +63,16 @@ def server_info(config: WorkerConfig) -> pb.GetServerInfoResponse:
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.max_queue_delay_us,
             max_queue_size=config.max_queue_size,
+            max_inflight_bytes=inflight_bytes(config),
         ),
     )
+
+
+def inflight_bytes(config: WorkerConfig) -> int:
+    """``max_inflight_bytes``, with 0 resolved from the container's memory limit."""
+    if config.max_inflight_bytes:
+        return config.max_inflight_bytes
+    return admission.default_inflight_bytes(admission.container_memory_limit())
 
 
 @dataclass
@@ -78,8 +88,10 @@ class Worker:
     executor: ThreadPoolExecutor
     metrics: WorkerMetrics
     auditor: Auditor
+    servicer: RoundTripServicer
     health_server: grpc.aio.Server | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
+    serving: bool = False
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -89,6 +101,7 @@ class Worker:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        self.serving = serving
 
     async def warm_up(self) -> None:
         loop = asyncio.get_running_loop()
@@ -99,17 +112,42 @@ class Worker:
         log.info("serving", extra={"port": self.port})
 
     async def stop(self) -> None:
-        """Graceful stop: NOT_SERVING, finish in-flight work within the grace, then release."""
+        """Drain in two steps, then release: nothing a handler accepted is cut off.
+
+        1. Announce: health turns NOT_SERVING (probes take the pod out of its
+           Services, clients that watch health pick other workers) while calls
+           are still answered normally, for ``drain_announce_s``.
+        2. Refuse and finish: new calls get UNAVAILABLE (retryable), open
+           streams send what they owe and end, and the worker waits up to
+           ``drain_grace_s`` for every open call before the server closes.
+        Only then do the batcher, the compute thread and the audit stop.
+        """
+        announce_s = self.config.drain_announce_s if self.serving else 0.0
         log.info(
             "draining",
             extra={
+                "announce_s": announce_s,
                 "grace_s": self.config.drain_grace_s,
                 "inflight": int(self.metrics.value("roundtrip_inflight_requests")),
             },
         )
         self.stopping.set()  # a warm-up still compiling gives up at its next compilation
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.drain_grace_s)
+        await asyncio.sleep(announce_s)
+        self.servicer.calls.refuse_new()
+        self.batcher.refuse_new()
+        grace_started = time.monotonic()
+        finished = await self.servicer.calls.wait_idle(self.config.drain_grace_s)
+        log.info(
+            "refusing",
+            extra={
+                "open_calls": self.servicer.calls.open,
+                "waited_s": round(time.monotonic() - grace_started, 3),
+                "all_finished": finished,
+            },
+        )
+        remaining = max(self.config.drain_grace_s - (time.monotonic() - grace_started), 0.0)
+        await self.server.stop(remaining)
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.batcher.drain()
@@ -185,6 +223,8 @@ async def start(config: WorkerConfig) -> Worker:
             "backend": jax.default_backend(),
             "devices": [str(device) for device in jax.devices()],
             "config": config.as_dict(),
+            "max_inflight_bytes": inflight_bytes(config),
+            "container_memory_limit": admission.container_memory_limit(),
         },
     )
     engine = Engine(max_compiled=config.max_compiled, max_batch_size=config.max_batch_size)
@@ -200,6 +240,8 @@ async def start(config: WorkerConfig) -> Worker:
     )
     metrics.watch_engine(lambda: engine.stats, lambda: engine.cached)
     metrics.watch_queue(lambda: batcher.queued)
+    budget = admission.ByteBudget(inflight_bytes(config))
+    metrics.watch_budget(lambda: budget.in_use, budget.limit)
     limits = RequestLimits(
         max_x_elements=config.max_x_elements,
         max_features=config.max_features,
@@ -222,6 +264,7 @@ async def start(config: WorkerConfig) -> Worker:
         server_info(config),
         metrics,
         auditor,
+        budget,
         max_stream_inflight=config.max_stream_inflight,
     )
     add_to_server(servicer, server)
@@ -240,7 +283,7 @@ async def start(config: WorkerConfig) -> Worker:
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     worker = Worker(
-        config, server, port, health_servicer, batcher, engine, executor, metrics, auditor
+        config, server, port, health_servicer, batcher, engine, executor, metrics, auditor, servicer
     )
     await worker.set_serving(False)
     if config.plaintext_health_port:
@@ -250,7 +293,12 @@ async def start(config: WorkerConfig) -> Worker:
     batcher.start()
     auditor.start()
     await server.start()
-    metrics_port = metrics.serve(config.host, config.metrics_port)
+    metrics_port = metrics.serve(
+        config.host,
+        config.metrics_port,
+        max_connections=config.metrics_max_connections,
+        timeout_s=config.metrics_timeout_s,
+    )
     log.info(
         "listening",
         extra={

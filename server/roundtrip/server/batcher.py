@@ -10,10 +10,12 @@ early or stretch. With a delay of 0, batches form from whatever queued while
 the previous batch ran.
 
 Every request gets exactly its own answer: the engine's batches are
-bit-identical per request (``lax.map``), and if a batch fails each of its
+bit-identical per request (a loop over the batch's requests inside one
+executable), and if a batch fails each of its
 requests is run again alone, so one failing request never fails its
-neighbours. Cancelled requests (caller gone) and those past their deadline are
-dropped before they reach the engine.
+neighbours. A request whose caller goes away (cancelled, or its deadline
+passed) leaves the queue at once; one whose deadline passed unnoticed is
+dropped before it reaches the engine.
 
 >>> # inside a running event loop:
 >>> # batcher = Batcher(engine, executor, max_batch_size=32,
@@ -122,10 +124,32 @@ class Batcher:
             )
         future: asyncio.Future[RoundTripResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, future, time.monotonic(), deadline)
-        self._queues.setdefault(item.signature, collections.deque()).append(pending)
+        queue = self._queues.setdefault(item.signature, collections.deque())
+        queue.append(pending)
         self._queued += 1
         self._arrival.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._forget(item.signature, pending)
+            raise
+
+    def _forget(self, signature: ShapeSignature, pending: _Pending) -> None:
+        """Take a request whose caller went away (cancelled, deadline passed) out of the queue.
+
+        At once, so it stops counting against ``max_queue_size`` and its bytes
+        can be freed; a request already taken into a batch is simply not answered.
+        """
+        queue = self._queues.get(signature)
+        if queue is None:
+            return
+        try:
+            queue.remove(pending)
+        except ValueError:
+            return  # already in a batch
+        self._queued -= 1
+        if not queue:
+            del self._queues[signature]
 
     def refuse_new(self) -> None:
         """From now on refuse new requests (UNAVAILABLE); queued ones are still answered."""
@@ -171,7 +195,9 @@ class Batcher:
 
     def _take(self, signature: ShapeSignature) -> list[_Pending]:
         """Pop up to ``max_batch_size`` live requests of ``signature``; fail expired ones."""
-        queue = self._queues[signature]
+        queue = self._queues.get(signature)
+        if queue is None:  # every request of it was forgotten while the window was open
+            return []
         batch: list[_Pending] = []
         now = time.monotonic()
         while queue and len(batch) < self.max_batch_size:

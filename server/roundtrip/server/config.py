@@ -46,6 +46,15 @@ class WorkerConfig:
         "(logged at start).",
         minimum=0,
     )
+    metrics_max_connections: int = _knob(
+        8,
+        "Most connections the metrics port serves at once (one thread each); more wait in "
+        "its listen backlog.",
+        minimum=1,
+    )
+    metrics_timeout_s: float = _knob(
+        5.0, "Seconds a metrics connection may stay idle before it is closed."
+    )
     max_message_bytes: int = _knob(
         64 * MIB,
         "Largest gRPC message received or sent (applied to both directions).",
@@ -56,7 +65,7 @@ class WorkerConfig:
     )
     max_features: int = _knob(65536, "Largest features (RESOURCE_EXHAUSTED beyond).", minimum=1)
     max_param_bytes: int = _knob(
-        512 * MIB,
+        256 * MIB,
         "Largest float32 parameter set, (width + 1) * features * 4 bytes "
         "(RESOURCE_EXHAUSTED beyond).",
         minimum=1,
@@ -79,6 +88,14 @@ class WorkerConfig:
         2048,
         "Most requests waiting for the engine; beyond it new ones get RESOURCE_EXHAUSTED.",
         minimum=1,
+    )
+    max_inflight_bytes: int = _knob(
+        0,
+        "Bytes of admitted work held at once: each request reserves an estimate of its working "
+        "set (x, parameters, outputs and their copies) until its answer is written, and one "
+        "that does not fit gets RESOURCE_EXHAUSTED. 0: half the container's memory limit "
+        "(cgroup), or 2 GiB where there is none.",
+        minimum=0,
     )
     max_pending_rpcs: int = _knob(
         4096,
@@ -108,11 +125,14 @@ class WorkerConfig:
     )
     drain_announce_s: float = _knob(
         1.0,
-        "Seconds between SIGTERM turning health NOT_SERVING (new calls then get UNAVAILABLE, "
-        "which clients retry elsewhere) and the server closing its connections.",
+        "Seconds after SIGTERM during which health reads NOT_SERVING but calls are still "
+        "answered, so probes and health-watching clients move traffic away before the worker "
+        "refuses anything; set it above the readiness probe's detection time in a pod.",
     )
     drain_grace_s: float = _knob(
-        10.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled."
+        10.0,
+        "Seconds, after the announce, that open calls get to finish while new ones are refused "
+        "with UNAVAILABLE; calls still open then are cancelled.",
     )
     max_connection_age_s: float = _knob(
         300.0,
@@ -171,6 +191,7 @@ class WorkerConfig:
             "drain_grace_s",
             "max_connection_age_s",
             "max_connection_age_grace_s",
+            "metrics_timeout_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")

@@ -37,6 +37,12 @@ class QueueFull(RequestError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Overloaded(RequestError):
+    """The worker's byte budget (``max_inflight_bytes``) cannot take this request now."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class ShuttingDown(RequestError):
     """The worker is draining and takes no new work; retry on another worker."""
 

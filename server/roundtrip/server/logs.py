@@ -33,10 +33,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class EndedCallFilter(logging.Filter):
+    """grpc's ERROR with a traceback for a call gRPC core had already ended, as one WARNING.
+
+    When core itself refuses a call (a compressed message that decompresses
+    past ``max_message_bytes``, a client that went away) the caller already
+    has its status, and grpc.aio logs the handler's late attempt to send one
+    as an ERROR with a Cython traceback. Nothing failed in the worker, so it
+    becomes a one-line WARNING naming the method.
+
+    >>> record = logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR",
+    ...     "msg": "ExecuteBatchError raised in core by servicer method [%s]", "args": ("/m",)})
+    >>> EndedCallFilter().filter(record), record.levelname, record.getMessage()
+    (True, 'WARNING', 'call ended by gRPC core before its handler answered: /m')
+    """
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            method = message[len(self.PREFIX) :].strip(" []")
+            record.msg = "call ended by gRPC core before its handler answered: %s"
+            record.args = (method,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(level: str) -> None:
     """Send every log record, ours and the libraries', to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(EndedCallFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

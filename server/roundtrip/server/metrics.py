@@ -13,8 +13,11 @@ Names follow Prometheus conventions: base units, ``_total`` for counters,
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,9 +25,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from roundtrip.server.audit import AuditOutcome
@@ -39,6 +43,8 @@ METRIC_NAMES = (
     "roundtrip_inflight_requests",
     "roundtrip_queued_requests",
     "roundtrip_queue_wait_seconds",
+    "roundtrip_admitted_bytes",
+    "roundtrip_admitted_bytes_limit",
     "roundtrip_batch_size",
     "roundtrip_batch_compute_seconds",
     "roundtrip_compilations_total",
@@ -116,6 +122,17 @@ class WorkerMetrics:
             "Requests waiting for the engine (max_queue_size refuses beyond).",
             registry=self.registry,
         )
+        self.admitted_bytes = Gauge(
+            "roundtrip_admitted_bytes",
+            "Bytes of admitted work held now: each request's estimated working set, from "
+            "admission until its answer is written.",
+            registry=self.registry,
+        )
+        self.admitted_bytes_limit = Gauge(
+            "roundtrip_admitted_bytes_limit",
+            "max_inflight_bytes: admission refuses (RESOURCE_EXHAUSTED) beyond it.",
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "roundtrip_queue_wait_seconds",
             "Seconds a request waited in the queue before its batch ran.",
@@ -174,6 +191,10 @@ class WorkerMetrics:
     def watch_queue(self, queued: Callable[[], int]) -> None:
         self.queued.set_function(queued)
 
+    def watch_budget(self, in_use: Callable[[], int], limit: int) -> None:
+        self.admitted_bytes.set_function(in_use)
+        self.admitted_bytes_limit.set(limit)
+
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.duration.labels(method).observe(seconds)
@@ -198,7 +219,64 @@ class WorkerMetrics:
         """One unlabelled sample's current value, e.g. ``roundtrip_inflight_requests``."""
         return self.registry.get_sample_value(sample) or 0.0
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` over HTTP on a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, *, max_connections: int, timeout_s: float) -> int:
+        """Serve ``/metrics`` over HTTP on a daemon thread; returns the bound port.
+
+        prometheus_client's own server spends a thread per connection with no
+        timeout, so slow or idle clients could pile threads up without bound.
+        This one serves at most ``max_connections`` at once (more wait in the
+        listen backlog) and drops a client idle for ``timeout_s``.
+        """
+        server = make_server(
+            host,
+            port,
+            make_wsgi_app(self.registry),
+            server_class=_bounded_server_class(host, max_connections),
+            handler_class=_timed_handler_class(timeout_s),
+        )
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return int(server.server_port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+def _timed_handler_class(timeout_s: float) -> type[WSGIRequestHandler]:
+    # StreamRequestHandler applies ``timeout`` to each connection's socket.
+    return type("TimedMetricsHandler", (_QuietHandler,), {"timeout": timeout_s})
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, ``max_connections`` at once; the rest wait to be accepted."""
+
+    request_queue_size = 64
+    max_connections = 8
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # blocks accepting, not serving: the backlog holds the rest
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _bounded_server_class(host: str, max_connections: int) -> type[WSGIServer]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return type(
+        "BoundedMetricsServer",
+        (_BoundedServer,),
+        {"max_connections": max_connections, "address_family": family},
+    )

@@ -22,11 +22,12 @@ from google.protobuf import message, message_factory
 
 from roundtrip.client import arrays
 from roundtrip.client.messages import RoundTripResult
+from roundtrip.server.admission import ByteBudget, Reservation, working_set_bytes
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
-from roundtrip.server.errors import InvalidArgument, RequestError
+from roundtrip.server.errors import InvalidArgument, RequestError, ShuttingDown
 from roundtrip.server.metrics import WorkerMetrics
-from roundtrip.server.validation import RequestLimits, validate
+from roundtrip.server.validation import RequestLimits, decode, weigh
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
@@ -84,6 +85,67 @@ def add_to_server(servicer: RoundTripServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
 
 
+class OpenCalls:
+    """The calls handlers hold now, and whether new ones are accepted: what a drain waits on.
+
+    Unary calls and whole streams count one each. Once :meth:`refuse_new` runs,
+    new calls are answered UNAVAILABLE (retryable elsewhere) and every open
+    stream is asked to finish what it started and end.
+
+    >>> calls = OpenCalls()
+    >>> calls.enter(); calls.open, calls.accepting
+    (1, True)
+    >>> calls.refuse_new(); calls.leave(); calls.open, calls.accepting
+    (0, False)
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._streams: set[Callable[[], None]] = set()
+
+    def enter(self) -> None:
+        self.open += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.open -= 1
+        if not self.open:
+            self._idle.set()
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise ShuttingDown("the worker is draining; retry on another worker")
+
+    def watch_stream(self, end: Callable[[], None]) -> Callable[[], None]:
+        """Register an open stream's ``end``, run on :meth:`refuse_new`; returns the unregister."""
+        self._streams.add(end)
+        return functools.partial(self._streams.discard, end)
+
+    def refuse_new(self) -> None:
+        self.accepting = False
+        for end in list(self._streams):
+            end()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is open (True), or ``timeout`` seconds (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def dropped_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """Why grpc cancelled a handler: its deadline passed, or the caller (or shutdown) ended it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Response]:
     """Answer a :class:`RequestError` with its status; anything else is INTERNAL and logged.
 
@@ -97,22 +159,25 @@ def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, R
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         self.metrics.inflight.inc()
+        self.calls.enter()
         try:
             if isinstance(request, Unparseable):
                 raise request.error()
+            self.calls.check_accepting()
             return await method(self, request, context)
         except RequestError as error:
             code = error.code
             log.debug("request refused", extra={"code": code.name, "error": error.message})
             await context.abort(error.code, error.message)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = dropped_code(context)
             raise
         except Exception as error:  # a bug: keep serving, tell the caller and the operator
             code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error", extra={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
         finally:
+            self.calls.leave()
             self.metrics.inflight.dec()
             self.metrics.observe_rpc(method.__name__, code.name, time.perf_counter() - started)
         raise AssertionError("unreachable: context.abort raises")
@@ -148,29 +213,44 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         server_info: pb.GetServerInfoResponse,
         metrics: WorkerMetrics,
         auditor: Auditor,
+        budget: ByteBudget,
         *,
         max_stream_inflight: int,
     ) -> None:
         self.metrics = metrics
+        self._budget = budget
         self._auditor = auditor
         self._batcher = batcher
         self._limits = limits
         self._server_info = server_info
-        self._max_stream_inflight = max_stream_inflight
+        self.max_stream_inflight = max_stream_inflight
+        self.calls = OpenCalls()
 
-    async def _answer(
+    async def answer(
         self, request: pb.RoundTripRequest, deadline: float | None
-    ) -> pb.RoundTripResponse:
-        item = validate(request, self._limits)
-        result = await self._batcher.submit(item, deadline=deadline)
-        self._auditor.offer(item, result)
-        return encode_result(result)
+    ) -> tuple[pb.RoundTripResponse, Reservation]:
+        """Weigh, admit by bytes, decode, run and encode one request.
+
+        The caller releases the returned reservation once the answer is written.
+        """
+        held = self._budget.reserve(working_set_bytes(weigh(request, self._limits)))
+        try:
+            item = decode(request)
+            result = await self._batcher.submit(item, deadline=deadline)
+            self._auditor.offer(item, result)
+            return encode_result(result), held
+        except BaseException:
+            held.release()
+            raise
 
     @rpc_errors
     async def RoundTrip(  # noqa: N802 (the generated servicer's name)
         self, request: pb.RoundTripRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RoundTripResponse:
-        return await self._answer(request, _deadline(context))
+        response, held = await self.answer(request, _deadline(context))
+        # once the answer is sent (grpc-stubs types the callback as a class, not a callable)
+        context.add_done_callback(lambda _: held.release())  # type: ignore[arg-type]
+        return response
 
     @rpc_errors
     async def GetServerInfo(  # noqa: N802
@@ -185,73 +265,145 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
     ) -> AsyncIterator[pb.RoundTripStreamResponse]:
         """Answer each message as soon as it is done, tagged with its id.
 
-        At most ``max_stream_inflight`` messages are unanswered at once; past
-        that the worker stops reading, and HTTP/2 flow control slows the caller.
+        A message holds one of ``max_stream_inflight`` slots from when it is
+        read until its answer has been written, so a caller that stops reading
+        answers stops the worker reading its requests (HTTP/2 flow control then
+        slows the caller) and never piles answers up in the worker. When the
+        worker drains, the stream stops reading, sends every answer it owes,
+        and ends with UNAVAILABLE: the messages it did not read were never
+        accepted and can be sent again to another worker.
         """
-        deadline = _deadline(context)
-        stream_started = time.perf_counter()
-        answers: asyncio.Queue[pb.RoundTripStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self._max_stream_inflight)
-        tasks: set[asyncio.Task[None]] = set()
+        stream = _OpenStream(self, context)
+        context.add_done_callback(lambda _: stream.close())  # type: ignore[arg-type]
+        self.calls.enter()
+        unwatch = self.calls.watch_stream(stream.end_for_drain)
+        try:
+            self.calls.check_accepting()
+            reader = stream.start_reading(request_iterator)
+            while (answer := await stream.answers.get()) is not None:
+                yield answer.response
+                stream.written(answer)  # only now may the stream read another message
+            await reader  # re-raise a read error, if any
+            if stream.drained:
+                raise ShuttingDown(
+                    "the worker is draining: every message it read was answered; "
+                    "send the unanswered ones again on a new stream (another worker)"
+                )
+        except RequestError as error:
+            seconds = time.perf_counter() - stream.started
+            self.metrics.observe_rpc("RoundTripStream", error.code.name, seconds)
+            await context.abort(error.code, error.message)
+        finally:
+            unwatch()
+            stream.close()
+            self.calls.leave()
 
-        async def answer_one(message: pb.RoundTripStreamRequest) -> None:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            self.metrics.inflight.inc()
-            try:
-                response = await self._answer(message.request, deadline)
-                answers.put_nowait(pb.RoundTripStreamResponse(id=message.id, response=response))
-            except RequestError as error:
-                code = error.code
-                answers.put_nowait(
-                    pb.RoundTripStreamResponse(
-                        id=message.id,
-                        error=pb.StreamError(code=error.code.value[0], message=error.message),
-                    )
-                )
-            except Exception as error:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error in stream", extra={"code": "INTERNAL"})
-                answers.put_nowait(
-                    pb.RoundTripStreamResponse(
-                        id=message.id,
-                        error=pb.StreamError(
-                            code=grpc.StatusCode.INTERNAL.value[0],
-                            message=f"internal error: {error!r}",
-                        ),
-                    )
-                )
-            finally:
-                slots.release()
-                self.metrics.inflight.dec()
-                self.metrics.observe_rpc(
-                    "RoundTripStream", code.name, time.perf_counter() - started
-                )
 
-        async def read_all() -> None:
+@dataclass(slots=True)
+class _Answer:
+    response: pb.RoundTripStreamResponse
+    held: Reservation | None = None
+
+
+class _OpenStream:
+    """One RoundTripStream call: its reader, its answering tasks, the answers not yet written.
+
+    :meth:`close` runs when the call ends however it ends (also when grpc
+    cancels it while an answer waits to be written, which never resumes the
+    handler): it stops the tasks and gives back the bytes of unwritten answers.
+    """
+
+    def __init__(self, servicer: RoundTripServicer, context: grpc.aio.ServicerContext[Any, Any]):
+        self._servicer = servicer
+        self._context = context
+        self._deadline = _deadline(context)
+        self._slots = asyncio.Semaphore(servicer.max_stream_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._owed: set[Reservation] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._reading = True
+        self.drained = False
+        self.started = time.perf_counter()
+        self.answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
+
+    def start_reading(
+        self, request_iterator: AsyncIterator[pb.RoundTripStreamRequest | Unparseable]
+    ) -> asyncio.Task[None]:
+        self._reader = asyncio.create_task(self._read_all(request_iterator))
+        return self._reader
+
+    def written(self, answer: _Answer) -> None:
+        if answer.held is not None:
+            answer.held.release()
+            self._owed.discard(answer.held)
+        self._slots.release()
+
+    def end_for_drain(self) -> None:
+        """Stop reading; the answers owed are still sent, then the stream ends UNAVAILABLE."""
+        self.drained = True
+        if self._reading and self._reader is not None:
+            self._reader.cancel()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for held in self._owed:
+            held.release()
+        self._owed.clear()
+
+    async def _read_all(
+        self, request_iterator: AsyncIterator[pb.RoundTripStreamRequest | Unparseable]
+    ) -> None:
+        try:
             try:
                 async for item in request_iterator:
                     if isinstance(item, Unparseable):  # no id to answer it by: end the stream
                         raise item.error()
-                    await slots.acquire()
-                    task = asyncio.create_task(answer_one(item))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-            await reader  # re-raise a read error, if any
-        except RequestError as error:
-            seconds = time.perf_counter() - stream_started
-            self.metrics.observe_rpc("RoundTripStream", error.code.name, seconds)
-            await context.abort(error.code, error.message)
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._answer_one(item))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except asyncio.CancelledError:
+                if not self.drained:
+                    raise
+            self._reading = False
+            while self._tasks:
+                await asyncio.gather(*self._tasks)
         finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            self.answers.put_nowait(None)
+
+    async def _answer_one(self, message: pb.RoundTripStreamRequest) -> None:
+        metrics = self._servicer.metrics
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        metrics.inflight.inc()
+        try:
+            response, held = await self._servicer.answer(message.request, self._deadline)
+            self._owed.add(held)
+            self.answers.put_nowait(
+                _Answer(pb.RoundTripStreamResponse(id=message.id, response=response), held)
+            )
+        except RequestError as error:
+            code = error.code
+            self.answers.put_nowait(_Answer(stream_error(message.id, code, error.message)))
+        except asyncio.CancelledError:
+            code = dropped_code(self._context)
+            raise
+        except Exception as error:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in stream", extra={"code": "INTERNAL"})
+            self.answers.put_nowait(
+                _Answer(stream_error(message.id, code, f"internal error: {error!r}"))
+            )
+        finally:
+            metrics.inflight.dec()
+            metrics.observe_rpc("RoundTripStream", code.name, time.perf_counter() - started)
+
+
+def stream_error(message_id: int, code: grpc.StatusCode, text: str) -> pb.RoundTripStreamResponse:
+    """One stream message's own error: the status a unary call would have ended with."""
+    return pb.RoundTripStreamResponse(
+        id=message_id, error=pb.StreamError(code=code.value[0], message=text)
+    )

@@ -3,7 +3,8 @@
 Everything the eager reference would reject is INVALID_ARGUMENT, naming the
 field; everything beyond this worker's limits is RESOURCE_EXHAUSTED, naming the
 limit and its setting. All limits are weighed on the declared shape, before
-anything is allocated, so ``features = 10**12`` never reaches JAX.
+anything is allocated, so ``features = 10**12`` never reaches JAX, and the
+same weighing gives the bytes admission reserves (:func:`weigh`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from roundtrip.client import arrays
-from roundtrip.server.engine import RoundTripInput
+from roundtrip.server.admission import WorkingSet
+from roundtrip.server.engine import RoundTripInput, canonical_dtype
 from roundtrip.server.errors import InvalidArgument, LimitExceeded
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -37,8 +41,12 @@ def _over_limit(what: str, value: int, limit: int, knob: str) -> LimitExceeded:
     )
 
 
-def validate(request: pb.RoundTripRequest, limits: RequestLimits) -> RoundTripInput:
-    """Check ``request`` against the contract and ``limits``; return the engine's input."""
+def weigh(request: pb.RoundTripRequest, limits: RequestLimits) -> WorkingSet:
+    """Check ``request`` against the contract and ``limits`` on its declared shape alone.
+
+    Nothing is decoded or allocated: the answer is what admission reserves
+    before :func:`decode` runs.
+    """
     if not request.HasField("x"):
         raise InvalidArgument("x is required: an Array with raw or values")
     features = request.features
@@ -78,7 +86,22 @@ def validate(request: pb.RoundTripRequest, limits: RequestLimits) -> RoundTripIn
             limits.max_output_elements,
             "max_output_elements",
         )
+    wire_dtype = arrays.NUMPY_DTYPES[request.x.dtype]
+    x_dtype = canonical_dtype(wire_dtype)
+    output_itemsize = np.result_type(x_dtype, np.float32).itemsize
+    wire_itemsize = 8 if request.x.values else wire_dtype.itemsize
+    return WorkingSet(
+        wire_bytes=elements * wire_itemsize,
+        x_bytes=elements * max(x_dtype.itemsize, wire_dtype.itemsize),
+        param_bytes=param_bytes,
+        output_bytes=output_elements * output_itemsize,
+        with_outputs=request.return_outputs,
+    )
+
+
+def decode(request: pb.RoundTripRequest) -> RoundTripInput:
+    """The engine's input for a request :func:`weigh` accepted."""
     x = arrays.from_proto(request.x, field="x")
     return RoundTripInput(
-        seed=request.seed, x=x, features=features, with_outputs=request.return_outputs
+        seed=request.seed, x=x, features=request.features, with_outputs=request.return_outputs
     )

@@ -1,0 +1,137 @@
+"""Rollouts lose nothing: workers restarted one by one under load answer every call OK.
+
+Three workers sit behind one client target (``round_robin`` over their
+addresses). On SIGTERM a worker first announces NOT_SERVING while it keeps
+answering (``drain_announce_s``), so clients that watch health move away;
+only then does it refuse new calls (UNAVAILABLE) and finish the open ones.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+from conftest import WorkerProcess
+from reference import reference
+
+from roundtrip.client import RoundTripClient, RoundTripError
+from roundtrip.client.channel import SERVICE
+from roundtrip.client.messages import build_request, parse_response
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+CASE = (7, np.linspace(-1, 1, 64, dtype=np.float32), 64)
+FLAGS = ("--warmup-shapes", "64:64", "--max-batch-size", "8", "--drain-announce-s", "2")
+
+
+def start_workers(*ports: int) -> list[WorkerProcess]:
+    """Workers on ``ports`` (0: a free one), started together, each SERVING."""
+    workers = [WorkerProcess(*FLAGS, "--port", str(port)) for port in ports]
+    for worker in workers:
+        worker.wait_serving()
+    return workers
+
+
+def restart(worker: WorkerProcess) -> WorkerProcess:
+    """SIGTERM, wait for a clean exit, start a new worker on the same port."""
+    assert worker.terminate() == 0
+    [new] = start_workers(worker.port)
+    return new
+
+
+def answered_ok(worker: WorkerProcess) -> int:
+    stopped = next(e for e in worker.events if e["event"] == "stopped")
+    answered: dict[str, int] = stopped["answered_by_code"]  # type: ignore[assignment]
+    assert set(answered) <= {"OK"}, answered
+    return answered.get("OK", 0)
+
+
+@contextmanager
+def steady_load(call: Callable[[], list[float]], callers: int) -> Iterator[Counter[str]]:
+    """``callers`` threads calling in a loop; yields the outcome counts (live)."""
+    expected = reference(*CASE)
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                outcome = "ok" if np.array_equal(call(), expected) else "wrong"
+            except RoundTripError as error:
+                outcome = error.code.name
+            except grpc.RpcError as error:
+                outcome = error.code().name  # type: ignore[attr-defined]
+            with lock:
+                outcomes[outcome] += 1
+
+    threads = [threading.Thread(target=loop) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+
+def test_rolling_restart_under_load_ends_every_call_ok() -> None:
+    workers = start_workers(0, 0, 0)
+    target = "ipv4:" + ",".join(w.target for w in workers)
+    retired: list[WorkerProcess] = []
+    try:
+        client = RoundTripClient(target, timeout=60)
+        with client, steady_load(lambda: client.round_trip(*CASE).as_list(), 12) as outcomes:
+            time.sleep(2)
+            for index, worker in enumerate(workers):
+                retired.append(worker)
+                workers[index] = restart(worker)
+                time.sleep(2)  # the new worker takes calls before the next one goes
+            before_last = outcomes["ok"]
+            time.sleep(2)
+            assert outcomes["ok"] > before_last  # still answering after the rollout
+        for worker in workers:
+            assert worker.terminate() == 0
+            retired.append(worker)
+    finally:
+        for worker in workers + retired:
+            worker.kill()
+    assert set(outcomes) == {"ok"}, outcomes
+    served = [answered_ok(worker) for worker in retired]
+    assert all(count > 0 for count in served), served  # every worker took part
+    assert sum(served) == outcomes["ok"]  # nothing answered twice, nothing lost
+
+
+def test_non_retrying_client_sees_no_error_across_a_sigterm() -> None:
+    workers = start_workers(0, 0)
+    target = "ipv4:" + ",".join(w.target for w in workers)
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE},
+    }
+    options = [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 0)]
+    request = build_request(*CASE)
+    try:
+        with grpc.insecure_channel(target, options) as channel:
+            stub = pb_grpc.RoundTripServiceStub(channel)
+
+            def call() -> list[float]:
+                return parse_response(stub.RoundTrip(request, timeout=60)).as_list()
+
+            with steady_load(call, 8) as outcomes:
+                time.sleep(2)
+                assert workers[0].terminate() == 0
+                time.sleep(1)
+        assert workers[1].terminate() == 0
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert set(outcomes) == {"ok"}, outcomes
+    assert answered_ok(workers[0]) > 0
+    assert answered_ok(workers[1]) > 0
