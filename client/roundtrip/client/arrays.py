@@ -79,36 +79,48 @@ def to_proto(array: npt.ArrayLike, dtype: str | np.dtype[np.generic] | None = No
     )
 
 
-def declared_shape(msg: pb.Array, *, field: str, raw: bytes | None = None) -> tuple[int, ...]:
-    """The shape ``msg`` describes, checked against its own payload, without decoding it.
+def header_shape(msg: pb.Array, *, field: str) -> tuple[int, ...]:
+    """The shape ``msg`` declares, from its dtype, shape and values alone: ``raw`` is not read.
 
-    Lets the server weigh a request against its limits before it allocates
-    anything for it. ``raw`` is ``msg.raw`` when the caller already holds it:
-    each read of a bytes field copies it (upb), and x may be 64 MiB.
+    Lets the server weigh a request against its limits and its memory budget
+    before it copies anything out of the message (each read of a bytes field
+    copies it, and x may be 64 MiB); :func:`declared_shape` then checks the
+    payload.
+
+    >>> header_shape(pb.Array(shape=[2, 3]), field="x")
+    (2, 3)
     """
     if msg.dtype not in NUMPY_DTYPES:
         known = ", ".join(pb.Dtype.Name(d) for d in NUMPY_DTYPES)  # type: ignore[arg-type]
         raise ArrayFormatError(f"{field}.dtype", f"unknown value {msg.dtype}; use one of {known}")
-    if raw is None:
-        raw = msg.raw
-    has_raw, has_values = bool(raw), bool(msg.values)
-    if has_raw and has_values:
-        raise ArrayFormatError(field, "set exactly one of raw or values, not both")
     shape = tuple(int(d) for d in msg.shape)
     for axis, dim in enumerate(shape):
         if dim < 0:
             raise ArrayFormatError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
-    count = math.prod(shape)
-    if has_values:
-        if not shape:
-            return (len(msg.values),)
-        if count != len(msg.values):
-            raise ArrayFormatError(
-                f"{field}.values",
-                f"{len(msg.values)} values, but shape {list(shape)} needs {count}",
-            )
+    values = len(msg.values)
+    if values and not shape:
+        return (values,)
+    if values and math.prod(shape) != values:
+        raise ArrayFormatError(
+            f"{field}.values", f"{values} values, but shape {list(shape)} needs {math.prod(shape)}"
+        )
+    return shape
+
+
+def declared_shape(msg: pb.Array, *, field: str, raw: bytes | None = None) -> tuple[int, ...]:
+    """The shape ``msg`` describes, checked against its own payload, without decoding it.
+
+    ``raw`` is ``msg.raw`` when the caller already holds it (each read copies it).
+    """
+    shape = header_shape(msg, field=field)
+    if raw is None:
+        raw = msg.raw
+    if raw and msg.values:
+        raise ArrayFormatError(field, "set exactly one of raw or values, not both")
+    if msg.values:
         return shape
-    if not has_raw and count != 0:
+    count = math.prod(shape)
+    if not raw and count != 0:
         raise ArrayFormatError(field, "set exactly one of raw or values (neither is set)")
     itemsize = NUMPY_DTYPES[msg.dtype].itemsize
     if len(raw) != count * itemsize:

@@ -1,12 +1,15 @@
 """Admission by bytes: the worker holds at most ``max_inflight_bytes`` of admitted work.
 
-Counting requests does not bound memory: one 64 MiB request holds several
-hundred MiB while it is decoded, batched, computed and encoded. So each
-request reserves an estimate of its whole working set (:func:`working_set_bytes`)
-before it is decoded, and gives it back only when its answer has been handed
-to gRPC (for a stream: written). A request that does not fit is refused at
-once with RESOURCE_EXHAUSTED naming the knob, never queued: waiting requests
-would hold their bytes too.
+Counting requests does not bound memory: one 16 MiB request holds well over
+a hundred MiB while it is decoded, batched, computed and encoded. So every
+message counts its own bytes from the moment gRPC hands it over
+(:meth:`ByteBudget.received`: it is in memory whether or not it is admitted),
+and each request then reserves an estimate of its computation's working set
+(:func:`working_set_bytes`) before x is decoded. Once computed, the
+reservation shrinks to what the answer holds (:func:`answer_bytes`) until
+gRPC has written it. A request that does not fit is refused at once with
+RESOURCE_EXHAUSTED naming the knob, never queued: waiting requests would hold
+their bytes too.
 
 The default budget follows the container: half its memory limit (cgroup v2
 ``memory.max`` or v1 ``memory.limit_in_bytes``), or 2 GiB (half the 4 GiB pod
@@ -70,9 +73,8 @@ def default_inflight_bytes(limit: int | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class WorkingSet:
-    """The sizes one request's memory is made of, all known before it is decoded."""
+    """The sizes one request's computation is made of, all known before x is decoded."""
 
-    wire_bytes: int  #: x as received (the parsed message keeps it until the call ends)
     x_bytes: int  #: x decoded, in the dtype the engine computes in
     param_bytes: int  #: kernel and bias, float32
     output_bytes: int  #: one output (orig_out or merged_out)
@@ -80,26 +82,38 @@ class WorkingSet:
 
 
 def working_set_bytes(size: WorkingSet) -> int:
-    """An upper estimate of the bytes one request holds from admission to its answer.
+    """An upper estimate of the bytes one request's computation holds beyond its message.
 
-    Measured on CPU with ``bench/memory_bounds.py --calibrate`` (peak RSS
-    above the level before, one request and eight at once; figures in
-    docs/operations.md), each term rounded up: the message's x and x decoded
-    (wire + x); the batch's stacked x, padded up to a power-of-two bucket
-    (2 x); the parameters, built inside the executable with their
-    truncated-normal temporaries (4 x, measured 4.0 x); orig_out and
-    merged_out with the batch's padded output buffers and the reductions'
-    temporaries (4 x one output); with outputs returned, their host copies
-    and the encoded answer (3 x one output more); plus 64 KiB for the Python
-    objects around it. Measured peaks were 0.2 to 1.0 times this estimate.
+    (The message itself is held from the moment gRPC hands it over:
+    :func:`received_bytes`.) Measured on CPU with ``bench/memory_bounds.py
+    --calibrate`` (peak RSS above the level before, one request and eight at
+    once; figures in docs/operations.md) and with 64 concurrent 16 MiB
+    requests, each term rounded up: x decoded, stacked into the batch (padded
+    up to a power-of-two bucket) and copied to the device (4 x); the
+    parameters, built inside the executable with their truncated-normal
+    temporaries (4 x, measured 4.0 x); orig_out and merged_out with the
+    batch's padded output buffers, the loop's carried copies and the
+    reductions' temporaries (6 x one output); with outputs returned, their
+    host copies and the encoded answer (3 x one output more); plus 64 KiB for
+    the Python objects around it.
 
-    >>> working_set_bytes(WorkingSet(12, 12, 64, 16, False))
-    65904
+    >>> working_set_bytes(WorkingSet(12, 64, 16, False))
+    65936
     """
-    total = size.wire_bytes + 3 * size.x_bytes + 4 * size.param_bytes + 4 * size.output_bytes
+    total = 4 * size.x_bytes + 4 * size.param_bytes + 6 * size.output_bytes
     if size.with_outputs:
         total += 3 * size.output_bytes
     return total + 64 * 1024
+
+
+def answer_bytes(output_bytes: int) -> int:
+    """What an answer holds once computed, until gRPC has written it: the encoded outputs
+    and their serialization (2 x each of the two), plus 1 KiB.
+
+    >>> answer_bytes(0), answer_bytes(1000)
+    (1024, 5024)
+    """
+    return 4 * output_bytes + 1024
 
 
 class Reservation:
@@ -110,6 +124,12 @@ class Reservation:
     def __init__(self, budget: ByteBudget, nbytes: int) -> None:
         self._budget: ByteBudget | None = budget
         self.nbytes = nbytes
+
+    def shrink(self, nbytes: int) -> None:
+        """Hold only ``nbytes`` from now on (what is left once the computation is done)."""
+        if self._budget is not None and nbytes < self.nbytes:
+            self._budget.in_use -= self.nbytes - nbytes
+            self.nbytes = nbytes
 
     def release(self) -> None:
         if self._budget is not None:
@@ -123,6 +143,14 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_use = 0
+
+    def received(self, nbytes: int) -> Reservation:
+        """Count a message gRPC has already received: it is in memory, refused or not.
+
+        Never refuses (it is too late to), but later :meth:`reserve` calls see it.
+        """
+        self.in_use += nbytes
+        return Reservation(self, nbytes)
 
     def reserve(self, nbytes: int) -> Reservation:
         """Hold ``nbytes`` for one request, or raise if the budget cannot take them now.

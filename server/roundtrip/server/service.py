@@ -22,14 +22,13 @@ from google.protobuf import message, message_factory
 
 from roundtrip.client import arrays
 from roundtrip.client.messages import RoundTripResult
-from roundtrip.server.admission import ByteBudget, Reservation, working_set_bytes
+from roundtrip.server.admission import ByteBudget, Reservation, answer_bytes, working_set_bytes
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.errors import InvalidArgument, RequestError, ShuttingDown
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
 from roundtrip.v1 import roundtrip_pb2 as pb
-from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,27 @@ class Unparseable:
         return InvalidArgument(f"request is not a valid {self.type_name} message: {self.reason}")
 
 
-def tolerant_parser(message_type: type[message.Message]) -> Callable[[bytes], object]:
-    def parse(data: bytes) -> object:
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message as the parser hands it over, with the bytes it holds against the budget.
+
+    The servicer releases ``held`` once it is done with the message: the
+    message's bytes were in memory before any admission could refuse it.
+    """
+
+    message: Any
+    held: Reservation
+
+
+def tolerant_parser(
+    message_type: type[message.Message], budget: ByteBudget
+) -> Callable[[bytes], Received]:
+    def parse(data: bytes) -> Received:
+        held = budget.received(len(data))
         try:
-            return message_type.FromString(data)
+            return Received(message_type.FromString(data), held)
         except message.DecodeError as error:
-            return Unparseable(message_type.DESCRIPTOR.full_name, str(error))
+            return Received(Unparseable(message_type.DESCRIPTOR.full_name, str(error)), held)
 
     return parse
 
@@ -70,7 +84,7 @@ def add_to_server(servicer: RoundTripServicer, server: grpc.aio.Server) -> None:
         method.name: kinds[method.client_streaming, method.server_streaming](
             getattr(servicer, method.name),
             request_deserializer=tolerant_parser(
-                message_factory.GetMessageClass(method.input_type)
+                message_factory.GetMessageClass(method.input_type), servicer.budget
             ),
             response_serializer=message_factory.GetMessageClass(
                 method.output_type
@@ -146,7 +160,7 @@ def dropped_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode
     return grpc.StatusCode.CANCELLED
 
 
-def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Response]:
+def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
     """Answer a :class:`RequestError` with its status; anything else is INTERNAL and logged.
 
     Also the one place that counts every unary request by status code and times it.
@@ -154,17 +168,17 @@ def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, R
 
     @functools.wraps(method)
     async def wrapper(
-        self: RoundTripServicer, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+        self: RoundTripServicer, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         self.metrics.inflight.inc()
         self.calls.enter()
         try:
-            if isinstance(request, Unparseable):
-                raise request.error()
+            if isinstance(received.message, Unparseable):
+                raise received.message.error()
             self.calls.check_accepting()
-            return await method(self, request, context)
+            return await method(self, received, context)
         except RequestError as error:
             code = error.code
             log.debug("request refused", extra={"code": code.name, "error": error.message})
@@ -177,6 +191,7 @@ def rpc_errors(method: UnaryMethod[Request, Response]) -> UnaryMethod[Request, R
             log.exception("unexpected error", extra={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
         finally:
+            received.held.release()
             self.calls.leave()
             self.metrics.inflight.dec()
             self.metrics.observe_rpc(method.__name__, code.name, time.perf_counter() - started)
@@ -203,8 +218,12 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
-    """Implements ``roundtrip.v1.RoundTripService`` over a :class:`Batcher`."""
+class RoundTripServicer:
+    """Implements ``roundtrip.v1.RoundTripService`` over a :class:`Batcher`.
+
+    Registered from the service descriptor by :func:`add_to_server`, so its methods take
+    what :func:`tolerant_parser` hands over (a :class:`Received`), not bare messages.
+    """
 
     def __init__(
         self,
@@ -218,7 +237,7 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         max_stream_inflight: int,
     ) -> None:
         self.metrics = metrics
-        self._budget = budget
+        self.budget = budget
         self._auditor = auditor
         self._batcher = batcher
         self._limits = limits
@@ -227,40 +246,45 @@ class RoundTripServicer(pb_grpc.RoundTripServiceServicer):
         self.calls = OpenCalls()
 
     async def answer(
-        self, request: pb.RoundTripRequest, deadline: float | None
+        self, request: pb.RoundTripRequest, message_bytes: int, deadline: float | None
     ) -> tuple[pb.RoundTripResponse, Reservation]:
         """Weigh, admit by bytes, decode, run and encode one request.
 
         The caller releases the returned reservation once the answer is written.
         """
-        held = self._budget.reserve(working_set_bytes(weigh(request, self._limits)))
+        size = weigh(request, self._limits, message_bytes=message_bytes)
+        held = self.budget.reserve(working_set_bytes(size))
         try:
             item = decode(request)
             result = await self._batcher.submit(item, deadline=deadline)
             self._auditor.offer(item, result)
-            return encode_result(result), held
+            response = encode_result(result)
+            outputs = result.orig_out.nbytes if result.orig_out is not None else 0
+            held.shrink(answer_bytes(outputs))
+            return response, held
         except BaseException:
             held.release()
             raise
 
     @rpc_errors
     async def RoundTrip(  # noqa: N802 (the generated servicer's name)
-        self, request: pb.RoundTripRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RoundTripResponse:
-        response, held = await self.answer(request, _deadline(context))
+        request: pb.RoundTripRequest = received.message
+        response, held = await self.answer(request, received.held.nbytes, _deadline(context))
         # once the answer is sent (grpc-stubs types the callback as a class, not a callable)
         context.add_done_callback(lambda _: held.release())  # type: ignore[arg-type]
         return response
 
     @rpc_errors
     async def GetServerInfo(  # noqa: N802
-        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
         return self._server_info
 
     async def RoundTripStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[pb.RoundTripStreamRequest | Unparseable],
+        request_iterator: AsyncIterator[Received],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.RoundTripStreamResponse]:
         """Answer each message as soon as it is done, tagged with its id.
@@ -326,9 +350,7 @@ class _OpenStream:
         self.started = time.perf_counter()
         self.answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
 
-    def start_reading(
-        self, request_iterator: AsyncIterator[pb.RoundTripStreamRequest | Unparseable]
-    ) -> asyncio.Task[None]:
+    def start_reading(self, request_iterator: AsyncIterator[Received]) -> asyncio.Task[None]:
         self._reader = asyncio.create_task(self._read_all(request_iterator))
         return self._reader
 
@@ -353,15 +375,18 @@ class _OpenStream:
             held.release()
         self._owed.clear()
 
-    async def _read_all(
-        self, request_iterator: AsyncIterator[pb.RoundTripStreamRequest | Unparseable]
-    ) -> None:
+    async def _read_all(self, request_iterator: AsyncIterator[Received]) -> None:
         try:
             try:
                 async for item in request_iterator:
-                    if isinstance(item, Unparseable):  # no id to answer it by: end the stream
-                        raise item.error()
-                    await self._slots.acquire()
+                    if isinstance(item.message, Unparseable):  # no id to answer it by: end
+                        item.held.release()
+                        raise item.message.error()
+                    try:
+                        await self._slots.acquire()
+                    except BaseException:
+                        item.held.release()
+                        raise
                     task = asyncio.create_task(self._answer_one(item))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -374,13 +399,16 @@ class _OpenStream:
         finally:
             self.answers.put_nowait(None)
 
-    async def _answer_one(self, message: pb.RoundTripStreamRequest) -> None:
+    async def _answer_one(self, received: Received) -> None:
+        message: pb.RoundTripStreamRequest = received.message
         metrics = self._servicer.metrics
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         metrics.inflight.inc()
         try:
-            response, held = await self._servicer.answer(message.request, self._deadline)
+            response, held = await self._servicer.answer(
+                message.request, received.held.nbytes, self._deadline
+            )
             self._owed.add(held)
             self.answers.put_nowait(
                 _Answer(pb.RoundTripStreamResponse(id=message.id, response=response), held)
@@ -398,6 +426,7 @@ class _OpenStream:
                 _Answer(stream_error(message.id, code, f"internal error: {error!r}"))
             )
         finally:
+            received.held.release()
             metrics.inflight.dec()
             metrics.observe_rpc("RoundTripStream", code.name, time.perf_counter() - started)
 

@@ -41,11 +41,17 @@ def _over_limit(what: str, value: int, limit: int, knob: str) -> LimitExceeded:
     )
 
 
-def weigh(request: pb.RoundTripRequest, limits: RequestLimits) -> WorkingSet:
+def weigh(
+    request: pb.RoundTripRequest, limits: RequestLimits, *, message_bytes: int | None = None
+) -> WorkingSet:
     """Check ``request`` against the contract and ``limits`` on its declared shape alone.
 
-    Nothing is decoded or allocated: the answer is what admission reserves
-    before :func:`decode` runs.
+    Nothing is read out of x's payload or allocated: the answer is what
+    admission reserves before :func:`decode` runs (and checks the payload).
+    ``message_bytes`` is the size of the message x came in: a declared shape
+    larger than it cannot match its payload, and is reported as the malformed
+    request it is (INVALID_ARGUMENT), not as one over the limits; without it
+    the payload is checked here.
     """
     if not request.HasField("x"):
         raise InvalidArgument("x is required: an Array with raw or values")
@@ -55,7 +61,12 @@ def weigh(request: pb.RoundTripRequest, limits: RequestLimits) -> WorkingSet:
     if features > limits.max_features:
         raise _over_limit("features", features, limits.max_features, "max_features")
     try:
-        shape = arrays.declared_shape(request.x, field="x")
+        shape = arrays.header_shape(request.x, field="x")
+        itemsize = arrays.NUMPY_DTYPES[request.x.dtype].itemsize
+        if message_bytes is None or (
+            not request.x.values and math.prod(shape) * itemsize > message_bytes
+        ):
+            shape = arrays.declared_shape(request.x, field="x")  # raw is small, or asked for
     except arrays.ArrayFormatError as error:
         raise InvalidArgument(str(error)) from None
     if not shape:
@@ -89,9 +100,7 @@ def weigh(request: pb.RoundTripRequest, limits: RequestLimits) -> WorkingSet:
     wire_dtype = arrays.NUMPY_DTYPES[request.x.dtype]
     x_dtype = canonical_dtype(wire_dtype)
     output_itemsize = np.result_type(x_dtype, np.float32).itemsize
-    wire_itemsize = 8 if request.x.values else wire_dtype.itemsize
     return WorkingSet(
-        wire_bytes=elements * wire_itemsize,
         x_bytes=elements * max(x_dtype.itemsize, wire_dtype.itemsize),
         param_bytes=param_bytes,
         output_bytes=output_elements * output_itemsize,
@@ -100,8 +109,12 @@ def weigh(request: pb.RoundTripRequest, limits: RequestLimits) -> WorkingSet:
 
 
 def decode(request: pb.RoundTripRequest) -> RoundTripInput:
-    """The engine's input for a request :func:`weigh` accepted."""
-    x = arrays.from_proto(request.x, field="x")
+    """The engine's input for a request :func:`weigh` accepted: x's payload is read and checked
+    here (once), after admission."""
+    try:
+        x = arrays.from_proto(request.x, field="x")
+    except arrays.ArrayFormatError as error:
+        raise InvalidArgument(str(error)) from None
     return RoundTripInput(
         seed=request.seed, x=x, features=request.features, with_outputs=request.return_outputs
     )
