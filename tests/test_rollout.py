@@ -135,3 +135,43 @@ def test_non_retrying_client_sees_no_error_across_a_sigterm() -> None:
     assert set(outcomes) == {"ok"}, outcomes
     assert answered_ok(workers[0]) > 0
     assert answered_ok(workers[1]) > 0
+
+
+def test_a_stream_on_a_draining_worker_goes_on_elsewhere_with_every_answer() -> None:
+    """The worker answers what it read and ends the stream; the client resends the rest."""
+    workers = start_workers(0, 0)
+    target = "ipv4:" + ",".join(w.target for w in workers)
+    count = 4000
+    expected = reference(*CASE)
+    outcomes: list[object] = []
+
+    def requests() -> Iterator[tuple[int, np.ndarray, int]]:
+        for _ in range(count):
+            time.sleep(0.001)  # a steady stream of several seconds
+            yield CASE
+
+    def consume() -> None:
+        with RoundTripClient(target, timeout=120) as client:
+            outcomes.extend(client.stream(requests()))
+
+    streaming = threading.Thread(target=consume)
+    streamed = 'roundtrip_requests_total{code="OK",method="RoundTripStream"}'
+    try:
+        streaming.start()
+        time.sleep(1.5)
+        [holder] = [w for w in workers if w.metric(streamed) > 0]
+        assert holder.terminate() == 0  # announce, then end the stream mid-way
+        streaming.join(120)
+        other = next(w for w in workers if w is not holder)
+        assert other.metric(streamed) > 0  # the rest went to the other worker
+        assert other.terminate() == 0
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert len(outcomes) == count
+    assert all(
+        not isinstance(o, RoundTripError) and np.array_equal(o.as_list(), expected)  # type: ignore[attr-defined]
+        for o in outcomes
+    )
+    drained = next(e for e in holder.events if e["event"] == "refusing")
+    assert drained["all_finished"] is True

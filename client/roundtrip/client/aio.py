@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
@@ -21,7 +22,15 @@ from roundtrip.client.channel import (
     channel_options,
 )
 from roundtrip.client.messages import RoundTripResult, build_request, parse_response
-from roundtrip.client.sync import InOrder, StreamOutcome, stream_messages, stream_outcome
+from roundtrip.client.sync import (
+    STREAM_RESUME_BACKOFF_S,
+    InOrder,
+    StreamOutcome,
+    Unanswered,
+    resumable,
+    stream_messages,
+    stream_outcome,
+)
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
@@ -79,19 +88,29 @@ class AsyncRoundTripClient:
         dtype: str = "float32",
         return_outputs: bool = False,
     ) -> AsyncIterator[StreamOutcome]:
-        """Like the sync ``stream``: outcomes in request order; refusals are yielded."""
-        call = self._stub.RoundTripStream(
-            stream_messages(requests, dtype, return_outputs),
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=self._metadata,
-        )
+        """Like the sync ``stream``: outcomes in request order; refusals are yielded; a stream
+        a draining worker ended goes on over a new one."""
+        pending = Unanswered(stream_messages(requests, dtype, return_outputs))
         order = InOrder()
-        try:
-            async for message in call:
-                for outcome in order.push(message.id, stream_outcome(message)):
-                    yield outcome
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        resumes = 0
+        while True:
+            call = self._stub.RoundTripStream(
+                pending.outgoing(),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+            try:
+                async for message in call:
+                    pending.answered(message.id)
+                    for outcome in order.push(message.id, stream_outcome(message)):
+                        yield outcome
+                return
+            except grpc.RpcError as error:
+                pending.end_stream()
+                if not resumable(error, resumes):
+                    raise errors.from_rpc_error(error) from None
+                await asyncio.sleep(STREAM_RESUME_BACKOFF_S * 2**resumes)
+                resumes += 1
 
     async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         try:

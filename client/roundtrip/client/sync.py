@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
@@ -63,6 +65,67 @@ class InOrder:
             ready.append(self._waiting.pop(self._expected))
             self._expected = next(self._next)
         return ready
+
+
+class Unanswered:
+    """The stream's messages sent and not yet answered, so a stream that a draining worker
+    ended (UNAVAILABLE, after answering everything it read) goes on, on a new stream.
+
+    :meth:`outgoing` is one stream's request iterator: first the messages a
+    previous stream left unanswered, in id order, then new ones. Pulling from
+    the caller's iterator happens under a lock and stops once that stream is
+    over, so no message is pulled by an ended stream and lost.
+
+    >>> messages = iter([pb.RoundTripStreamRequest(id=i) for i in range(3)])
+    >>> pending = Unanswered(messages)
+    >>> first = pending.outgoing()
+    >>> [m.id for m in (next(first), next(first))]
+    [0, 1]
+    >>> pending.answered(0); pending.end_stream()
+    >>> [m.id for m in pending.outgoing()]
+    [1, 2]
+    """
+
+    def __init__(self, messages: Iterator[pb.RoundTripStreamRequest]) -> None:
+        self._source = messages
+        self._sent: dict[int, pb.RoundTripStreamRequest] = {}
+        self._lock = threading.Lock()
+        self._stream = 0
+
+    def outgoing(self) -> Iterator[pb.RoundTripStreamRequest]:
+        stream = self._stream
+        with self._lock:
+            again = [self._sent[key] for key in sorted(self._sent)]
+        yield from again
+        while True:
+            with self._lock:
+                if stream != self._stream:
+                    return
+                message = next(self._source, None)
+                if message is None:
+                    return
+                self._sent[message.id] = message
+            yield message
+
+    def answered(self, message_id: int) -> None:
+        with self._lock:
+            self._sent.pop(message_id, None)
+
+    def end_stream(self) -> None:
+        """The current stream is over: its iterator pulls nothing more."""
+        with self._lock:
+            self._stream += 1
+
+
+#: How often one ``stream`` call reopens its stream after a worker drained it, and the
+#: first pause before it does (doubled each time, as the unary retry policy's backoff).
+STREAM_RESUMES = 3
+STREAM_RESUME_BACKOFF_S = 0.05
+
+
+def resumable(error: grpc.RpcError, resumes: int) -> bool:
+    """Whether a stream that ended with ``error`` may go on, on a new stream."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and resumes < STREAM_RESUMES
 
 
 class RoundTripClient:
@@ -129,18 +192,30 @@ class RoundTripClient:
 
         A request the worker refuses yields its :class:`RoundTripError` (not
         raised) and the stream goes on; an error of the stream itself is raised.
+        When a draining worker ends the stream (UNAVAILABLE) the unanswered
+        requests go on over a new stream, to another worker, up to
+        :data:`STREAM_RESUMES` times; ``timeout`` applies to each stream.
         """
-        calls = self._stub.RoundTripStream(
-            stream_messages(requests, dtype, return_outputs),
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=self._metadata,
-        )
+        pending = Unanswered(stream_messages(requests, dtype, return_outputs))
         order = InOrder()
-        try:
-            for message in calls:
-                yield from order.push(message.id, stream_outcome(message))
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        resumes = 0
+        while True:
+            calls = self._stub.RoundTripStream(
+                pending.outgoing(),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+            try:
+                for message in calls:
+                    pending.answered(message.id)
+                    yield from order.push(message.id, stream_outcome(message))
+                return
+            except grpc.RpcError as error:
+                pending.end_stream()
+                if not resumable(error, resumes):
+                    raise errors.from_rpc_error(error) from None
+                time.sleep(STREAM_RESUME_BACKOFF_S * 2**resumes)
+                resumes += 1
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """The worker's versions, backend, devices and limits."""
