@@ -32,6 +32,9 @@ from roundtrip.v1 import roundtrip_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+#: Answers up to this size (no outputs) give their bytes back when the handler returns.
+SMALL_ANSWER_BYTES = 64 * 1024
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 UnaryMethod = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
@@ -272,8 +275,11 @@ class RoundTripServicer:
     ) -> pb.RoundTripResponse:
         request: pb.RoundTripRequest = received.message
         response, held = await self.answer(request, received.held.nbytes, _deadline(context))
-        # once the answer is sent (grpc-stubs types the callback as a class, not a callable)
-        context.add_done_callback(lambda _: held.release())  # type: ignore[arg-type]
+        if held.nbytes > SMALL_ANSWER_BYTES:
+            # outputs: held until gRPC has sent them (grpc-stubs types the callback as a class)
+            context.add_done_callback(lambda _: held.release())  # type: ignore[arg-type]
+        else:  # a few numbers: a callback per call would cost more than the bytes matter
+            held.release()
         return response
 
     @rpc_errors

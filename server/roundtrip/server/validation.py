@@ -9,6 +9,7 @@ same weighing gives the bytes admission reserves (:func:`weigh`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -97,15 +98,21 @@ def weigh(
             limits.max_output_elements,
             "max_output_elements",
         )
-    wire_dtype = arrays.NUMPY_DTYPES[request.x.dtype]
-    x_dtype = canonical_dtype(wire_dtype)
-    output_itemsize = np.result_type(x_dtype, np.float32).itemsize
+    x_itemsize, output_itemsize = _itemsizes(request.x.dtype)
     return WorkingSet(
-        x_bytes=elements * max(x_dtype.itemsize, wire_dtype.itemsize),
+        x_bytes=elements * x_itemsize,
         param_bytes=param_bytes,
         output_bytes=output_elements * output_itemsize,
         with_outputs=request.return_outputs,
     )
+
+
+@functools.cache
+def _itemsizes(wire_dtype: int) -> tuple[int, int]:
+    """Bytes of one element of x as decoded (or as computed, if larger) and of the outputs."""
+    decoded = arrays.NUMPY_DTYPES[wire_dtype]
+    computed = canonical_dtype(decoded)
+    return max(decoded.itemsize, computed.itemsize), np.result_type(computed, np.float32).itemsize
 
 
 def decode(request: pb.RoundTripRequest) -> RoundTripInput:
