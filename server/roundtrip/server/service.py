@@ -4,7 +4,9 @@
 method; the stream turns the same errors into per-message ``StreamError``s so a
 bad message never ends the stream. :func:`add_to_server` registers the
 methods with a parser that turns undecodable bytes into INVALID_ARGUMENT
-(grpcio's default answers them with UNKNOWN, and a stream would hang).
+(grpcio's default answers them with UNKNOWN, and a stream would hang) and
+counts every message's bytes against the worker's budget (:class:`Received`).
+:class:`OpenCalls` is what a drain refuses new calls with and waits on.
 """
 
 from __future__ import annotations
@@ -155,10 +157,16 @@ class OpenCalls:
         return True
 
 
+#: A caller's own deadline reaches the worker as a plain cancel, a little before the worker's
+#: copy of that deadline (which started when the call arrived): a cancel this close to the
+#: deadline is counted as the deadline.
+DEADLINE_SLACK_S = 0.25
+
+
 def dropped_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """Why grpc cancelled a handler: its deadline passed, or the caller (or shutdown) ended it."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 
