@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from roundtrip.client import RoundTripClient
+from roundtrip.server.admission import container_memory_limit, default_inflight_bytes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -75,6 +76,10 @@ def test_server_info_reports_versions_backend_and_limits(client: RoundTripClient
     assert not info.x64_enabled
     assert info.limits.max_features == 65536
     assert info.limits.max_message_bytes == 64 * 1024 * 1024
+    assert info.limits.max_param_bytes == 256 * 1024 * 1024
+    # resolved from this container's memory limit (2 GiB where there is none)
+    expected = default_inflight_bytes(container_memory_limit())
+    assert info.limits.max_inflight_bytes == expected
 
 
 def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
 
 
-def server_info(config: WorkerConfig) -> pb.GetServerInfoResponse:
+def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetServerInfoResponse:
     """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits."""
     return pb.GetServerInfoResponse(
         worker_version=metadata.version("roundtrip"),
@@ -63,7 +63,7 @@ def server_info(config: WorkerConfig) -> pb.GetServerInfoResponse:
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.max_queue_delay_us,
             max_queue_size=config.max_queue_size,
-            max_inflight_bytes=inflight_bytes(config),
+            max_inflight_bytes=budget.limit,
         ),
     )
 
@@ -217,13 +217,14 @@ async def start(config: WorkerConfig) -> Worker:
     """Build and start a worker; health stays NOT_SERVING until :meth:`Worker.warm_up`."""
     if config.compilation_cache_dir:
         use_compilation_cache(config.compilation_cache_dir)
+    budget = admission.ByteBudget(inflight_bytes(config))
     log.info(
         "starting",
         extra={
             "backend": jax.default_backend(),
             "devices": [str(device) for device in jax.devices()],
             "config": config.as_dict(),
-            "max_inflight_bytes": inflight_bytes(config),
+            "max_inflight_bytes": budget.limit,
             "container_memory_limit": admission.container_memory_limit(),
         },
     )
@@ -240,7 +241,6 @@ async def start(config: WorkerConfig) -> Worker:
     )
     metrics.watch_engine(lambda: engine.stats, lambda: engine.cached)
     metrics.watch_queue(lambda: batcher.queued)
-    budget = admission.ByteBudget(inflight_bytes(config))
     metrics.watch_budget(lambda: budget.in_use, budget.limit)
     limits = RequestLimits(
         max_x_elements=config.max_x_elements,
@@ -261,7 +261,7 @@ async def start(config: WorkerConfig) -> Worker:
     servicer = RoundTripServicer(
         batcher,
         limits,
-        server_info(config),
+        server_info(config, budget),
         metrics,
         auditor,
         budget,
