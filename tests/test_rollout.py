@@ -169,9 +169,8 @@ def test_a_stream_on_a_draining_worker_goes_on_elsewhere_with_every_answer() -> 
         for worker in workers:
             worker.kill()
     assert len(outcomes) == count
-    assert all(
-        not isinstance(o, RoundTripError) and np.array_equal(o.as_list(), expected)  # type: ignore[attr-defined]
-        for o in outcomes
-    )
+    refused = [str(o) for o in outcomes if isinstance(o, RoundTripError)]
+    assert refused == []  # every message the draining worker read was computed, not refused
+    assert all(np.array_equal(o.as_list(), expected) for o in outcomes)  # type: ignore[attr-defined]
     drained = next(e for e in holder.events if e["event"] == "refusing")
     assert drained["all_finished"] is True

@@ -134,8 +134,9 @@ class Worker:
         self.stopping.set()  # a warm-up still compiling gives up at its next compilation
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(announce_s)
+        # Calls already accepted (and stream messages already read) still reach the
+        # batcher and are answered; only new calls are refused.
         self.servicer.calls.refuse_new()
-        self.batcher.refuse_new()
         grace_started = time.monotonic()
         finished = await self.servicer.calls.wait_idle(self.config.drain_grace_s)
         log.info(

@@ -151,11 +151,6 @@ class Batcher:
         if not queue:
             del self._queues[signature]
 
-    def refuse_new(self) -> None:
-        """From now on refuse new requests (UNAVAILABLE); queued ones are still answered."""
-        self._accepting = False
-        self._arrival.set()
-
     async def drain(self) -> None:
         """Stop taking requests, answer every queued one, then stop the runner."""
         self._accepting = False
