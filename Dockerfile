@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # The roundtrip worker image, one target per variant (plain named stages, so
 # BuildKit, buildah and podman all select them the same way):
-#   docker build -t roundtrip:0.1.0 .                            CPU (the default, last stage)
-#   docker build --target cuda -t roundtrip:0.1.0-cuda .         NVIDIA GPU
+#   docker build -t roundtrip-worker:0.1.0 .                            CPU (the default, last stage)
+#   docker build --target cuda -t roundtrip-worker:0.1.0-cuda .         NVIDIA GPU
 # The install step is the Makefile's own `make setup`, from uv.lock, so what
 # CI tests is what the image runs. The CUDA variant adds the locked `cuda`
 # extra (jax[cuda12]: the CUDA libraries come as wheels); the host's NVIDIA
@@ -18,7 +18,7 @@ RUN apt-get update \
     && apt-get install --no-install-recommends -y make=4.3-4.1 \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml uv.lock README.md Makefile buf.yaml ./
+COPY pyproject.toml uv.lock README.md LICENSE Makefile buf.yaml ./
 COPY protos ./protos
 COPY client ./client
 COPY server ./server
@@ -40,6 +40,10 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     && rm -rf .tools /root/.cache
 
 FROM ${PYTHON_IMAGE} AS runtime
+# The distribution's name and version (client/roundtrip/client/version.py; a test keeps them equal).
+LABEL org.opencontainers.image.title="roundtrip-worker" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 roundtrip \
     && useradd --system --uid 10001 --gid roundtrip --no-create-home roundtrip
 ENV PATH=/app/.venv/bin:$PATH \

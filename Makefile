@@ -9,6 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 50051
+METRICS_PORT ?= 9464
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
 
@@ -28,7 +29,7 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 	touch $@
 
 serve: setup
-	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT)
+	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: lint typecheck protolint check-protos deploy-check pytest image-test
 
@@ -55,7 +56,7 @@ check-protos: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
 	  --python_out=.gen-check --grpc_python_out=.gen-check \
 	  --mypy_out=.gen-check --mypy_grpc_out=.gen-check $(PROTO_FILES)
-	diff -r -x __init__.py -x __pycache__ .gen-check/roundtrip/v1 $(GEN_DIR) \
+	diff -r -x __init__.py -x py.typed -x __pycache__ .gen-check/roundtrip/v1 $(GEN_DIR) \
 	  || (echo "stubs in $(GEN_DIR) are stale: run 'make protos'" && exit 1)
 	rm -rf .gen-check
 

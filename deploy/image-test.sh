@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${IMAGE:-localhost/roundtrip:test}
+IMAGE=${IMAGE:-localhost/roundtrip-worker:test}
 BASE=localhost/roundtrip-base:bookworm
 WORK=${IMAGE_TEST_DIR:-/var/tmp/roundtrip-image-test}
 CA_BUNDLE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}

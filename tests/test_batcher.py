@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 from reference import reference
 
-from roundtrip.client.messages import RoundTripResult
 from roundtrip.server.batcher import Batcher, BatchRecord
-from roundtrip.server.engine import Engine, RoundTripInput
+from roundtrip.server.engine import Engine, RoundTripAnswer, RoundTripInput
 from roundtrip.server.errors import ComputeFailed, DeadlineExpired, QueueFull, ShuttingDown
 
 
 class FaultyEngine(Engine):
     """The real engine, made to fail for one seed: the fault injection isolation is about."""
 
-    def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripResult]:
+    def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:
         if any(item.seed == 666 for item in inputs):
             raise RuntimeError("injected failure")
         return super().run(inputs)
@@ -62,8 +61,8 @@ def test_one_failing_request_does_not_fail_its_neighbours() -> None:
         )
         assert isinstance(outcomes[1], ComputeFailed)
         assert "injected failure" in outcomes[1].message
-        assert isinstance(outcomes[0], RoundTripResult)
-        assert isinstance(outcomes[2], RoundTripResult)
+        assert isinstance(outcomes[0], RoundTripAnswer)
+        assert isinstance(outcomes[2], RoundTripAnswer)
 
     asyncio.run(with_batcher(FaultyEngine(max_compiled=8, max_batch_size=8), body))
 

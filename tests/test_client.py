@@ -1,21 +1,34 @@
-"""The thin client: no JAX, the CLI, argument coercion, the error hierarchy."""
+"""The thin client as a library: no JAX, readiness, channels, metadata, deadlines, types."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from conftest import WorkerProcess, console_script
+from grpc_health.v1 import health_pb2
+from reference import reference
 
-from roundtrip.client import errors
+from conftest import WorkerProcess, serving_worker
+from roundtrip.client import (
+    NO_DEADLINE,
+    AsyncRoundTripClient,
+    RoundTripClient,
+    RoundTripResult,
+    StreamOutcome,
+    errors,
+)
 from roundtrip.client.messages import as_int64, build_request
-from roundtrip.client.sync import InOrder
-
-CLI = console_script("roundtrip")
+from roundtrip.client.streams import InOrder
 
 
 def test_client_import_does_not_pull_in_jax() -> None:
@@ -25,35 +38,6 @@ def test_client_import_does_not_pull_in_jax() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def cli(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``roundtrip`` CLI against ``worker``."""
-    return subprocess.run(
-        [CLI, "--target", worker.target, *args], capture_output=True, text=True, check=False
-    )
-
-
-def test_cli_call_prints_the_worked_example(worker: WorkerProcess) -> None:
-    done = cli(worker, "call", "--seed", "0", "--x", "1,2,3", "--features", "4")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {
-        "orig_sum": -4.221933364868164,
-        "merged_sum": -4.221933364868164,
-        "max_abs_diff": 0.0,
-    }
-
-
-def test_cli_refused_call_exits_one_with_the_status(worker: WorkerProcess) -> None:
-    done = cli(worker, "call", "--seed", "0", "--x", "1,2,3", "--features", "0")
-    assert done.returncode == 1
-    assert "INVALID_ARGUMENT: features must be >= 1" in done.stderr
-
-
-def test_cli_info_prints_versions(worker: WorkerProcess) -> None:
-    done = cli(worker, "info")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["jaxVersion"] == "0.10.2"
 
 
 @pytest.mark.parametrize(
@@ -89,3 +73,165 @@ def test_in_order_releases_answers_by_id() -> None:
     assert order.push(1, errors.RoundTripError("b")) == []
     released = order.push(0, errors.RoundTripError("a"))
     assert [str(e.message) for e in released] == ["a", "b"]  # type: ignore[union-attr]
+
+
+TOKEN = "per-call-token"
+
+
+def unused_port() -> int:
+    """A port nothing listens on (bound, read, closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def token_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN)
+    with serving_worker("--warmup-shapes", "3:4", "--auth-token-file", str(token_file)) as process:
+        yield process
+
+
+class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Keeps each call's deadline and metadata as the client hands them to gRPC."""
+
+    def __init__(self) -> None:
+        self.calls: list[grpc.ClientCallDetails] = []
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.calls.append(details)
+        return continuation(details, request)
+
+
+@pytest.fixture
+def recorded(worker: WorkerProcess) -> Iterator[tuple[RoundTripClient, Recorder]]:
+    """A client over a channel the caller built, with an interceptor on it."""
+    recorder = Recorder()
+    channel = grpc.intercept_channel(grpc.insecure_channel(worker.target), recorder)
+    with channel, RoundTripClient(channel=channel, timeout=30.0) as client:
+        yield client, recorder
+
+
+def test_a_caller_brings_its_own_channel_and_interceptors(
+    recorded: tuple[RoundTripClient, Recorder],
+) -> None:
+    client, recorder = recorded
+    assert client.round_trip(0, [1.0, 2.0, 3.0], 4).orig_sum == -4.221933364868164
+    assert [d.method for d in recorder.calls] == ["/roundtrip.v1.RoundTripService/RoundTrip"]
+    client.close()  # the channel is the caller's: still open
+    assert client.round_trip(0, [1.0, 2.0, 3.0], 4).orig_sum == -4.221933364868164
+
+
+def test_per_call_metadata_is_added_to_the_clients(worker: WorkerProcess) -> None:
+    recorder = Recorder()
+    with (
+        grpc.intercept_channel(grpc.insecure_channel(worker.target), recorder) as channel,
+        RoundTripClient(channel=channel, metadata=[("x-team", "search")]) as client,
+    ):
+        client.round_trip(0, [1.0], 1, metadata=[("x-request-id", "42")])
+        client.round_trip(0, [1.0], 1)
+    first, second = (dict(d.metadata) for d in recorder.calls)
+    assert first == {"x-team": "search", "x-request-id": "42"}
+    assert second == {"x-team": "search"}
+
+
+def test_per_call_metadata_reaches_the_worker(token_worker: WorkerProcess) -> None:
+    """The worker refuses a call without its token: the token sent per call gets through."""
+    with RoundTripClient(token_worker.target) as client:
+        with pytest.raises(errors.UnauthenticatedError):
+            client.round_trip(0, [1.0, 2.0, 3.0], 4)
+        result = client.round_trip(
+            0, [1.0, 2.0, 3.0], 4, metadata=[("authorization", f"Bearer {TOKEN}")]
+        )
+    assert result.orig_sum == -4.221933364868164
+
+
+def test_a_call_may_drop_its_deadline(recorded: tuple[RoundTripClient, Recorder]) -> None:
+    client, recorder = recorded
+    client.round_trip(0, [1.0], 1)  # the client's default
+    client.round_trip(0, [1.0], 1, timeout=2.5)
+    client.round_trip(0, [1.0], 1, timeout=NO_DEADLINE)
+    timeouts = [d.timeout for d in recorder.calls]
+    assert timeouts[0] == pytest.approx(30.0)
+    assert timeouts[1] == pytest.approx(2.5)
+    assert timeouts[2] is None
+
+
+def test_channel_options_replace_the_clients_own(worker: WorkerProcess) -> None:
+    """Merged last: a smaller receive limit than the client's 64 MiB default takes effect."""
+    small = [("grpc.max_receive_message_length", 1024)]
+    with RoundTripClient(worker.target, channel_options=small) as client:
+        client.round_trip(0, [1.0, 2.0, 3.0], 4)  # a few floats: fits
+        with pytest.raises(errors.ResourceExhaustedError, match="larger than max"):
+            client.round_trip(0, np.ones((64, 3), np.float32), 64, return_outputs=True)
+
+
+def test_channel_and_channel_options_do_not_mix() -> None:
+    options = [("grpc.enable_retries", 0)]
+    with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ValueError, match="chan"):
+        RoundTripClient(channel=channel, channel_options=options)
+
+
+def test_readiness_follows_the_workers_health() -> None:
+    """NOT_SERVING while it warms up (or cannot be reached), then SERVING."""
+    process = WorkerProcess("--warmup-shapes", "3:4,64:64,128:128")
+    try:
+        with RoundTripClient(process.target) as client:
+            assert client.is_serving() is False  # warming up: several compilations to go
+            client.wait_until_serving(timeout=180)
+            assert client.is_serving() is True
+            assert process.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        process.kill()
+
+
+def test_async_readiness_and_a_missing_worker() -> None:
+    async def check(target: str) -> tuple[bool, float]:
+        async with AsyncRoundTripClient(target) as client:
+            serving = await client.is_serving(timeout=2)
+            started = time.monotonic()
+            with pytest.raises(errors.DeadlineExceededError, match="SERVING within"):
+                await client.wait_until_serving(timeout=1.0)
+            return serving, time.monotonic() - started
+
+    serving, waited = asyncio.run(check(f"127.0.0.1:{unused_port()}"))
+    assert serving is False
+    assert 0.9 < waited < 5
+
+
+def test_async_wait_until_serving_returns_once_serving(worker: WorkerProcess) -> None:
+    async def check() -> bool:
+        async with AsyncRoundTripClient(worker.target) as client:
+            await client.wait_until_serving(timeout=30)
+            return await client.is_serving()
+
+    assert asyncio.run(check()) is True
+
+
+def test_async_stream_takes_an_async_iterable(worker: WorkerProcess) -> None:
+    cases = [(seed, np.linspace(-1, 1, 3 * (seed % 3 + 1), np.float32), 4) for seed in range(40)]
+
+    async def produce() -> AsyncIterator[tuple[int, np.ndarray, int]]:
+        for case in cases:
+            await asyncio.sleep(0)  # as a queue or a socket would hand them over
+            yield case
+
+    async def consume() -> list[StreamOutcome]:
+        async with AsyncRoundTripClient(worker.target) as client:
+            return [outcome async for outcome in client.stream(produce())]
+
+    outcomes = asyncio.run(consume())
+    assert len(outcomes) == len(cases)
+    for outcome, case in zip(outcomes, cases, strict=True):
+        assert isinstance(outcome, RoundTripResult)
+        assert np.array_equal(outcome.as_list(), reference(*case))
+
+
+def test_the_package_says_its_version_and_ships_its_types() -> None:
+    import roundtrip.client
+    import roundtrip.v1
+
+    assert roundtrip.client.__version__ == metadata.version("roundtrip-worker")
+    for package in (roundtrip.client, roundtrip.v1):
+        assert (Path(package.__path__[0]) / "py.typed").is_file()

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 
 import pytest
+
 from conftest import ROOT, WorkerProcess, console_script
 
 README = (ROOT / "README.md").read_text()
@@ -64,8 +65,7 @@ def test_readme_names_the_two_commands() -> None:
 
 def test_make_serve_starts_a_worker_that_answers() -> None:
     worker = WorkerProcess(
-        command=["make", "--no-print-directory", "serve", "PORT=0"],
-        env={"ROUNDTRIP_METRICS_PORT": "0"},
+        command=["make", "--no-print-directory", "serve", "PORT=0", "METRICS_PORT=0"],
     )
     try:
         worker.wait_serving()

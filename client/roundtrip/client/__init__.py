@@ -1,11 +1,18 @@
-"""Thin client for the RoundTrip worker: no JAX, just grpcio, protobuf and numpy.
+"""Thin client for the RoundTrip worker: grpcio, protobuf and numpy, no JAX.
+
+Installed as the ``roundtrip-worker`` distribution (the ``server`` extra adds the worker
+itself); imported as ``roundtrip.client``.
 
 >>> from roundtrip.client import RoundTripClient
->>> # with RoundTripClient("127.0.0.1:50051") as client:
->>> #     client.round_trip(0, [1.0, 2.0, 3.0], 4).as_list()
+>>> with RoundTripClient(worker_target, timeout=10) as client:
+...     client.wait_until_serving(timeout=30)
+...     result = client.round_trip(0, [1.0, 2.0, 3.0], 4, metadata=[("x-request-id", "42")])
+>>> result.as_list()
+[-4.221933364868164, -4.221933364868164, 0.0]
 """
 
 from roundtrip.client.aio import AsyncRoundTripClient
+from roundtrip.client.channel import NO_DEADLINE, tls_credentials
 from roundtrip.client.errors import (
     DeadlineExceededError,
     InternalError,
@@ -16,9 +23,12 @@ from roundtrip.client.errors import (
     UnavailableError,
 )
 from roundtrip.client.messages import RoundTripResult
-from roundtrip.client.sync import RoundTripClient, StreamOutcome
+from roundtrip.client.streams import StreamOutcome
+from roundtrip.client.sync import RoundTripClient
+from roundtrip.client.version import __version__
 
 __all__ = [
+    "NO_DEADLINE",
     "AsyncRoundTripClient",
     "DeadlineExceededError",
     "InternalError",
@@ -30,4 +40,6 @@ __all__ = [
     "StreamOutcome",
     "UnauthenticatedError",
     "UnavailableError",
+    "__version__",
+    "tls_credentials",
 ]

@@ -1,34 +1,50 @@
-"""The asyncio twin of :class:`~roundtrip.client.sync.RoundTripClient`.
+"""The asyncio twin of :class:`~roundtrip.client.sync.RoundTripClient`: same arguments, same
+errors, ``await``-ed; ``stream`` also takes an async iterable of requests.
 
->>> # async with AsyncRoundTripClient("127.0.0.1:50051") as client:
->>> #     result = await client.round_trip(0, [1.0, 2.0, 3.0], 4)
+>>> async def call() -> list[float]:
+...     async with AsyncRoundTripClient(worker_target) as client:
+...         result = await client.round_trip(0, [1.0, 2.0, 3.0], 4)
+...         return result.as_list()
+>>> asyncio.run(call())
+[-4.221933364868164, -4.221933364868164, 0.0]
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import itertools
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from roundtrip.client import errors
 from roundtrip.client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
+    HEALTH_CHECK,
+    NOT_REACHED,
+    Metadata,
+    Timeout,
     call_metadata,
-    channel_options,
+    call_timeout,
+    ready_pause,
 )
-from roundtrip.client.messages import RoundTripResult, build_request, parse_response
-from roundtrip.client.sync import (
+from roundtrip.client.channel import channel_options as build_channel_options
+from roundtrip.client.messages import Integer, RoundTripResult, build_request, parse_response
+from roundtrip.client.streams import (
     STREAM_RESUME_BACKOFF_S,
+    AsyncUnanswered,
     InOrder,
     StreamOutcome,
-    Unanswered,
+    StreamRequest,
+    async_stream_messages,
     resumable,
-    stream_messages,
     stream_outcome,
 )
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -36,45 +52,64 @@ from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 
 class AsyncRoundTripClient:
-    """Calls a RoundTrip worker from asyncio code; same arguments as the sync client."""
+    """Calls a RoundTrip worker from asyncio code. Use with ``async with``, or ``await``
+    :meth:`close`. Arguments as for :class:`~roundtrip.client.sync.RoundTripClient`;
+    ``channel`` is a ``grpc.aio.Channel``.
+    """
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        metadata: tuple[tuple[str, str], ...] = (),
+        metadata: Metadata = (),
         token: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self._stub = pb_grpc.RoundTripServiceStub(self._channel)
+        if channel is not None and (credentials is not None or channel_options):
+            raise ValueError("pass credentials and channel_options to the channel you build")
+        self._owns_channel = channel is None
+        if channel is None:
+            options = build_channel_options(max_message_bytes, channel_options)
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, options)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.RoundTripServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
         self.timeout = timeout
         self._metadata = call_metadata(metadata, token)
 
     async def round_trip(
         self,
-        seed: Any,
+        seed: Integer,
         x: npt.ArrayLike,
-        features: Any,
+        features: Integer,
         *,
-        timeout: float | None = None,
+        timeout: Timeout = None,
+        metadata: Metadata = (),
         dtype: str = "float32",
         return_outputs: bool = False,
     ) -> RoundTripResult:
-        """Run RoundTrip once. Raises a :class:`~roundtrip.client.errors.RoundTripError`."""
+        """Run RoundTrip once; arguments, result and errors as the blocking
+        :meth:`~roundtrip.client.sync.RoundTripClient.round_trip`.
+
+        Raises:
+            ValueError: seed or features not an int64, or x or dtype unusable.
+            RoundTripError: the call failed; its subclass names the status
+                (``InvalidArgumentError``, ``ResourceExhaustedError``, ...).
+        """
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
         try:
             response = await self._stub.RoundTrip(
                 request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
             )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
@@ -82,48 +117,106 @@ class AsyncRoundTripClient:
 
     async def stream(
         self,
-        requests: Iterable[tuple[Any, npt.ArrayLike, Any]],
+        requests: AsyncIterable[StreamRequest] | Iterable[StreamRequest],
         *,
-        timeout: float | None = None,
+        timeout: Timeout = None,
+        metadata: Metadata = (),
         dtype: str = "float32",
         return_outputs: bool = False,
     ) -> AsyncIterator[StreamOutcome]:
-        """Like the sync ``stream``: outcomes in request order; refusals are yielded; a stream
-        a draining worker ended goes on over a new one."""
-        pending = Unanswered(stream_messages(requests, dtype, return_outputs))
-        order = InOrder()
-        resumes = 0
-        while True:
-            call = self._stub.RoundTripStream(
-                pending.outgoing(),
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
-            try:
-                async for message in call:
-                    pending.answered(message.id)
-                    for outcome in order.push(message.id, stream_outcome(message)):
-                        yield outcome
-                return
-            except grpc.RpcError as error:
-                pending.end_stream()
-                if not resumable(error, resumes):
-                    raise errors.from_rpc_error(error) from None
-                await asyncio.sleep(STREAM_RESUME_BACKOFF_S * 2**resumes)
-                resumes += 1
+        """Send many ``(seed, x, features)`` (an iterable or an async iterable) over one
+        stream; yield outcomes in request order, as the blocking client's ``stream`` does:
+        refusals are yielded, and a stream a draining worker ended goes on over a new one.
 
-    async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
+        Raises:
+            RoundTripError: the stream itself failed (its subclass names the status).
+            ValueError: a request's seed, features, x or dtype is unusable.
+        """
+        pending = AsyncUnanswered(async_stream_messages(requests, dtype, return_outputs))
+        order: InOrder[StreamOutcome] = InOrder()
+        resumes = 0
         try:
-            return await self._stub.GetServerInfo(
+            while True:
+                call = self._stub.RoundTripStream(
+                    pending.outgoing(),
+                    timeout=call_timeout(self.timeout, timeout),
+                    metadata=(*self._metadata, *metadata),
+                )
+                try:
+                    async for message in call:
+                        pending.answered(message.id)
+                        for outcome in order.push(message.id, stream_outcome(message)):
+                            yield outcome
+                    return
+                except grpc.RpcError as error:
+                    pending.end_stream()
+                    if not resumable(error, resumes):
+                        raise errors.from_rpc_error(error) from None
+                    await asyncio.sleep(STREAM_RESUME_BACKOFF_S * 2**resumes)
+                    resumes += 1
+        finally:
+            pending.close()
+
+    async def server_info(
+        self, *, timeout: Timeout = None, metadata: Metadata = ()
+    ) -> pb.GetServerInfoResponse:
+        """The worker's versions, backend, devices and limits.
+
+        Raises:
+            RoundTripError: the call failed (its subclass names the status).
+        """
+        try:
+            response: pb.GetServerInfoResponse = await self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
             )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
+        return response
+
+    async def is_serving(self, *, timeout: Timeout = None) -> bool:
+        """Whether a worker behind the target reads SERVING on ``grpc.health.v1``
+        (False while it warms up, drains, or cannot be reached).
+
+        Raises:
+            RoundTripError: the worker refused the health check itself.
+        """
+        return await self._check_serving(call_timeout(self.timeout, timeout), wait=False)
+
+    async def wait_until_serving(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Wait until a worker behind the target reads SERVING, for at most ``timeout`` s.
+
+        Raises:
+            DeadlineExceededError: not SERVING within ``timeout``.
+            RoundTripError: the worker refused the health check itself.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and await self._check_serving(remaining, wait=True):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(ready_pause(attempt), remaining))
+        raise errors.DeadlineExceededError(f"no worker was SERVING within {timeout} s")
+
+    async def _check_serving(self, timeout: float | None, *, wait: bool) -> bool:
+        try:
+            response = await self._health.Check(
+                HEALTH_CHECK, timeout=timeout, metadata=self._metadata, wait_for_ready=wait
+            )
+        except grpc.RpcError as error:
+            if error.code() in NOT_REACHED:
+                return False
+            raise errors.from_rpc_error(error) from None
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        await self._channel.close(grace=None)
+        """Close the channel (not one passed in as ``channel=``)."""
+        if self._owns_channel:
+            await self._channel.close(grace=None)
 
     async def __aenter__(self) -> AsyncRoundTripClient:
         return self

@@ -9,11 +9,14 @@ turns NOT_SERVING (warming up, or draining before it stops) gets no new calls.
 
 from __future__ import annotations
 
+import enum
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
@@ -41,17 +44,75 @@ SERVICE_CONFIG: dict[str, Any] = {
 }
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    """Options for ``grpc.*_channel``: both message limits, the service config, keepalive."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-        ("grpc.enable_retries", 1),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-    ]
+def channel_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """Options for ``grpc.*_channel``: both message limits, the service config, keepalive,
+    then ``extra``, which replaces any of those it names.
+
+    >>> dict(channel_options(extra=[("grpc.keepalive_time_ms", 5000)]))["grpc.keepalive_time_ms"]
+    5000
+    """
+    options: dict[str, Any] = {
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.service_config": json.dumps(SERVICE_CONFIG),
+        "grpc.enable_retries": 1,
+        "grpc.keepalive_time_ms": 30_000,
+        "grpc.keepalive_timeout_ms": 10_000,
+        "grpc.keepalive_permit_without_calls": 0,
+    }
+    options.update(extra)
+    return list(options.items())
+
+
+class NoDeadline(enum.Enum):
+    """The type of :data:`NO_DEADLINE`."""
+
+    NO_DEADLINE = "no deadline"
+
+
+NO_DEADLINE: Final = NoDeadline.NO_DEADLINE
+"""Pass as a call's ``timeout`` for a call with no deadline at all (``None`` means the
+client's default)."""
+
+Timeout = float | NoDeadline | None
+"""A call's ``timeout``: seconds, :data:`NO_DEADLINE`, or ``None`` for the client's default."""
+
+Metadata = Sequence[tuple[str, str]]
+"""gRPC metadata: ``(key, value)`` pairs, keys lower-case, e.g. ``[("x-request-id", "42")]``."""
+
+
+#: What ``is_serving`` asks ``grpc.health.v1``: the RoundTrip service's own status.
+HEALTH_CHECK = health_pb2.HealthCheckRequest(service=SERVICE)
+
+#: A health check ending with these means no worker answered: not serving, nothing to raise.
+NOT_REACHED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+#: Pauses between readiness checks in ``wait_until_serving``, the last one repeated.
+READY_PAUSES_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def ready_pause(attempt: int) -> float:
+    """Seconds to wait after readiness check ``attempt`` (0, 1, ...) failed.
+
+    >>> [ready_pause(n) for n in range(7)]
+    [0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 1.0]
+    """
+    return READY_PAUSES_S[min(attempt, len(READY_PAUSES_S) - 1)]
+
+
+def call_timeout(default: float | None, timeout: Timeout) -> float | None:
+    """The deadline one call sends, in seconds from now (``None``: no deadline).
+
+    >>> call_timeout(30.0, None), call_timeout(30.0, 2.5), call_timeout(30.0, NO_DEADLINE)
+    (30.0, 2.5, None)
+    """
+    if timeout is None:
+        return default
+    if isinstance(timeout, NoDeadline):
+        return None
+    return timeout
 
 
 def tls_credentials(
@@ -68,8 +129,7 @@ def tls_credentials(
     )
 
 
-def call_metadata(
-    metadata: tuple[tuple[str, str], ...], token: str | None
-) -> tuple[tuple[str, str], ...]:
+def call_metadata(metadata: Metadata, token: str | None) -> tuple[tuple[str, str], ...]:
     """``metadata`` plus ``authorization: Bearer <token>`` when a token is given."""
-    return (*metadata, ("authorization", f"Bearer {token}")) if token else metadata
+    pairs = tuple(metadata)
+    return (*pairs, ("authorization", f"Bearer {token}")) if token else pairs

@@ -1,27 +1,72 @@
 """``roundtrip``: call a worker from the shell.
 
     roundtrip call --seed 0 --x 1,2,3 --features 4 [--target 127.0.0.1:50051]
-    roundtrip info [--target ...]
+    roundtrip --target 127.0.0.1:50051 info
+    roundtrip ready [--wait 30]
 
-TLS: ``--ca-file`` (and ``--cert-file``/``--key-file`` for mutual TLS); a
-bearer token: ``--token-file``.
+Global options (``--target``, ``--timeout``, TLS and token files) go before or after the
+command; ``--target`` defaults to ``$ROUNDTRIP_TARGET``, then ``127.0.0.1:50051``. TLS:
+``--ca-file`` (and ``--cert-file``/``--key-file`` for mutual TLS); a bearer token:
+``--token-file``.
 
-``call`` prints the result as JSON; a refused call prints the status and
-message on stderr and exits 1.
+Output is JSON with snake_case keys, the proto's field names. Answers are float32 and print
+in their shortest float32 form (``-4.2219334``, not the double ``-4.221933364868164``).
+Exit status: 0 done; 1 the worker answered the call with an error (status and message on
+stderr) or, for ``ready``, is not serving; 2 a usage error, an unreadable file, or no
+serving worker reachable at the target.
+
+>>> float32_json(-4.221933364868164)
+-4.2219334
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from google.protobuf import json_format
 
 from roundtrip.client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, tls_credentials
-from roundtrip.client.errors import RoundTripError
+from roundtrip.client.errors import DeadlineExceededError, RoundTripError, UnavailableError
+from roundtrip.client.messages import RoundTripResult
 from roundtrip.client.sync import RoundTripClient
+
+TARGET_ENV = "ROUNDTRIP_TARGET"
+#: Options whose value may start with "-" (``--x -1,2,3``); argparse would read it as a flag.
+VALUE_OPTIONS = ("--x",)
+
+
+def float32_json(value: float) -> float:
+    """``value`` (a float32 held as a double) as the double that prints as its shortest
+    float32 form: converted back to float32 it gives the same bits."""
+    return float(str(np.float32(value)))
+
+
+def array_json(array: npt.NDArray[Any]) -> Any:
+    """An output array as nested lists, each element in its dtype's shortest form."""
+    if array.ndim == 0:
+        return float(str(array[()]))
+    return [array_json(row) for row in array]
+
+
+def result_json(result: RoundTripResult) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "orig_sum": float32_json(result.orig_sum),
+        "merged_sum": float32_json(result.merged_sum),
+        "max_abs_diff": float32_json(result.max_abs_diff),
+    }
+    if result.orig_out is not None and result.merged_out is not None:
+        payload["orig_out"] = array_json(result.orig_out)
+        payload["merged_out"] = array_json(result.merged_out)
+    return payload
 
 
 def _floats(text: str) -> list[float]:
@@ -33,58 +78,106 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes; on a command's parser they default to nothing, so
+    the value given before the command stands unless one is given after it."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    target = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    parser.add_argument(
+        "--target",
+        default=default(target),
+        help=f"worker address (default ${TARGET_ENV}, then {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=default(DEFAULT_TIMEOUT_S), help="deadline in seconds"
+    )
+    parser.add_argument(
+        "--ca-file", default=default(None), help="PEM CA that signed the worker's certificate"
+    )
+    parser.add_argument("--cert-file", default=default(None), help="PEM client certificate")
+    parser.add_argument("--key-file", default=default(None), help="PEM key of --cert-file")
+    parser.add_argument("--token-file", default=default(None), help="file with the bearer token")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="roundtrip", description="Call a RoundTrip worker.")
-    root.add_argument(
-        "--target", default=DEFAULT_TARGET, help=f"worker address (default {DEFAULT_TARGET})"
-    )
-    root.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds"
-    )
-    root.add_argument("--ca-file", help="PEM CA that signed the worker's certificate (TLS)")
-    root.add_argument("--cert-file", help="PEM client certificate (mutual TLS)")
-    root.add_argument("--key-file", help="PEM key of --cert-file")
-    root.add_argument("--token-file", help="file holding the bearer token")
+    _global_options(root, defaults=True)
     commands = root.add_subparsers(dest="command", required=True)
     call = commands.add_parser("call", help="run RoundTrip once and print the result")
+    _global_options(call, defaults=False)
     call.add_argument("--seed", type=int, required=True)
-    call.add_argument("--x", type=_floats, required=True, help="comma-separated values, e.g. 1,2,3")
+    call.add_argument("--x", type=_floats, required=True, help="comma-separated values: -1,2,3")
     call.add_argument("--features", type=int, required=True)
     call.add_argument(
         "--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"]
     )
     call.add_argument("--outputs", action="store_true", help="also print orig_out and merged_out")
-    commands.add_parser("info", help="print the worker's versions, backend and limits")
+    info = commands.add_parser("info", help="print the worker's versions, backend and limits")
+    _global_options(info, defaults=False)
+    ready = commands.add_parser("ready", help="exit 0 when a worker at the target is SERVING")
+    _global_options(ready, defaults=False)
+    ready.add_argument(
+        "--wait", type=float, default=0.0, help="wait up to this many seconds for it"
+    )
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    secure = args.ca_file or args.cert_file or args.key_file
-    credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file) if secure else None
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
+def _attach_values(argv: Sequence[str]) -> list[str]:
+    """``--x -1,2,3`` as ``--x=-1,2,3``, so a leading minus is a number, not a flag."""
+    joined: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in VALUE_OPTIONS:
+            value = next(args, None)
+            joined.append(arg if value is None else f"{arg}={value}")
+        else:
+            joined.append(arg)
+    return joined
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"roundtrip: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(_attach_values(sys.argv[1:] if argv is None else argv))
+    try:
+        secure = args.ca_file or args.cert_file or args.key_file
+        credentials = (
+            tls_credentials(args.ca_file, args.cert_file, args.key_file) if secure else None
+        )
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+    except (OSError, ValueError) as error:
+        return _fail(str(error), 2)
     try:
         with RoundTripClient(
             args.target, timeout=args.timeout, credentials=credentials, token=token
         ) as client:
+            if args.command == "ready":
+                if args.wait > 0:
+                    with contextlib.suppress(DeadlineExceededError):  # then: not serving
+                        client.wait_until_serving(args.wait)
+                serving = client.is_serving()
+                print(json.dumps({"target": args.target, "serving": serving}))
+                return 0 if serving else 1
             if args.command == "info":
-                print(json_format.MessageToJson(client.server_info(), indent=2))
+                info = json_format.MessageToDict(
+                    client.server_info(), preserving_proto_field_name=True
+                )
+                print(json.dumps(info, indent=2))
                 return 0
             result = client.round_trip(
                 args.seed, args.x, args.features, dtype=args.dtype, return_outputs=args.outputs
             )
+    except UnavailableError as error:
+        return _fail(f"no serving worker reachable at {args.target} ({error})", 2)
     except RoundTripError as error:
-        print(f"roundtrip: {error}", file=sys.stderr)
-        return 1
-    payload: dict[str, object] = {
-        "orig_sum": result.orig_sum,
-        "merged_sum": result.merged_sum,
-        "max_abs_diff": result.max_abs_diff,
-    }
-    if result.orig_out is not None and result.merged_out is not None:
-        payload["orig_out"] = result.orig_out.tolist()
-        payload["merged_out"] = result.merged_out.tolist()
-    print(json.dumps(payload))
+        return _fail(str(error), 1)
+    print(json.dumps(result_json(result)))
     return 0
 
 

@@ -22,10 +22,18 @@ from roundtrip.v1 import roundtrip_pb2 as pb
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+Integer = int | np.integer[Any]
+"""What ``seed`` and ``features`` take: a Python or numpy integer (an integral float such as
+``4.0`` is accepted at run time too; ``4.5`` raises ``ValueError``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RoundTripResult:
-    """One answer: both sums, their largest absolute difference, and optional outputs."""
+    """One answer: both sums, their largest absolute difference, and optional outputs.
+
+    The three numbers are float32 values (the wire's ``float``) held as Python floats, so
+    ``str(numpy.float32(result.orig_sum))`` prints them as float32 (``-4.2219334``).
+    """
 
     orig_sum: float
     merged_sum: float
@@ -57,14 +65,18 @@ def as_int64(name: str, value: Any) -> int:
 
 
 def build_request(
-    seed: Any,
+    seed: Integer,
     x: npt.ArrayLike,
-    features: Any,
+    features: Integer,
     *,
     dtype: str = "float32",
     return_outputs: bool = False,
 ) -> pb.RoundTripRequest:
-    """A ``RoundTripRequest`` with ``x`` sent as ``raw`` bytes of ``dtype``."""
+    """A ``RoundTripRequest`` with ``x`` sent as ``raw`` bytes of ``dtype``.
+
+    Raises ``ValueError`` (before anything is sent) for a seed or features that is not an
+    int64, an ``x`` numpy cannot read as numbers, or a ``dtype`` with no wire encoding.
+    """
     return pb.RoundTripRequest(
         seed=as_int64("seed", seed),
         x=arrays.to_proto(x, dtype),

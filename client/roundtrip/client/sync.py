@@ -1,180 +1,145 @@
 """The blocking client.
 
->>> # with RoundTripClient("127.0.0.1:50051") as client:
->>> #     result = client.round_trip(0, [1.0, 2.0, 3.0], 4)
->>> #     result.as_list()  # [-4.221933364868164, -4.221933364868164, 0.0]
+>>> with RoundTripClient(worker_target) as client:
+...     client.round_trip(0, [1.0, 2.0, 3.0], 4).as_list()
+[-4.221933364868164, -4.221933364868164, 0.0]
+
+(``worker_target`` is the address of a running worker; the test suite starts one.)
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from roundtrip.client import errors
 from roundtrip.client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
+    HEALTH_CHECK,
+    NOT_REACHED,
+    Metadata,
+    Timeout,
     call_metadata,
-    channel_options,
+    call_timeout,
+    ready_pause,
 )
-from roundtrip.client.messages import RoundTripResult, build_request, parse_response
+from roundtrip.client.channel import channel_options as build_channel_options
+from roundtrip.client.messages import Integer, RoundTripResult, build_request, parse_response
+from roundtrip.client.streams import (
+    STREAM_RESUME_BACKOFF_S,
+    InOrder,
+    StreamOutcome,
+    StreamRequest,
+    Unanswered,
+    resumable,
+    stream_messages,
+    stream_outcome,
+)
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
-
-StreamOutcome = RoundTripResult | errors.RoundTripError
-"""What :meth:`RoundTripClient.stream` yields per request: its result, or its error."""
-
-
-def stream_messages(
-    requests: Iterable[tuple[Any, npt.ArrayLike, Any]], dtype: str, return_outputs: bool
-) -> Iterator[pb.RoundTripStreamRequest]:
-    """Number ``(seed, x, features)`` tuples 0, 1, 2, ... as stream messages."""
-    for index, (seed, x, features) in enumerate(requests):
-        yield pb.RoundTripStreamRequest(
-            id=index,
-            request=build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs),
-        )
-
-
-def stream_outcome(message: pb.RoundTripStreamResponse) -> StreamOutcome:
-    if message.HasField("error"):
-        return errors.from_rpc_code(message.error.code, message.error.message)
-    return parse_response(message.response)
-
-
-class InOrder:
-    """Puts out-of-order ``(id, outcome)`` pairs back into id order 0, 1, 2, ..."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[int, StreamOutcome] = {}
-        self._next = itertools.count()
-        self._expected = next(self._next)
-
-    def push(self, index: int, outcome: StreamOutcome) -> list[StreamOutcome]:
-        """Record one answer; return those now ready, in order."""
-        self._waiting[index] = outcome
-        ready = []
-        while self._expected in self._waiting:
-            ready.append(self._waiting.pop(self._expected))
-            self._expected = next(self._next)
-        return ready
-
-
-class Unanswered:
-    """The stream's messages sent and not yet answered, so a stream that a draining worker
-    ended (UNAVAILABLE, after answering everything it read) goes on, on a new stream.
-
-    :meth:`outgoing` is one stream's request iterator: first the messages a
-    previous stream left unanswered, in id order, then new ones. Pulling from
-    the caller's iterator happens under a lock and stops once that stream is
-    over, so no message is pulled by an ended stream and lost.
-
-    >>> messages = iter([pb.RoundTripStreamRequest(id=i) for i in range(3)])
-    >>> pending = Unanswered(messages)
-    >>> first = pending.outgoing()
-    >>> [m.id for m in (next(first), next(first))]
-    [0, 1]
-    >>> pending.answered(0); pending.end_stream()
-    >>> [m.id for m in pending.outgoing()]
-    [1, 2]
-    """
-
-    def __init__(self, messages: Iterator[pb.RoundTripStreamRequest]) -> None:
-        self._source = messages
-        self._sent: dict[int, pb.RoundTripStreamRequest] = {}
-        self._lock = threading.Lock()
-        self._stream = 0
-
-    def outgoing(self) -> Iterator[pb.RoundTripStreamRequest]:
-        stream = self._stream
-        with self._lock:
-            again = [self._sent[key] for key in sorted(self._sent)]
-        yield from again
-        while True:
-            with self._lock:
-                if stream != self._stream:
-                    return
-                message = next(self._source, None)
-                if message is None:
-                    return
-                self._sent[message.id] = message
-            yield message
-
-    def answered(self, message_id: int) -> None:
-        with self._lock:
-            self._sent.pop(message_id, None)
-
-    def end_stream(self) -> None:
-        """The current stream is over: its iterator pulls nothing more."""
-        with self._lock:
-            self._stream += 1
-
-
-#: How often one ``stream`` call reopens its stream after a worker drained it, and the
-#: first pause before it does (doubled each time, as the unary retry policy's backoff).
-STREAM_RESUMES = 3
-STREAM_RESUME_BACKOFF_S = 0.05
-
-
-def resumable(error: grpc.RpcError, resumes: int) -> bool:
-    """Whether a stream that ended with ``error`` may go on, on a new stream."""
-    return error.code() == grpc.StatusCode.UNAVAILABLE and resumes < STREAM_RESUMES
 
 
 class RoundTripClient:
     """Calls a RoundTrip worker. Use as a context manager, or call :meth:`close`.
 
-    ``target`` is any gRPC target: ``host:port``, or ``dns:///name:port`` to
-    spread calls over every address the name resolves to. ``timeout`` is the
-    default deadline of each call, in seconds. ``credentials`` turns TLS on
-    (:func:`~roundtrip.client.channel.tls_credentials` builds them from PEM
-    files); ``token`` is sent as ``authorization: Bearer <token>`` on every call.
+    Args:
+        target: any gRPC target: ``host:port``, or ``dns:///name:port`` to spread calls
+            over every address the name resolves to (``round_robin``, skipping workers
+            whose health reads NOT_SERVING).
+        timeout: the default deadline of each call, in seconds (``None``: no default
+            deadline). A call's own ``timeout=`` overrides it; ``NO_DEADLINE`` drops it.
+        credentials: TLS for the channel
+            (:func:`~roundtrip.client.channel.tls_credentials` builds them from PEM files).
+        max_message_bytes: the largest message sent or received.
+        metadata: sent on every call (a call's own ``metadata=`` is added to it).
+        token: sent as ``authorization: Bearer <token>`` on every call.
+        channel_options: extra ``grpc.*`` channel options, applied after (and so replacing)
+            the client's own: service config, retries, keepalive, message limits.
+        channel: a channel you built yourself (with interceptors, say); then ``target``,
+            ``credentials``, ``max_message_bytes`` and ``channel_options`` are not used, and
+            :meth:`close` leaves the channel open: it is yours.
+
+    Raises ``ValueError`` when ``channel`` is given together with ``credentials`` or
+    ``channel_options``.
     """
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        metadata: tuple[tuple[str, str], ...] = (),
+        metadata: Metadata = (),
         token: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        channel: grpc.Channel | None = None,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options)
-            if credentials is not None
-            else grpc.insecure_channel(target, options)
-        )
-        self._stub = pb_grpc.RoundTripServiceStub(self._channel)
+        if channel is not None and (credentials is not None or channel_options):
+            raise ValueError("pass credentials and channel_options to the channel you build")
+        self._owns_channel = channel is None
+        if channel is None:
+            options = build_channel_options(max_message_bytes, channel_options)
+            channel = (
+                grpc.secure_channel(target, credentials, options)
+                if credentials is not None
+                else grpc.insecure_channel(target, options)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.RoundTripServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
         self.timeout = timeout
         self._metadata = call_metadata(metadata, token)
 
     def round_trip(
         self,
-        seed: Any,
+        seed: Integer,
         x: npt.ArrayLike,
-        features: Any,
+        features: Integer,
         *,
-        timeout: float | None = None,
+        timeout: Timeout = None,
+        metadata: Metadata = (),
         dtype: str = "float32",
         return_outputs: bool = False,
     ) -> RoundTripResult:
-        """Run RoundTrip once. Raises a :class:`~roundtrip.client.errors.RoundTripError`."""
+        """Run RoundTrip once: build ``nnx.Linear(x.shape[-1], features)`` from ``seed``, run
+        it on ``x``, split and merge it, run it again, and compare.
+
+        Args:
+            seed: any int64 (with JAX's 64-bit mode off only its low 32 bits matter).
+            x: anything ``numpy.asarray`` reads as numbers, rank >= 1; the last axis is the
+                input width. Sent as raw little-endian ``dtype`` bytes.
+            features: the output width, >= 1.
+            timeout: seconds; ``None`` for the client's default; ``NO_DEADLINE`` for none.
+            metadata: extra metadata for this call (a request id, say).
+            dtype: ``float32``, ``float64``, ``float16`` or ``bfloat16``.
+            return_outputs: also return ``orig_out`` and ``merged_out``.
+
+        Raises:
+            ValueError: seed or features not an int64, or x or dtype unusable; nothing is
+                sent.
+            InvalidArgumentError: the worker rejected the request (the message names the
+                field).
+            ResourceExhaustedError: over a worker limit, or the worker is overloaded.
+            UnavailableError: no serving worker could be reached (already retried).
+            DeadlineExceededError: the deadline passed first.
+            RoundTripError: any other status, with its ``code``.
+        """
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
         try:
             response = self._stub.RoundTrip(
                 request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
             )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
@@ -182,28 +147,34 @@ class RoundTripClient:
 
     def stream(
         self,
-        requests: Iterable[tuple[Any, npt.ArrayLike, Any]],
+        requests: Iterable[StreamRequest],
         *,
-        timeout: float | None = None,
+        timeout: Timeout = None,
+        metadata: Metadata = (),
         dtype: str = "float32",
         return_outputs: bool = False,
     ) -> Iterator[StreamOutcome]:
         """Send many ``(seed, x, features)`` over one stream; yield outcomes in request order.
 
-        A request the worker refuses yields its :class:`RoundTripError` (not
-        raised) and the stream goes on; an error of the stream itself is raised.
-        When a draining worker ends the stream (UNAVAILABLE) the unanswered
+        ``requests`` is read lazily, as the worker takes them. A request the worker refuses
+        yields its :class:`~roundtrip.client.errors.RoundTripError` (not raised) and the
+        stream goes on. When a draining worker ends the stream (UNAVAILABLE) the unanswered
         requests go on over a new stream, to another worker, up to
-        :data:`STREAM_RESUMES` times; ``timeout`` applies to each stream.
+        :data:`~roundtrip.client.streams.STREAM_RESUMES` times; ``timeout`` applies to each
+        stream.
+
+        Raises:
+            RoundTripError: the stream itself failed (its subclass names the status).
+            ValueError: a request's seed, features, x or dtype is unusable.
         """
         pending = Unanswered(stream_messages(requests, dtype, return_outputs))
-        order = InOrder()
+        order: InOrder[StreamOutcome] = InOrder()
         resumes = 0
         while True:
             calls = self._stub.RoundTripStream(
                 pending.outgoing(),
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
             )
             try:
                 for message in calls:
@@ -217,19 +188,71 @@ class RoundTripClient:
                 time.sleep(STREAM_RESUME_BACKOFF_S * 2**resumes)
                 resumes += 1
 
-    def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
-        """The worker's versions, backend, devices and limits."""
+    def server_info(
+        self, *, timeout: Timeout = None, metadata: Metadata = ()
+    ) -> pb.GetServerInfoResponse:
+        """The worker's versions, backend, devices and limits.
+
+        Raises:
+            RoundTripError: the call failed (its subclass names the status).
+        """
         try:
-            return self._stub.GetServerInfo(
+            response: pb.GetServerInfoResponse = self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
             )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
+        return response
+
+    def is_serving(self, *, timeout: Timeout = None) -> bool:
+        """Whether a worker behind the target reads SERVING on ``grpc.health.v1``.
+
+        False while it warms up, drains, or cannot be reached.
+
+        Raises:
+            RoundTripError: the worker refused the health check itself (a token is needed
+                when health is not exempt, say).
+        """
+        return self._check_serving(call_timeout(self.timeout, timeout), wait=False)
+
+    def wait_until_serving(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Block until a worker behind the target reads SERVING, for at most ``timeout`` s.
+
+        Raises:
+            DeadlineExceededError: not SERVING within ``timeout``.
+            RoundTripError: the worker refused the health check itself.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and self._check_serving(remaining, wait=True):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(ready_pause(attempt), remaining))
+        raise errors.DeadlineExceededError(f"no worker was SERVING within {timeout} s")
+
+    def _check_serving(self, timeout: float | None, *, wait: bool) -> bool:
+        try:
+            response = self._health.Check(
+                HEALTH_CHECK,
+                timeout=timeout,
+                metadata=self._metadata,
+                wait_for_ready=wait,
+            )
+        except grpc.RpcError as error:
+            if error.code() in NOT_REACHED:
+                return False
+            raise errors.from_rpc_error(error) from None
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     def close(self) -> None:
-        self._channel.close()
+        """Close the channel (not one passed in as ``channel=``)."""
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> RoundTripClient:
         return self

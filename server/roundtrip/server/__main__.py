@@ -1,14 +1,29 @@
-"""``roundtrip-server``: start the worker (``python -m roundtrip.server`` works too)."""
+"""``roundtrip-server``: start the worker (``python -m roundtrip.server`` works too).
+
+Exit status: 0 after a clean stop, 2 for anything the operator must fix before it can start
+(a bad knob, a port that is taken, the ``server`` extra not installed), 3 when the
+self-check finds the fast path differs from the eager reference.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
 
 from roundtrip.server import logs
 from roundtrip.server.config import WorkerConfig, config_table
+
+#: Import names the worker needs beyond the thin client: the ``server`` extra.
+SERVER_EXTRA = ("jax", "flax", "grpc_health", "grpc_reflection", "prometheus_client")
+DISTRIBUTION = "roundtrip-worker"
+
+
+def missing_server_extra() -> list[str]:
+    """The ``server`` extra's modules that cannot be imported here."""
+    return [name for name in SERVER_EXTRA if importlib.util.find_spec(name) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +32,23 @@ def main(argv: list[str] | None = None) -> int:
         print(config_table())
         return 0
     config = WorkerConfig.from_sources(args, os.environ)
+    missing = missing_server_extra()
+    if missing:
+        print(
+            f"roundtrip-server: the worker needs the 'server' extra ({', '.join(missing)} "
+            f"missing): pip install '{DISTRIBUTION}[server]'",
+            file=sys.stderr,
+        )
+        return 2
     logs.configure(config.log_level)
     from roundtrip.server import app  # imports JAX: after the flags are known good
     from roundtrip.server.warmup import SelfCheckFailed
 
     try:
         asyncio.run(app.serve(config))
+    except app.PortUnavailable as error:
+        logging.getLogger("roundtrip.server").error("cannot start: %s", error)
+        return 2
     except SelfCheckFailed:
         logging.getLogger("roundtrip.server").exception("self-check failed; refusing to serve")
         return 3

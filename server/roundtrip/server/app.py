@@ -28,6 +28,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from roundtrip.client.version import __version__
 from roundtrip.server import admission, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
@@ -46,7 +47,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
 def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetServerInfoResponse:
     """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits."""
     return pb.GetServerInfoResponse(
-        worker_version=metadata.version("roundtrip"),
+        worker_version=__version__,
         jax_version=jax.__version__,
         flax_version=metadata.version("flax"),
         numpy_version=np.__version__,
@@ -195,14 +196,41 @@ def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
     return options
 
 
+class PortUnavailable(Exception):
+    """A port the worker was told to listen on cannot be bound (taken, or not allowed)."""
+
+
+def listen(
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    *,
+    knob: str,
+) -> int:
+    """Bind ``address`` (TLS when ``credentials``); the bound port, or :class:`PortUnavailable`."""
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # grpcio raises on a failed bind (older releases returned 0)
+        port = 0
+    if port == 0:
+        raise PortUnavailable(
+            f"cannot listen on {address}: the port is taken or not allowed; "
+            f"choose another {knob} (0 picks a free one)"
+        )
+    return port
+
+
 async def health_only_server(
     health_servicer: health_aio.HealthServicer, address: str
 ) -> grpc.aio.Server:
     """A plaintext listener with just the health service: probes see the same status."""
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(address) == 0:
-        raise RuntimeError(f"could not bind the plaintext health port {address}")
+    listen(server, address, None, knob="--plaintext-health-port")
     await server.start()
     return server
 
@@ -276,13 +304,7 @@ async def start(config: WorkerConfig) -> Worker:
     )
     address = f"{config.host}:{config.port}"
     credentials = security.server_credentials(config)
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
-    if port == 0:
-        raise RuntimeError(f"could not bind {address}")
+    port = listen(server, address, credentials, knob="--port")
     worker = Worker(
         config, server, port, health_servicer, batcher, engine, executor, metrics, auditor, servicer
     )
@@ -291,15 +313,21 @@ async def start(config: WorkerConfig) -> Worker:
         worker.health_server = await health_only_server(
             health_servicer, f"{config.host}:{config.plaintext_health_port}"
         )
+    try:
+        metrics_port = metrics.serve(
+            config.host,
+            config.metrics_port,
+            max_connections=config.metrics_max_connections,
+            timeout_s=config.metrics_timeout_s,
+        )
+    except OSError as error:
+        raise PortUnavailable(
+            f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}; "
+            "choose another --metrics-port (0 picks a free one)"
+        ) from None
     batcher.start()
     auditor.start()
     await server.start()
-    metrics_port = metrics.serve(
-        config.host,
-        config.metrics_port,
-        max_connections=config.metrics_max_connections,
-        timeout_s=config.metrics_timeout_s,
-    )
     log.info(
         "listening",
         extra={

@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from roundtrip.client.messages import RoundTripResult
-from roundtrip.server.engine import RoundTripInput
+from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
 from roundtrip.server.reference import eager_round_trip, same_answer
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class Auditor:
         rng: random.Random | None = None,
     ) -> None:
         self.fraction = fraction
-        self._queue: queue.Queue[tuple[RoundTripInput, RoundTripResult] | None] = queue.Queue(
+        self._queue: queue.Queue[tuple[RoundTripInput, RoundTripAnswer] | None] = queue.Queue(
             queue_size
         )
         self._on_outcome = on_outcome
@@ -76,7 +75,7 @@ class Auditor:
         if self.fraction > 0:
             self._thread.start()
 
-    def offer(self, item: RoundTripInput, result: RoundTripResult) -> None:
+    def offer(self, item: RoundTripInput, result: RoundTripAnswer) -> None:
         """Maybe sample this answer; never blocks."""
         if self.fraction <= 0 or self._random() >= self.fraction:
             return
@@ -85,7 +84,7 @@ class Auditor:
         except queue.Full:
             self._on_skipped()
 
-    def check(self, item: RoundTripInput, result: RoundTripResult) -> AuditOutcome:
+    def check(self, item: RoundTripInput, result: RoundTripAnswer) -> AuditOutcome:
         """Re-run ``item`` eagerly and compare; a mismatch is logged with the request."""
         expected = eager_round_trip(item.seed, item.x, item.features)
         outcome = AuditOutcome(matched=same_answer(result, expected))

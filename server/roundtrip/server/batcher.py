@@ -17,10 +17,20 @@ neighbours. A request whose caller goes away (cancelled, or its deadline
 passed) leaves the queue at once; one whose deadline passed unnoticed is
 dropped before it reaches the engine.
 
->>> # inside a running event loop:
->>> # batcher = Batcher(engine, executor, max_batch_size=32,
->>> #                   max_queue_delay_us=0, max_queue_size=1024)
->>> # batcher.start(); result = await batcher.submit(item)
+>>> import numpy as np
+>>> from concurrent.futures import ThreadPoolExecutor
+>>> async def two_requests() -> list[float]:
+...     engine = Engine(max_compiled=4, max_batch_size=2)
+...     batcher = Batcher(engine, ThreadPoolExecutor(1), max_batch_size=2,
+...                       max_queue_delay_us=1000, max_queue_size=16)
+...     batcher.start()
+...     x = np.array([1.0, 2.0, 3.0], np.float32)
+...     answers = await asyncio.gather(*(batcher.submit(RoundTripInput(seed, x, 4))
+...                                      for seed in (0, 0)))
+...     await batcher.drain()
+...     return [answer.orig_sum for answer in answers]
+>>> asyncio.run(two_requests())  # one batch of two, each the same bits as alone
+[-4.221933364868164, -4.221933364868164]
 """
 
 from __future__ import annotations
@@ -33,8 +43,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from roundtrip.client.messages import RoundTripResult
-from roundtrip.server.engine import Engine, RoundTripInput, ShapeSignature
+from roundtrip.server.engine import Engine, RoundTripAnswer, RoundTripInput, ShapeSignature
 from roundtrip.server.errors import (
     ComputeFailed,
     ComputeOutOfMemory,
@@ -50,7 +59,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Pending:
     item: RoundTripInput
-    future: asyncio.Future[RoundTripResult]
+    future: asyncio.Future[RoundTripAnswer]
     arrived: float
     deadline: float | None
 
@@ -65,7 +74,7 @@ class BatchRecord:
     compute_seconds: float
 
 
-Outcome = RoundTripResult | RequestError
+Outcome = RoundTripAnswer | RequestError
 
 
 def _as_request_error(error: Exception) -> RequestError:
@@ -113,7 +122,7 @@ class Batcher:
 
     async def submit(
         self, item: RoundTripInput, *, deadline: float | None = None
-    ) -> RoundTripResult:
+    ) -> RoundTripAnswer:
         """Queue ``item`` and wait for its answer. ``deadline`` is a ``time.monotonic()`` time."""
         if not self._accepting:
             raise ShuttingDown("the worker is draining; retry on another worker")
@@ -122,7 +131,7 @@ class Batcher:
                 f"the worker's queue is full ({self.max_queue_size} requests waiting; "
                 "max_queue_size); retry with backoff"
             )
-        future: asyncio.Future[RoundTripResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[RoundTripAnswer] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, future, time.monotonic(), deadline)
         queue = self._queues.setdefault(item.signature, collections.deque())
         queue.append(pending)

@@ -22,9 +22,9 @@ Three things keep it bit-identical to the eager reference:
   steps 1-4 (both outputs), and a second one (:func:`orig_reductions`) runs steps
   5-6 on those materialized outputs, each sum a standalone reduce as eager's
   ``jnp.sum`` is.
-* A batch runs as a loop over its requests inside one executable (the body
-  ``lax.map`` would run, with the trip count an operand so padding costs
-  nothing): each request is computed on its own, in the reference's order.
+* A batch runs as a ``lax.fori_loop`` over its requests inside one executable,
+  the trip count an operand so padding rows cost nothing: each request is
+  computed on its own, in the reference's order.
   ``jax.vmap`` would batch the matmuls and change the last bits.
 
 The worker proves all of this at start (``warmup.self_check``) on the backend
@@ -54,8 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 from flax import nnx
-
-from roundtrip.client.messages import RoundTripResult  # the answer type callers get, too
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +88,24 @@ class RoundTripInput:
             self.features,
             self.with_outputs,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTripAnswer:
+    """One request's answer as the engine computes it: the contract's three numbers (float32
+    values, held as Python floats) and, when asked for, both outputs. The service encodes it
+    for the wire; the engine itself knows nothing of gRPC or protobuf.
+    """
+
+    orig_sum: float
+    merged_sum: float
+    max_abs_diff: float
+    orig_out: npt.NDArray[Any] | None = None
+    merged_out: npt.NDArray[Any] | None = None
+
+    def as_list(self) -> list[float]:
+        """``[orig_sum, merged_sum, max_abs_diff]``, the contract's result array."""
+        return [self.orig_sum, self.merged_sum, self.max_abs_diff]
 
 
 @dataclass(slots=True)
@@ -250,8 +266,8 @@ def _single(seed: jax.Array, x: jax.Array, *, features: int) -> Any:
 def _batched(seeds: jax.Array, xs: jax.Array, count: jax.Array, *, features: int) -> Any:
     """The first ``count`` rows, one after the other; padding rows are never computed.
 
-    The same per-request body as ``lax.map`` would run, in a loop whose trip
-    count is an operand, so a batch of 18 in the bucket of 32 costs 18.
+    Each request's body runs on its own in a ``lax.fori_loop`` whose trip count
+    is an operand, so a batch of 18 in the bucket of 32 costs 18.
     """
     row_shape = jax.eval_shape(functools.partial(_single, features=features), seeds[0], xs[0])
     empty = tuple(jnp.zeros((seeds.shape[0], *spec.shape), spec.dtype) for spec in row_shape)
@@ -295,7 +311,7 @@ class CompiledRoundTrip:
         self._merged_spec = merged_spec
         self._merged_sums: Any = None  # compiled on first need: merged bits never differ
 
-    def __call__(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripResult]:
+    def __call__(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:
         """Run ``inputs`` (at most ``batch_size``; the rest is padding) and split the answers."""
         operands: list[Any]
         if self.batch_size == 1:
@@ -326,7 +342,7 @@ class CompiledRoundTrip:
             if self.batch_size == 1:
                 orig_host, merged_host = orig_host[None], merged_host[None]
         return [
-            RoundTripResult(
+            RoundTripAnswer(
                 orig_sum=float(orig_sums[row]),
                 merged_sum=float(merged[row]),
                 max_abs_diff=float(abs_diffs[row]),
@@ -401,7 +417,7 @@ class Engine:
             self.stats.evictions += 1
         return compiled
 
-    def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripResult]:
+    def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:
         """Answer ``inputs`` (one signature, at most ``max_batch_size``) in order."""
         if not inputs:
             return []

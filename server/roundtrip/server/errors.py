@@ -1,7 +1,7 @@
 """Request errors as values that carry their gRPC status code.
 
 Validation and the batcher raise these; the servicer maps them to a status
-in one place (``service.rpc_errors``), so every method answers the same way.
+in one place (``service.failure_of``), so every method answers the same way.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -31,9 +31,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from roundtrip.server.audit import AuditOutcome
-from roundtrip.server.batcher import BatchRecord
-from roundtrip.server.engine import EngineStats
+if TYPE_CHECKING:  # names only: the metrics layer imports neither JAX nor the engine
+    from roundtrip.server.audit import AuditOutcome
+    from roundtrip.server.batcher import BatchRecord
+    from roundtrip.server.engine import EngineStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 

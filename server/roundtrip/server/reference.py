@@ -14,10 +14,10 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from roundtrip.client.messages import RoundTripResult
+from roundtrip.server.engine import RoundTripAnswer
 
 
-def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripResult:
+def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripAnswer:
     """SPEC.md's steps 1-6, eagerly, in order."""
     x = jnp.asarray(x)
     model = nnx.Linear(
@@ -28,14 +28,14 @@ def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripResult:
     merged = nnx.merge(graphdef, state)
     merged_out = merged(x)
     abs_diff = jnp.max(jnp.abs(orig_out - merged_out))
-    return RoundTripResult(
+    return RoundTripAnswer(
         orig_sum=float(orig_out.sum()),
         merged_sum=float(merged_out.sum()),
         max_abs_diff=float(abs_diff),
     )
 
 
-def same_answer(got: RoundTripResult, expected: RoundTripResult) -> bool:
+def same_answer(got: RoundTripAnswer, expected: RoundTripAnswer) -> bool:
     """The three numbers have the same bits (any NaN matches any NaN: the contract says NaN)."""
     return all(
         (math.isnan(a) and math.isnan(b)) or struct.pack("<d", a) == struct.pack("<d", b)

@@ -1,8 +1,9 @@
 """The gRPC servicer: wire -> validation -> batcher -> wire. No computation here.
 
-``rpc_errors`` maps :class:`RequestError` to its status for every unary
-method; the stream turns the same errors into per-message ``StreamError``s so a
-bad message never ends the stream. :func:`add_to_server` registers the
+:func:`failure_of` is the one mapping from an error to its status, and
+:func:`counted` the one place a request is counted by the code it ended with:
+a unary call aborts with the status, a stream message gets it as its own
+``StreamError`` so a bad message never ends the stream. :func:`add_to_server` registers the
 methods with a parser that turns undecodable bytes into INVALID_ARGUMENT
 (grpcio's default answers them with UNKNOWN, and a stream would hang) and
 counts every message's bytes against the worker's budget (:class:`Received`).
@@ -23,10 +24,10 @@ import grpc
 from google.protobuf import message, message_factory
 
 from roundtrip.client import arrays
-from roundtrip.client.messages import RoundTripResult
 from roundtrip.server.admission import ByteBudget, Reservation, answer_bytes, working_set_bytes
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
+from roundtrip.server.engine import RoundTripAnswer
 from roundtrip.server.errors import InvalidArgument, RequestError, ShuttingDown
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
@@ -171,47 +172,85 @@ def dropped_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode
     return grpc.StatusCode.CANCELLED
 
 
-def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
-    """Answer a :class:`RequestError` with its status; anything else is INTERNAL and logged.
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How a request ended when it was not answered: its status code and message."""
 
-    Also the one place that counts every unary request by status code and times it.
+    code: grpc.StatusCode
+    message: str
+
+
+def failure_of(error: Exception) -> Failure:
+    """The one mapping from an exception to a status, for unary calls and stream messages alike.
+
+    A :class:`RequestError` carries its own code and message; anything else is a bug in the
+    worker: INTERNAL for this request alone, logged with its traceback.
+
+    >>> failure_of(InvalidArgument("features must be >= 1 (got 0)")).code.name
+    'INVALID_ARGUMENT'
     """
+    if isinstance(error, RequestError):
+        log.debug("request refused", extra={"code": error.code.name, "error": error.message})
+        return Failure(error.code, error.message)
+    log.exception("unexpected error", extra={"code": "INTERNAL"})
+    return Failure(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+
+
+async def counted(
+    metrics: WorkerMetrics,
+    method: str,
+    context: grpc.aio.ServicerContext[Any, Any],
+    work: Callable[[], Awaitable[Response]],
+) -> Response | Failure:
+    """Run one request's ``work``; count it once, by the code it really ended with.
+
+    An error becomes its :class:`Failure` (returned, for the caller to answer with); a
+    cancel is counted as :func:`dropped_code` says and propagates.
+    """
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    metrics.inflight.inc()
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        code = dropped_code(context)
+        raise
+    except Exception as error:
+        failure = failure_of(error)
+        code = failure.code
+        return failure
+    finally:
+        metrics.inflight.dec()
+        metrics.observe_rpc(method, code.name, time.perf_counter() - started)
+
+
+def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
+    """A unary method answered through :func:`counted`: a failure aborts with its status."""
 
     @functools.wraps(method)
     async def wrapper(
         self: RoundTripServicer, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        self.metrics.inflight.inc()
-        self.calls.enter()
-        try:
+        async def work() -> Response:
             if isinstance(received.message, Unparseable):
                 raise received.message.error()
             self.calls.check_accepting()
             return await method(self, received, context)
-        except RequestError as error:
-            code = error.code
-            log.debug("request refused", extra={"code": code.name, "error": error.message})
-            await context.abort(error.code, error.message)
-        except asyncio.CancelledError:
-            code = dropped_code(context)
-            raise
-        except Exception as error:  # a bug: keep serving, tell the caller and the operator
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unexpected error", extra={"code": "INTERNAL"})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+
+        self.calls.enter()
+        try:
+            outcome = await counted(self.metrics, method.__name__, context, work)
+            if isinstance(outcome, Failure):
+                await context.abort(outcome.code, outcome.message)
+            return outcome
         finally:
             received.held.release()
             self.calls.leave()
-            self.metrics.inflight.dec()
-            self.metrics.observe_rpc(method.__name__, code.name, time.perf_counter() - started)
-        raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
 
 
-def encode_result(result: RoundTripResult) -> pb.RoundTripResponse:
+def encode_result(result: RoundTripAnswer) -> pb.RoundTripResponse:
     response = pb.RoundTripResponse(
         orig_sum=result.orig_sum,
         merged_sum=result.merged_sum,
@@ -327,10 +366,11 @@ class RoundTripServicer:
                     "the worker is draining: every message it read was answered; "
                     "send the unanswered ones again on a new stream (another worker)"
                 )
-        except RequestError as error:
+        except Exception as error:  # the stream itself failed (not one of its messages)
+            failure = failure_of(error)
             seconds = time.perf_counter() - stream.started
-            self.metrics.observe_rpc("RoundTripStream", error.code.name, seconds)
-            await context.abort(error.code, error.message)
+            self.metrics.observe_rpc("RoundTripStream", failure.code.name, seconds)
+            await context.abort(failure.code, failure.message)
         finally:
             unwatch()
             stream.close()
@@ -415,38 +455,30 @@ class _OpenStream:
 
     async def _answer_one(self, received: Received) -> None:
         message: pb.RoundTripStreamRequest = received.message
-        metrics = self._servicer.metrics
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        metrics.inflight.inc()
+        servicer = self._servicer
         try:
-            response, held = await self._servicer.answer(
-                message.request, received.held.nbytes, self._deadline
-            )
-            self._owed.add(held)
-            self.answers.put_nowait(
-                _Answer(pb.RoundTripStreamResponse(id=message.id, response=response), held)
-            )
-        except RequestError as error:
-            code = error.code
-            self.answers.put_nowait(_Answer(stream_error(message.id, code, error.message)))
-        except asyncio.CancelledError:
-            code = dropped_code(self._context)
-            raise
-        except Exception as error:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unexpected error in stream", extra={"code": "INTERNAL"})
-            self.answers.put_nowait(
-                _Answer(stream_error(message.id, code, f"internal error: {error!r}"))
+            outcome = await counted(
+                servicer.metrics,
+                "RoundTripStream",
+                self._context,
+                functools.partial(
+                    servicer.answer, message.request, received.held.nbytes, self._deadline
+                ),
             )
         finally:
             received.held.release()
-            metrics.inflight.dec()
-            metrics.observe_rpc("RoundTripStream", code.name, time.perf_counter() - started)
+        if isinstance(outcome, Failure):
+            self.answers.put_nowait(_Answer(stream_error(message.id, outcome)))
+            return
+        response, held = outcome
+        self._owed.add(held)
+        self.answers.put_nowait(
+            _Answer(pb.RoundTripStreamResponse(id=message.id, response=response), held)
+        )
 
 
-def stream_error(message_id: int, code: grpc.StatusCode, text: str) -> pb.RoundTripStreamResponse:
+def stream_error(message_id: int, failure: Failure) -> pb.RoundTripStreamResponse:
     """One stream message's own error: the status a unary call would have ended with."""
     return pb.RoundTripStreamResponse(
-        id=message_id, error=pb.StreamError(code=code.value[0], message=text)
+        id=message_id, error=pb.StreamError(code=failure.code.value[0], message=failure.message)
     )

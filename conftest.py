@@ -1,4 +1,8 @@
-"""Fixtures that start real workers (subprocesses on port 0) and real clients."""
+"""Fixtures that start real workers (subprocesses on port 0) and real clients.
+
+At the repository root so the packages' doctests get them too: an example that calls a
+worker names ``worker_target``, the address of the session's shared worker.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from roundtrip.client import RoundTripClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tests"))  # tests/reference.py, the eager reference
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -172,6 +176,14 @@ def worker() -> Iterator[WorkerProcess]:
     """One worker shared by the contract tests (small batches, short delay)."""
     with serving_worker("--max-queue-delay-us", "500", "--warmup-shapes", "3:4") as process:
         yield process
+
+
+@pytest.fixture(autouse=True)
+def _doctest_worker(request: pytest.FixtureRequest, doctest_namespace: dict[str, object]) -> None:
+    """A doctest whose examples name ``worker_target`` gets the shared worker's address."""
+    examples = getattr(getattr(request.node, "dtest", None), "examples", ())
+    if any("worker_target" in example.source for example in examples):
+        doctest_namespace["worker_target"] = request.getfixturevalue("worker").target
 
 
 @pytest.fixture

@@ -1,0 +1,121 @@
+"""The ``roundtrip`` command: options where people put them, float32 answers, exit codes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import WorkerProcess, console_script
+from roundtrip.client import RoundTripClient
+
+CLI = console_script("roundtrip")
+WORKED_EXAMPLE = '{"orig_sum": -4.2219334, "merged_sum": -4.2219334, "max_abs_diff": 0.0}'
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, check=False, env=env)
+
+
+def unused_port() -> int:
+    """A port nothing listens on (bound, read, closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_call_prints_the_worked_example_in_float32_form(worker: WorkerProcess) -> None:
+    done = run("call", "--seed", "0", "--x", "1,2,3", "--features", "4", "--target", worker.target)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == WORKED_EXAMPLE
+
+
+def test_global_options_go_before_the_command_too(worker: WorkerProcess) -> None:
+    done = run("--target", worker.target, "call", "--seed", "0", "--x", "1,2,3", "--features", "4")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == WORKED_EXAMPLE
+
+
+def test_the_target_comes_from_the_environment(worker: WorkerProcess) -> None:
+    import os
+
+    env = {**os.environ, "ROUNDTRIP_TARGET": worker.target}
+    done = run("call", "--seed", "0", "--x", "1,2,3", "--features", "4", env=env)
+    assert done.stdout.strip() == WORKED_EXAMPLE, done.stderr
+
+
+def test_negative_values_in_x_are_numbers(worker: WorkerProcess) -> None:
+    done = run(
+        "call", "--seed", "3", "--x", "-1,2,-3.5", "--features", "2", "--target", worker.target
+    )
+    assert done.returncode == 0, done.stderr
+    with RoundTripClient(worker.target) as client:
+        expected = client.round_trip(3, [-1.0, 2.0, -3.5], 2)
+    printed = json.loads(done.stdout)
+    assert np.float32(printed["orig_sum"]) == np.float32(expected.orig_sum)
+    assert printed["orig_sum"] == float(str(np.float32(expected.orig_sum)))
+
+
+def test_outputs_print_in_their_dtype_shortest_form(worker: WorkerProcess) -> None:
+    done = run(
+        "call",
+        "--seed",
+        "0",
+        "--x",
+        "1,2,3",
+        "--features",
+        "4",
+        "--outputs",
+        "--target",
+        worker.target,
+    )
+    printed = json.loads(done.stdout)
+    with RoundTripClient(worker.target) as client:
+        expected = client.round_trip(0, [1.0, 2.0, 3.0], 4, return_outputs=True)
+    assert expected.orig_out is not None
+    assert np.array_equal(np.float32(printed["orig_out"]), expected.orig_out)
+    assert all(len(repr(value)) <= 12 for value in printed["orig_out"])  # not 17 digits
+
+
+def test_info_uses_the_same_snake_case_as_call(worker: WorkerProcess) -> None:
+    done = run("info", "--target", worker.target)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["jax_version"] == "0.10.2"
+    assert "max_inflight_bytes" in info["limits"]
+
+
+def test_a_refused_call_exits_one_with_the_status(worker: WorkerProcess) -> None:
+    done = run("call", "--seed", "0", "--x", "1,2,3", "--features", "0", "--target", worker.target)
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT: features must be >= 1" in done.stderr
+
+
+def test_an_unreachable_worker_is_a_clean_exit_two() -> None:
+    target = f"127.0.0.1:{unused_port()}"
+    done = run("call", "--seed", "0", "--x", "1", "--features", "1", "--target", target)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"roundtrip: no serving worker reachable at {target}")
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unreadable_token_file_is_a_clean_exit_two(worker: WorkerProcess) -> None:
+    done = run("info", "--target", worker.target, "--token-file", "/nonexistent/token")
+    assert done.returncode == 2
+    assert "No such file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_ready_says_whether_a_worker_is_serving(worker: WorkerProcess) -> None:
+    done = run("ready", "--target", worker.target)
+    assert (done.returncode, json.loads(done.stdout)["serving"]) == (0, True)
+    done = run("ready", "--target", f"127.0.0.1:{unused_port()}", "--timeout", "2")
+    assert (done.returncode, json.loads(done.stdout)["serving"]) == (1, False)
+
+
+@pytest.mark.parametrize("args", [["call", "--seed", "0"], ["frobnicate"], []])
+def test_usage_errors_exit_two(args: list[str]) -> None:
+    assert run(*args).returncode == 2
