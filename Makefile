@@ -13,7 +13,9 @@ METRICS_PORT ?= 9464
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
 
-.PHONY: setup serve test lint typecheck protolint protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
+DIST ?= dist
+
+.PHONY: setup wheel serve test lint typecheck protolint protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
 
 setup: $(VENV)/.synced
 
@@ -27,6 +29,11 @@ SYNC_FLAGS ?=
 $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 	$(UV) sync --frozen --extra server $(SYNC_FLAGS)
 	touch $@
+
+# The distribution (roundtrip-worker) as a wheel in $(DIST)/: `pip install` it where the
+# client is wanted, with the [server] extra where the worker runs.
+wheel: | $(UV)
+	$(UV) build --wheel --out-dir $(DIST) .
 
 serve: setup
 	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)

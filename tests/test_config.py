@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import subprocess
@@ -100,3 +101,56 @@ def test_every_roundtrip_variable_the_manifests_and_image_set_is_a_knob() -> Non
     }
     assert used, "the manifests set no ROUNDTRIP_ variables at all?"
     assert [(path, name) for path, name in sorted(used) if name not in known] == []
+
+
+#: Methods of WorkerConfig that read every field (validation, logging), so reading through
+#: them says nothing about whether a knob does anything.
+READ_ALL = {"__post_init__", "as_dict"}
+
+
+def config_reads(tree: ast.AST) -> set[str]:
+    """Attributes read off a ``config`` (``config.x``, ``self.config.x``) in ``tree``."""
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and (
+            (isinstance(node.value, ast.Name) and node.value.id == "config")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr in {"config", "_config"})
+        )
+    }
+
+
+def test_every_knob_is_read_outside_config() -> None:
+    """A knob only config.py reads does nothing (``drain_announce_s`` was such a knob).
+
+    A knob counts as read when the worker's other modules read it off their ``config``,
+    directly or through a WorkerConfig method that reads it (``warmup_pairs()`` reads
+    ``warmup_shapes``).
+    """
+    package = ROOT / "server" / "roundtrip" / "server"
+    read: set[str] = set()
+    for module in package.glob("*.py"):
+        if module.name != "config.py":
+            read |= config_reads(ast.parse(module.read_text()))
+    [config_class] = [
+        node
+        for node in ast.parse((package / "config.py").read_text()).body
+        if isinstance(node, ast.ClassDef) and node.name == "WorkerConfig"
+    ]
+    through_methods = {
+        method.name: {
+            node.attr
+            for node in ast.walk(method)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        }
+        for method in config_class.body
+        if isinstance(method, ast.FunctionDef) and method.name not in READ_ALL
+    }
+    for method, fields in through_methods.items():
+        if method in read:
+            read |= fields
+    knobs = {f.name for f in dataclasses.fields(WorkerConfig)}
+    assert knobs - read == set(), "knobs nothing outside config.py reads"

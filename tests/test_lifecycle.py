@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import WorkerProcess
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient
 from roundtrip.server.admission import container_memory_limit, default_inflight_bytes
 
@@ -118,3 +123,24 @@ def test_sigterm_during_a_long_warm_up_stops_promptly() -> None:
         assert "warm-up done" not in [e["event"] for e in worker.events]
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize("taken", ["--port", "--metrics-port"])
+def test_a_taken_port_stops_the_worker_with_status_two_and_says_which(taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        flags = {"--port": "0", "--metrics-port": "0", taken: str(port)}
+        done = subprocess.run(
+            [sys.executable, "-m", "roundtrip.server", *(x for kv in flags.items() for x in kv)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    [refusal] = [json.loads(line) for line in done.stderr.splitlines() if "cannot start" in line]
+    assert f"127.0.0.1:{port}" in refusal["event"]
+    assert f"choose another {taken}" in refusal["event"]

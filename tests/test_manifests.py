@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT
 
+from conftest import ROOT
+from roundtrip.client import __version__
 from roundtrip.server.config import WorkerConfig
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
@@ -211,3 +212,12 @@ def test_the_gpu_overlay_runs_the_cuda_image_on_a_gpu() -> None:
     assert container("overlays/gpu")["image"].endswith("-cuda")
     assert container("overlays/gpu")["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert not container("base")["image"].endswith("-cuda")
+
+
+def test_the_image_carries_the_distributions_name_and_version() -> None:
+    """One version: the package's, the manifests' tag and the image's labels agree."""
+    assert container("base")["image"] == f"registry.example.com/roundtrip-worker:{__version__}"
+    assert container("overlays/gpu")["image"].endswith(f":{__version__}-cuda")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'org.opencontainers.image.title="roundtrip-worker"' in dockerfile
+    assert f'org.opencontainers.image.version="{__version__}"' in dockerfile

@@ -8,19 +8,21 @@ only then does it refuse new calls (UNAVAILABLE) and finish the open ones.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
 import numpy as np
-from conftest import WorkerProcess
 from reference import reference
 
-from roundtrip.client import RoundTripClient, RoundTripError
+from conftest import WorkerProcess
+from roundtrip.client import AsyncRoundTripClient, RoundTripClient, RoundTripError
 from roundtrip.client.channel import SERVICE
 from roundtrip.client.messages import build_request, parse_response
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -174,3 +176,39 @@ def test_a_stream_on_a_draining_worker_goes_on_elsewhere_with_every_answer() -> 
     assert all(np.array_equal(o.as_list(), expected) for o in outcomes)  # type: ignore[attr-defined]
     drained = next(e for e in holder.events if e["event"] == "refusing")
     assert drained["all_finished"] is True
+
+
+def test_an_async_stream_from_an_async_source_goes_on_elsewhere_with_every_answer() -> None:
+    """The asyncio client, fed by an async generator: the same resume, and the request the
+    ended stream was waiting for is sent on the new one, not lost."""
+    workers = start_workers(0, 0)
+    target = "ipv4:" + ",".join(w.target for w in workers)
+    count = 3000
+    expected = reference(*CASE)
+
+    async def requests() -> AsyncIterator[tuple[int, np.ndarray, int]]:
+        for _ in range(count):
+            await asyncio.sleep(0.001)  # a steady stream of several seconds
+            yield CASE
+
+    async def consume() -> list[object]:
+        async with AsyncRoundTripClient(target, timeout=120) as client:
+            return [outcome async for outcome in client.stream(requests())]
+
+    streamed = 'roundtrip_requests_total{code="OK",method="RoundTripStream"}'
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            outcomes_future = pool.submit(asyncio.run, consume())
+            time.sleep(1.5)
+            [holder] = [w for w in workers if w.metric(streamed) > 0]
+            assert holder.terminate() == 0
+            outcomes = outcomes_future.result(120)
+            other = next(w for w in workers if w is not holder)
+            assert other.metric(streamed) > 0
+            assert other.terminate() == 0
+        finally:
+            for worker in workers:
+                worker.kill()
+    assert len(outcomes) == count
+    assert [str(o) for o in outcomes if isinstance(o, RoundTripError)] == []
+    assert all(np.array_equal(o.as_list(), expected) for o in outcomes)  # type: ignore[attr-defined]

@@ -1,0 +1,137 @@
+"""The wheel as another team installs it: no extras, outside the repository, checked by mypy.
+
+Builds the wheel with the project's pinned ``uv``, installs it into a fresh virtual
+environment (dependencies from PyPI, as any caller gets them) and, from a directory
+outside the repository, calls a worker, type-checks a caller with ``mypy --strict``,
+and checks that the thin client brought no JAX and the worker says which extra it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, WorkerProcess, console_script
+from roundtrip.client import __version__
+
+UV = ROOT / ".tools" / "bin" / "uv"
+
+GOOD_CALLER = """
+import sys
+
+from roundtrip.client import NO_DEADLINE, RoundTripClient, RoundTripResult
+
+
+def answer(target: str) -> list[float]:
+    with RoundTripClient(target, timeout=30) as client:
+        client.wait_until_serving(timeout=60)
+        result: RoundTripResult = client.round_trip(
+            0, [1.0, 2.0, 3.0], 4, timeout=NO_DEADLINE, metadata=[("x-request-id", "1")]
+        )
+        return result.as_list()
+
+
+if __name__ == "__main__":
+    print(answer(sys.argv[1]))
+"""
+
+BAD_CALLER = """
+from roundtrip.client import RoundTripClient
+
+
+def wrong(client: RoundTripClient) -> str:
+    return client.round_trip(0, [1.0], "4").orig_sum
+"""
+
+
+def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    return subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the wheel ``make wheel`` builds, a fresh venv's python with it installed, no extras)."""
+    if not UV.exists():
+        pytest.skip("make installs .tools/bin/uv")
+    place = tmp_path_factory.mktemp("caller")
+    built = run(
+        "make", "-C", ROOT, "--no-print-directory", "wheel", f"DIST={place / 'dist'}", cwd=place
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = (place / "dist").glob("*.whl")
+    made = run(UV, "venv", "--quiet", "--python", sys.executable, place / "venv", cwd=place)
+    assert made.returncode == 0, made.stderr
+    python = place / "venv" / "bin" / "python"
+    done = run(UV, "pip", "install", "--quiet", "--python", python, wheel, cwd=place)
+    assert done.returncode == 0, done.stderr
+    return wheel, python
+
+
+def test_the_wheel_is_named_and_licensed_as_the_project(installed: tuple[Path, Path]) -> None:
+    wheel, _ = installed
+    assert wheel.name == f"roundtrip_worker-{__version__}-py3-none-any.whl"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert f"roundtrip_worker-{__version__}.dist-info/licenses/LICENSE" in names
+    assert {"roundtrip/client/py.typed", "roundtrip/v1/py.typed"} <= set(names)
+
+
+def test_a_caller_outside_the_repository_gets_the_answer(
+    installed: tuple[Path, Path], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    _, python = installed
+    (tmp_path / "caller.py").write_text(GOOD_CALLER)
+    done = run(python, "caller.py", worker.target, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[-4.221933364868164, -4.221933364868164, 0.0]"
+    where = run(python, "-c", "import roundtrip.client as c; print(c.__file__)", cwd=tmp_path)
+    assert "site-packages" in where.stdout  # not this repository's sources
+
+
+def test_the_thin_client_brings_no_jax(installed: tuple[Path, Path], tmp_path: Path) -> None:
+    _, python = installed
+    done = run(python, "-c", "import jax", cwd=tmp_path)
+    assert "No module named 'jax'" in done.stderr
+
+
+def test_the_worker_without_its_extra_says_which_to_install(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, python = installed
+    done = run(python.parent / "roundtrip-server", "--port", "0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "pip install 'roundtrip-worker[server]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_mypy_strict_sees_the_clients_real_types(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A correct caller passes; a wrong one fails, which it could not if the client were Any."""
+    _, python = installed
+    (tmp_path / "good.py").write_text(GOOD_CALLER)
+    (tmp_path / "bad.py").write_text(BAD_CALLER)
+    mypy = [console_script("mypy"), "--strict", "--python-executable", python]
+    good = run(*mypy, "good.py", cwd=tmp_path)
+    assert good.returncode == 0, good.stdout
+    bad = run(*mypy, "bad.py", cwd=tmp_path)
+    assert bad.returncode == 1, bad.stdout
+    assert 'Argument 3 to "round_trip" of "RoundTripClient" has incompatible type "str"' in (
+        bad.stdout
+    )
+    assert 'Incompatible return value type (got "float", expected "str")' in bad.stdout
+
+
+def test_the_readme_installs_what_the_tests_install() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make wheel" in readme
+    assert f"pip install dist/roundtrip_worker-{__version__}-py3-none-any.whl" in readme
+    assert "pip install roundtrip " not in readme
+    assert "pip install roundtrip`" not in readme
