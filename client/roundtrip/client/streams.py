@@ -23,13 +23,13 @@ import grpc
 import numpy.typing as npt
 
 from roundtrip.client import errors
-from roundtrip.client.messages import RoundTripResult, build_request, parse_response
+from roundtrip.client.messages import Integer, RoundTripResult, build_request, parse_response
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 StreamOutcome = RoundTripResult | errors.RoundTripError
 """What ``stream`` yields per request: its result, or its error (yielded, not raised)."""
 
-StreamRequest = tuple[int, npt.ArrayLike, int]
+StreamRequest = tuple[Integer, npt.ArrayLike, Integer]
 """One stream request: ``(seed, x, features)``, the arguments of ``round_trip``."""
 
 #: How often one ``stream`` call reopens its stream after a worker drained it, and the
