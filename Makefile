@@ -41,8 +41,8 @@ serve: setup
 test: lint typecheck protolint check-protos deploy-check pytest image-test
 
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 
 typecheck: setup
 	$(BIN)/mypy

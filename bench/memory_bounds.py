@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import WorkerProcess  # noqa: E402 (the tests' worker launcher)
-
 from roundtrip.client.channel import channel_options  # noqa: E402
 from roundtrip.client.messages import build_request, parse_response  # noqa: E402
 from roundtrip.server.admission import working_set_bytes  # noqa: E402

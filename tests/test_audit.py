@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess, metric_value, serving_worker
 
+from conftest import WorkerProcess, metric_value, serving_worker
 from roundtrip.client import RoundTripClient
 from roundtrip.server.audit import Auditor, AuditOutcome
 from roundtrip.server.engine import RoundTripInput

@@ -6,9 +6,9 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from conftest import WorkerProcess
 from reference import reference
 
+from conftest import WorkerProcess
 from roundtrip.client import AsyncRoundTripClient, RoundTripClient
 
 SHAPES = [((3,), 4), ((64,), 64), ((7,), 1), ((1,), 5), ((2, 5), 3), ((3, 1), 4)]

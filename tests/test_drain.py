@@ -9,10 +9,10 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
-from conftest import WorkerProcess
 from grpc_health.v1 import health_pb2
 from reference import reference
 
+from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient, RoundTripError
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import WorkerProcess, serving_worker
 
+from conftest import WorkerProcess, serving_worker
 from roundtrip.client import InvalidArgumentError, ResourceExhaustedError, RoundTripClient
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc

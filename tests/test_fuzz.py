@@ -16,12 +16,12 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import WorkerProcess, serving_worker
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference import reference
 
+from conftest import WorkerProcess, serving_worker
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 

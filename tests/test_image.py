@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess
 from reference import reference
 
+from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient, RoundTripError
 
 IMAGE = os.environ.get("ROUNDTRIP_IMAGE", "")

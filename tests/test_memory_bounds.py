@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import WorkerProcess, serving_worker
 from reference import reference
 
+from conftest import WorkerProcess, serving_worker
 from roundtrip.client import ResourceExhaustedError, RoundTripClient, RoundTripError
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request

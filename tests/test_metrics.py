@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT, WorkerProcess, metric_value, serving_worker
 
+from conftest import ROOT, WorkerProcess, metric_value, serving_worker
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.client.messages import build_request
 from roundtrip.server.metrics import METRIC_NAMES

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess, metric_value, serving_worker
 from grpc_health.v1 import health_pb2
 from reference import reference
 
+from conftest import WorkerProcess, metric_value, serving_worker
 from roundtrip.client import AsyncRoundTripClient, ResourceExhaustedError, RoundTripResult
 
 QUEUE = 4

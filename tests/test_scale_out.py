@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess
 from reference import reference
 
+from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient
 
 CASES = [(seed, np.float32([1.0, 2.0, 3.0]) * (seed % 5 + 1), 4) for seed in range(40)]

@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from conftest import WorkerProcess, metric_value, serving_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import WorkerProcess, metric_value, serving_worker
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
 from roundtrip.client.channel import tls_credentials
 

@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 import numpy as np
-from conftest import WorkerProcess
 from reference import reference
 
+from conftest import WorkerProcess
 from roundtrip.client import AsyncRoundTripClient, InvalidArgumentError, RoundTripClient
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
