@@ -48,6 +48,21 @@ def test_readme_cli_command_runs(worker: WorkerProcess, line: str) -> None:
     assert done.stdout
 
 
+@pytest.mark.parametrize("line", shell_lines("echo "))
+def test_readme_piped_cli_command_runs(worker: WorkerProcess, line: str) -> None:
+    source, _, command = line.partition(" | ")
+    args = shlex.split(command.replace(DEFAULT_TARGET, worker.target))
+    assert args[0] == "roundtrip"
+    done = subprocess.run(
+        [console_script("roundtrip"), *args[1:]],
+        input=shlex.split(source)[1] + "\n",
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "-4.2219334" in done.stdout
+
+
 @pytest.mark.parametrize("line", shell_lines("buf curl"))
 def test_readme_buf_curl_command_runs(worker: WorkerProcess, line: str) -> None:
     args = shlex.split(line.replace(DEFAULT_TARGET, worker.target))[1:]

@@ -22,7 +22,7 @@ from roundtrip.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from roundtrip.client.messages import RoundTripResult
+from roundtrip.client.messages import Outcome, RoundTripResult
 from roundtrip.client.streams import StreamOutcome
 from roundtrip.client.sync import RoundTripClient
 from roundtrip.client.version import __version__
@@ -33,6 +33,7 @@ __all__ = [
     "DeadlineExceededError",
     "InternalError",
     "InvalidArgumentError",
+    "Outcome",
     "ResourceExhaustedError",
     "RoundTripClient",
     "RoundTripError",

@@ -36,7 +36,15 @@ from roundtrip.client.channel import (
     ready_pause,
 )
 from roundtrip.client.channel import channel_options as build_channel_options
-from roundtrip.client.messages import Integer, RoundTripResult, build_request, parse_response
+from roundtrip.client.messages import (
+    Integer,
+    Outcome,
+    RoundTripResult,
+    build_batch,
+    build_request,
+    parse_outcome,
+    parse_response,
+)
 from roundtrip.client.streams import (
     STREAM_RESUME_BACKOFF_S,
     AsyncUnanswered,
@@ -45,7 +53,6 @@ from roundtrip.client.streams import (
     StreamRequest,
     async_stream_messages,
     resumable,
-    stream_outcome,
 )
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -115,6 +122,33 @@ class AsyncRoundTripClient:
             raise errors.from_rpc_error(error) from None
         return parse_response(response)
 
+    async def round_trip_many(
+        self,
+        requests: Iterable[StreamRequest],
+        *,
+        timeout: Timeout = None,
+        metadata: Metadata = (),
+        dtype: str = "float32",
+        return_outputs: bool = False,
+    ) -> list[Outcome]:
+        """Run many ``(seed, x, features)`` in one ``RoundTripBatch`` call; outcomes in order,
+        refusals returned (not raised), as the blocking client's ``round_trip_many``.
+
+        Raises:
+            ValueError: a request's seed, features, x or dtype is unusable.
+            RoundTripError: the call itself failed (its subclass names the status).
+        """
+        batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
+        try:
+            response = await self._stub.RoundTripBatch(
+                batch,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
+            )
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return [parse_outcome(outcome) for outcome in response.outcomes]
+
     async def stream(
         self,
         requests: AsyncIterable[StreamRequest] | Iterable[StreamRequest],
@@ -145,7 +179,7 @@ class AsyncRoundTripClient:
                 try:
                     async for message in call:
                         pending.answered(message.id)
-                        for outcome in order.push(message.id, stream_outcome(message)):
+                        for outcome in order.push(message.id, parse_outcome(message)):
                             yield outcome
                     return
                 except grpc.RpcError as error:

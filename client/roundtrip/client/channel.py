@@ -30,6 +30,7 @@ SERVICE_CONFIG: dict[str, Any] = {
         {
             "name": [
                 {"service": SERVICE, "method": "RoundTrip"},
+                {"service": SERVICE, "method": "RoundTripBatch"},
                 {"service": SERVICE, "method": "GetServerInfo"},
             ],
             "retryPolicy": {

@@ -3,6 +3,7 @@
     roundtrip call --seed 0 --x 1,2,3 --features 4 [--target 127.0.0.1:50051]
     roundtrip --target 127.0.0.1:50051 info
     roundtrip ready [--wait 30]
+    roundtrip many < requests.jsonl     one {"seed": 0, "x": [1, 2, 3], "features": 4} per line
 
 Global options (``--target``, ``--timeout``, TLS and token files) go before or after the
 command; ``--target`` defaults to ``$ROUNDTRIP_TARGET``, then ``127.0.0.1:50051``. TLS:
@@ -11,9 +12,11 @@ command; ``--target`` defaults to ``$ROUNDTRIP_TARGET``, then ``127.0.0.1:50051`
 
 Output is JSON with snake_case keys, the proto's field names. Answers are float32 and print
 in their shortest float32 form (``-4.2219334``, not the double ``-4.221933364868164``).
-Exit status: 0 done; 1 the worker answered the call with an error (status and message on
-stderr) or, for ``ready``, is not serving; 2 a usage error, an unreadable file, or no
-serving worker reachable at the target.
+``many`` sends its lines as one ``RoundTripBatch`` and prints one line per request, in order:
+the result, or ``{"error": {"code": ..., "message": ...}}``.
+Exit status: 0 done; 1 the worker answered the call (or, for ``many``, any request) with an
+error (status and message on stderr), or, for ``ready``, is not serving; 2 a usage error,
+an unreadable file or input line, or no serving worker reachable at the target.
 
 >>> float32_json(-4.221933364868164)
 -4.2219334
@@ -36,7 +39,7 @@ from google.protobuf import json_format
 
 from roundtrip.client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, tls_credentials
 from roundtrip.client.errors import DeadlineExceededError, RoundTripError, UnavailableError
-from roundtrip.client.messages import RoundTripResult
+from roundtrip.client.messages import Outcome, RoundTripResult
 from roundtrip.client.sync import RoundTripClient
 
 TARGET_ENV = "ROUNDTRIP_TARGET"
@@ -122,7 +125,41 @@ def parser() -> argparse.ArgumentParser:
     ready.add_argument(
         "--wait", type=float, default=0.0, help="wait up to this many seconds for it"
     )
+    many = commands.add_parser(
+        "many", help="run the JSON lines of stdin as one RoundTripBatch; print one line each"
+    )
+    _global_options(many, defaults=False)
+    many.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"]
+    )
     return root
+
+
+def read_requests(lines: Sequence[str]) -> list[tuple[int, Any, int]]:
+    """``{"seed": 0, "x": [1, 2, 3], "features": 4}`` per line (blank lines skipped).
+
+    >>> read_requests(['{"seed": 0, "x": [1, 2, 3], "features": 4}', ""])
+    [(0, [1, 2, 3], 4)]
+    """
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            requests.append((item["seed"], item["x"], item["features"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f'line {number}: not {{"seed": ..., "x": [...], "features": ...}} '
+                f"({type(error).__name__}: {error})"
+            ) from None
+    return requests
+
+
+def outcome_json(outcome: Outcome) -> dict[str, Any]:
+    if isinstance(outcome, RoundTripError):
+        return {"error": {"code": outcome.code.name, "message": outcome.message}}
+    return result_json(outcome)
 
 
 def _attach_values(argv: Sequence[str]) -> list[str]:
@@ -164,6 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serving = client.is_serving()
                 print(json.dumps({"target": args.target, "serving": serving}))
                 return 0 if serving else 1
+            if args.command == "many":
+                try:
+                    requests = read_requests(sys.stdin.read().splitlines())
+                    outcomes = client.round_trip_many(requests, dtype=args.dtype)
+                except ValueError as error:
+                    return _fail(str(error), 2)
+                for outcome in outcomes:
+                    print(json.dumps(outcome_json(outcome)))
+                refused = [o for o in outcomes if isinstance(o, RoundTripError)]
+                if refused:
+                    return _fail(f"{len(refused)} of {len(outcomes)} requests refused", 1)
+                return 0
             if args.command == "info":
                 info = json_format.MessageToDict(
                     client.server_info(), preserving_proto_field_name=True

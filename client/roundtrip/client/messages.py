@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from roundtrip.client import arrays
+from roundtrip.client import arrays, errors
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -97,3 +98,36 @@ def parse_response(response: pb.RoundTripResponse) -> RoundTripResult:
             arrays.from_proto(response.merged_out, field="merged_out") if has_outputs else None
         ),
     )
+
+
+Outcome = RoundTripResult | errors.RoundTripError
+"""One request's outcome among many (a stream's or a batch's): its result, or its error."""
+
+
+def parse_outcome(message: pb.RoundTripStreamResponse | pb.RoundTripBatchOutcome) -> Outcome:
+    """A stream answer or a batch outcome as its result, or as its error (not raised)."""
+    if message.HasField("error"):
+        return errors.from_rpc_code(message.error.code, message.error.message)
+    return parse_response(message.response)
+
+
+def build_batch(
+    requests: Iterable[tuple[Integer, npt.ArrayLike, Integer]],
+    *,
+    dtype: str = "float32",
+    return_outputs: bool = False,
+) -> pb.RoundTripBatchRequest:
+    """A ``RoundTripBatchRequest`` of ``(seed, x, features)`` tuples (``ValueError`` as for
+    :func:`build_request`, naming the request's index).
+
+    >>> len(build_batch([(0, [1.0, 2.0], 3), (1, [4.0], 1)]).requests)
+    2
+    """
+    batch = pb.RoundTripBatchRequest()
+    for index, (seed, x, features) in enumerate(requests):
+        try:
+            request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
+        except ValueError as error:
+            raise ValueError(f"request {index}: {error}") from None
+        batch.requests.append(request)
+    return batch

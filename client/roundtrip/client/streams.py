@@ -22,11 +22,10 @@ from typing import Generic, TypeVar
 import grpc
 import numpy.typing as npt
 
-from roundtrip.client import errors
-from roundtrip.client.messages import Integer, RoundTripResult, build_request, parse_response
+from roundtrip.client.messages import Integer, Outcome, build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
 
-StreamOutcome = RoundTripResult | errors.RoundTripError
+StreamOutcome = Outcome
 """What ``stream`` yields per request: its result, or its error (yielded, not raised)."""
 
 StreamRequest = tuple[Integer, npt.ArrayLike, Integer]
@@ -73,13 +72,6 @@ async def async_stream_messages(
     async for request in requests:
         yield stream_message(index, request, dtype, return_outputs)
         index += 1
-
-
-def stream_outcome(message: pb.RoundTripStreamResponse) -> StreamOutcome:
-    """One answer of a stream as its result, or as its error."""
-    if message.HasField("error"):
-        return errors.from_rpc_code(message.error.code, message.error.message)
-    return parse_response(message.response)
 
 
 class InOrder(Generic[T]):

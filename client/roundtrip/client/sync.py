@@ -33,7 +33,15 @@ from roundtrip.client.channel import (
     ready_pause,
 )
 from roundtrip.client.channel import channel_options as build_channel_options
-from roundtrip.client.messages import Integer, RoundTripResult, build_request, parse_response
+from roundtrip.client.messages import (
+    Integer,
+    Outcome,
+    RoundTripResult,
+    build_batch,
+    build_request,
+    parse_outcome,
+    parse_response,
+)
 from roundtrip.client.streams import (
     STREAM_RESUME_BACKOFF_S,
     InOrder,
@@ -42,7 +50,6 @@ from roundtrip.client.streams import (
     Unanswered,
     resumable,
     stream_messages,
-    stream_outcome,
 )
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -145,6 +152,40 @@ class RoundTripClient:
             raise errors.from_rpc_error(error) from None
         return parse_response(response)
 
+    def round_trip_many(
+        self,
+        requests: Iterable[StreamRequest],
+        *,
+        timeout: Timeout = None,
+        metadata: Metadata = (),
+        dtype: str = "float32",
+        return_outputs: bool = False,
+    ) -> list[Outcome]:
+        """Run many ``(seed, x, features)`` in one ``RoundTripBatch`` call; outcomes in order.
+
+        Each request is answered exactly as ``round_trip`` would answer it alone; one the
+        worker refuses comes back as its :class:`~roundtrip.client.errors.RoundTripError`
+        (not raised) and the others are answered. The worker takes at most
+        ``max_batch_items`` (:meth:`server_info`) per call.
+
+        Raises:
+            ValueError: a request's seed, features, x or dtype is unusable (its index is
+                named); nothing is sent.
+            RoundTripError: the call itself failed: too many items
+                (``ResourceExhaustedError``), a message over ``max_message_bytes``, no
+                serving worker, the deadline.
+        """
+        batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
+        try:
+            response = self._stub.RoundTripBatch(
+                batch,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
+            )
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return [parse_outcome(outcome) for outcome in response.outcomes]
+
     def stream(
         self,
         requests: Iterable[StreamRequest],
@@ -179,7 +220,7 @@ class RoundTripClient:
             try:
                 for message in calls:
                     pending.answered(message.id)
-                    yield from order.push(message.id, stream_outcome(message))
+                    yield from order.push(message.id, parse_outcome(message))
                 return
             except grpc.RpcError as error:
                 pending.end_stream()

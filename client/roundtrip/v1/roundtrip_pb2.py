@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1croundtrip/v1/roundtrip.proto\x12\x0croundtrip.v1\"W\n\x05\x41rray\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.roundtrip.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x03(\x01\"j\n\x10RoundTripRequest\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x1e\n\x01x\x18\x02 \x01(\x0b\x32\x13.roundtrip.v1.Array\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x03\x12\x16\n\x0ereturn_outputs\x18\x04 \x01(\x08\"\x9f\x01\n\x11RoundTripResponse\x12\x10\n\x08orig_sum\x18\x01 \x01(\x01\x12\x12\n\nmerged_sum\x18\x02 \x01(\x01\x12\x14\n\x0cmax_abs_diff\x18\x03 \x01(\x01\x12%\n\x08orig_out\x18\x04 \x01(\x0b\x32\x13.roundtrip.v1.Array\x12\'\n\nmerged_out\x18\x05 \x01(\x0b\x32\x13.roundtrip.v1.Array\"U\n\x16RoundTripStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1e.roundtrip.v1.RoundTripRequest\"\x91\x01\n\x17RoundTripStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32\x1f.roundtrip.v1.RoundTripResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.roundtrip.v1.StreamErrorH\x00\x42\t\n\x07outcome\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xef\x01\n\x06Limits\x12\x16\n\x0emax_x_elements\x18\x01 \x01(\x03\x12\x14\n\x0cmax_features\x18\x02 \x01(\x03\x12\x17\n\x0fmax_param_bytes\x18\x03 \x01(\x03\x12\x1b\n\x13max_output_elements\x18\x04 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x03\x12\x1a\n\x12max_queue_delay_us\x18\x07 \x01(\x03\x12\x16\n\x0emax_queue_size\x18\x08 \x01(\x03\x12\x1a\n\x12max_inflight_bytes\x18\t \x01(\x03\"\xe4\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eworker_version\x18\x01 \x01(\t\x12\x13\n\x0bjax_version\x18\x02 \x01(\t\x12\x14\n\x0c\x66lax_version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\x13\n\x0bx64_enabled\x18\x06 \x01(\x08\x12$\n\x06limits\x18\x07 \x01(\x0b\x32\x14.roundtrip.v1.Limits\x12\x15\n\rnumpy_version\x18\x08 \x01(\t\x12\x14\n\x0cgrpc_version\x18\t \x01(\t*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x32\x9e\x02\n\x10RoundTripService\x12L\n\tRoundTrip\x12\x1e.roundtrip.v1.RoundTripRequest\x1a\x1f.roundtrip.v1.RoundTripResponse\x12\x62\n\x0fRoundTripStream\x12$.roundtrip.v1.RoundTripStreamRequest\x1a%.roundtrip.v1.RoundTripStreamResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".roundtrip.v1.GetServerInfoRequest\x1a#.roundtrip.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1croundtrip/v1/roundtrip.proto\x12\x0croundtrip.v1\"W\n\x05\x41rray\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.roundtrip.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x03(\x01\"j\n\x10RoundTripRequest\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x1e\n\x01x\x18\x02 \x01(\x0b\x32\x13.roundtrip.v1.Array\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x03\x12\x16\n\x0ereturn_outputs\x18\x04 \x01(\x08\"\x9f\x01\n\x11RoundTripResponse\x12\x10\n\x08orig_sum\x18\x01 \x01(\x01\x12\x12\n\nmerged_sum\x18\x02 \x01(\x01\x12\x14\n\x0cmax_abs_diff\x18\x03 \x01(\x01\x12%\n\x08orig_out\x18\x04 \x01(\x0b\x32\x13.roundtrip.v1.Array\x12\'\n\nmerged_out\x18\x05 \x01(\x0b\x32\x13.roundtrip.v1.Array\"U\n\x16RoundTripStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1e.roundtrip.v1.RoundTripRequest\"\x91\x01\n\x17RoundTripStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32\x1f.roundtrip.v1.RoundTripResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.roundtrip.v1.StreamErrorH\x00\x42\t\n\x07outcome\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"I\n\x15RoundTripBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.roundtrip.v1.RoundTripRequest\"O\n\x16RoundTripBatchResponse\x12\x35\n\x08outcomes\x18\x01 \x03(\x0b\x32#.roundtrip.v1.RoundTripBatchOutcome\"\x83\x01\n\x15RoundTripBatchOutcome\x12\x33\n\x08response\x18\x01 \x01(\x0b\x32\x1f.roundtrip.v1.RoundTripResponseH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.roundtrip.v1.StreamErrorH\x00\x42\t\n\x07outcome\"\x16\n\x14GetServerInfoRequest\"\x88\x02\n\x06Limits\x12\x16\n\x0emax_x_elements\x18\x01 \x01(\x03\x12\x14\n\x0cmax_features\x18\x02 \x01(\x03\x12\x17\n\x0fmax_param_bytes\x18\x03 \x01(\x03\x12\x1b\n\x13max_output_elements\x18\x04 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x03\x12\x1a\n\x12max_queue_delay_us\x18\x07 \x01(\x03\x12\x16\n\x0emax_queue_size\x18\x08 \x01(\x03\x12\x1a\n\x12max_inflight_bytes\x18\t \x01(\x03\x12\x17\n\x0fmax_batch_items\x18\n \x01(\x03\"\xe4\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eworker_version\x18\x01 \x01(\t\x12\x13\n\x0bjax_version\x18\x02 \x01(\t\x12\x14\n\x0c\x66lax_version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\x13\n\x0bx64_enabled\x18\x06 \x01(\x08\x12$\n\x06limits\x18\x07 \x01(\x0b\x32\x14.roundtrip.v1.Limits\x12\x15\n\rnumpy_version\x18\x08 \x01(\t\x12\x14\n\x0cgrpc_version\x18\t \x01(\t*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x32\xfb\x02\n\x10RoundTripService\x12L\n\tRoundTrip\x12\x1e.roundtrip.v1.RoundTripRequest\x1a\x1f.roundtrip.v1.RoundTripResponse\x12\x62\n\x0fRoundTripStream\x12$.roundtrip.v1.RoundTripStreamRequest\x1a%.roundtrip.v1.RoundTripStreamResponse(\x01\x30\x01\x12[\n\x0eRoundTripBatch\x12#.roundtrip.v1.RoundTripBatchRequest\x1a$.roundtrip.v1.RoundTripBatchResponse\x12X\n\rGetServerInfo\x12\".roundtrip.v1.GetServerInfoRequest\x1a#.roundtrip.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundtrip.v1.roundtrip_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1183
-  _globals['_DTYPE']._serialized_end=1290
+  _globals['_DTYPE']._serialized_start=1498
+  _globals['_DTYPE']._serialized_end=1605
   _globals['_ARRAY']._serialized_start=46
   _globals['_ARRAY']._serialized_end=133
   _globals['_ROUNDTRIPREQUEST']._serialized_start=135
@@ -45,12 +45,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDTRIPSTREAMRESPONSE']._serialized_end=638
   _globals['_STREAMERROR']._serialized_start=640
   _globals['_STREAMERROR']._serialized_end=684
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=686
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=708
-  _globals['_LIMITS']._serialized_start=711
-  _globals['_LIMITS']._serialized_end=950
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=953
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1181
-  _globals['_ROUNDTRIPSERVICE']._serialized_start=1293
-  _globals['_ROUNDTRIPSERVICE']._serialized_end=1579
+  _globals['_ROUNDTRIPBATCHREQUEST']._serialized_start=686
+  _globals['_ROUNDTRIPBATCHREQUEST']._serialized_end=759
+  _globals['_ROUNDTRIPBATCHRESPONSE']._serialized_start=761
+  _globals['_ROUNDTRIPBATCHRESPONSE']._serialized_end=840
+  _globals['_ROUNDTRIPBATCHOUTCOME']._serialized_start=843
+  _globals['_ROUNDTRIPBATCHOUTCOME']._serialized_end=974
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=976
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=998
+  _globals['_LIMITS']._serialized_start=1001
+  _globals['_LIMITS']._serialized_end=1265
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1268
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1496
+  _globals['_ROUNDTRIPSERVICE']._serialized_start=1608
+  _globals['_ROUNDTRIPSERVICE']._serialized_end=1987
 # @@protoc_insertion_point(module_scope)

@@ -221,7 +221,9 @@ Global___RoundTripStreamResponse: _TypeAlias = RoundTripStreamResponse  # noqa: 
 
 @_typing.final
 class StreamError(_message.Message):
-    """The status a unary RoundTrip would have ended with for the same request."""
+    """The status a unary RoundTrip would have ended with for the same request (one
+    stream message, or one item of a RoundTripBatchRequest).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -243,6 +245,84 @@ class StreamError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamError: _TypeAlias = StreamError  # noqa: Y015
+
+@_typing.final
+class RoundTripBatchRequest(_message.Message):
+    """Many requests in one unary call. Each is answered as if sent alone (the same
+    checks, limits and bits); they join the same per-shape batches as unary and
+    stream traffic. At most Limits.max_batch_items of them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundTripRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___RoundTripRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundTripBatchRequest: _TypeAlias = RoundTripBatchRequest  # noqa: Y015
+
+@_typing.final
+class RoundTripBatchResponse(_message.Message):
+    """One outcome per request, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundTripBatchOutcome]: ...
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___RoundTripBatchOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundTripBatchResponse: _TypeAlias = RoundTripBatchResponse  # noqa: Y015
+
+@_typing.final
+class RoundTripBatchOutcome(_message.Message):
+    """The answer to one request of a RoundTripBatchRequest: its response, or its own
+    error (the status a unary RoundTrip would have ended with). One bad request
+    never fails the others.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___RoundTripResponse: ...
+    @_builtins.property
+    def error(self) -> Global___StreamError: ...
+    def __init__(
+        self,
+        *,
+        response: Global___RoundTripResponse | None = ...,
+        error: Global___StreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___RoundTripBatchOutcome: _TypeAlias = RoundTripBatchOutcome  # noqa: Y015
 
 @_typing.final
 class GetServerInfoRequest(_message.Message):
@@ -276,6 +356,7 @@ class Limits(_message.Message):
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_ITEMS_FIELD_NUMBER: _builtins.int
     max_x_elements: _builtins.int
     max_features: _builtins.int
     max_param_bytes: _builtins.int
@@ -286,6 +367,8 @@ class Limits(_message.Message):
     max_queue_size: _builtins.int
     max_inflight_bytes: _builtins.int
     """Bytes of admitted work held at once (max_inflight_bytes, resolved)."""
+    max_batch_items: _builtins.int
+    """Most requests one RoundTripBatchRequest may hold."""
     def __init__(
         self,
         *,
@@ -298,10 +381,11 @@ class Limits(_message.Message):
         max_queue_delay_us: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
         max_inflight_bytes: _builtins.int = ...,
+        max_batch_items: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_features", b"max_features", "max_inflight_bytes", b"max_inflight_bytes", "max_message_bytes", b"max_message_bytes", "max_output_elements", b"max_output_elements", "max_param_bytes", b"max_param_bytes", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "max_x_elements", b"max_x_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_size", b"max_batch_size", "max_features", b"max_features", "max_inflight_bytes", b"max_inflight_bytes", "max_message_bytes", b"max_message_bytes", "max_output_elements", b"max_output_elements", "max_param_bytes", b"max_param_bytes", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "max_x_elements", b"max_x_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

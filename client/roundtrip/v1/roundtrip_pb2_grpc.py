@@ -44,6 +44,11 @@ class RoundTripServiceStub:
                 request_serializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripStreamRequest.SerializeToString,
                 response_deserializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripStreamResponse.FromString,
                 _registered_method=True)
+        self.RoundTripBatch = channel.unary_unary(
+                '/roundtrip.v1.RoundTripService/RoundTripBatch',
+                request_serializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripBatchRequest.SerializeToString,
+                response_deserializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripBatchResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/roundtrip.v1.RoundTripService/GetServerInfo',
                 request_serializer=roundtrip_dot_v1_dot_roundtrip__pb2.GetServerInfoRequest.SerializeToString,
@@ -70,6 +75,14 @@ class RoundTripServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RoundTripBatch(self, request, context):
+        """Many requests in one message, outcomes in request order; a bad request gets
+        its own error and the others are answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Versions, backend, devices and configured limits of this worker.
         """
@@ -89,6 +102,11 @@ def add_RoundTripServiceServicer_to_server(servicer, server):
                     servicer.RoundTripStream,
                     request_deserializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripStreamRequest.FromString,
                     response_serializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripStreamResponse.SerializeToString,
+            ),
+            'RoundTripBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RoundTripBatch,
+                    request_deserializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripBatchRequest.FromString,
+                    response_serializer=roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripBatchResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -150,6 +168,33 @@ class RoundTripService:
             '/roundtrip.v1.RoundTripService/RoundTripStream',
             roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripStreamRequest.SerializeToString,
             roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RoundTripBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundtrip.v1.RoundTripService/RoundTripBatch',
+            roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripBatchRequest.SerializeToString,
+            roundtrip_dot_v1_dot_roundtrip__pb2.RoundTripBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

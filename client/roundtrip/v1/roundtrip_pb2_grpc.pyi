@@ -45,6 +45,10 @@ class RoundTripServiceStub:
     carries the id of its request; a bad message gets its own error and the
     stream goes on.
     """
+    RoundTripBatch: _grpc.UnaryUnaryMultiCallable[_roundtrip_pb2.RoundTripBatchRequest, _roundtrip_pb2.RoundTripBatchResponse]
+    """Many requests in one message, outcomes in request order; a bad request gets
+    its own error and the others are answered.
+    """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_roundtrip_pb2.GetServerInfoRequest, _roundtrip_pb2.GetServerInfoResponse]
     """Versions, backend, devices and configured limits of this worker."""
 
@@ -57,6 +61,10 @@ class RoundTripServiceAsyncStub(RoundTripServiceStub):
     """Many requests over one stream for high-throughput callers. Each response
     carries the id of its request; a bad message gets its own error and the
     stream goes on.
+    """
+    RoundTripBatch: _aio.UnaryUnaryMultiCallable[_roundtrip_pb2.RoundTripBatchRequest, _roundtrip_pb2.RoundTripBatchResponse]  # type: ignore[assignment]
+    """Many requests in one message, outcomes in request order; a bad request gets
+    its own error and the others are answered.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_roundtrip_pb2.GetServerInfoRequest, _roundtrip_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """Versions, backend, devices and configured limits of this worker."""
@@ -79,6 +87,16 @@ class RoundTripServiceServicer(metaclass=_abc_1.ABCMeta):
         """Many requests over one stream for high-throughput callers. Each response
         carries the id of its request; a bad message gets its own error and the
         stream goes on.
+        """
+
+    @_abc_1.abstractmethod
+    def RoundTripBatch(
+        self,
+        request: _roundtrip_pb2.RoundTripBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_roundtrip_pb2.RoundTripBatchResponse, _abc.Awaitable[_roundtrip_pb2.RoundTripBatchResponse]]:
+        """Many requests in one message, outcomes in request order; a bad request gets
+        its own error and the others are answered.
         """
 
     @_abc_1.abstractmethod

@@ -65,6 +65,7 @@ def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetSer
             max_queue_delay_us=config.max_queue_delay_us,
             max_queue_size=config.max_queue_size,
             max_inflight_bytes=budget.limit,
+            max_batch_items=config.max_batch_items,
         ),
     )
 
@@ -295,6 +296,7 @@ async def start(config: WorkerConfig) -> Worker:
         auditor,
         budget,
         max_stream_inflight=config.max_stream_inflight,
+        max_batch_items=config.max_batch_items,
     )
     add_to_server(servicer, server)
     health_servicer = health_aio.HealthServicer()

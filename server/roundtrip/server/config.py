@@ -110,6 +110,12 @@ class WorkerConfig:
         "the stream until some are answered.",
         minimum=1,
     )
+    max_batch_items: int = _knob(
+        1024,
+        "Most requests one RoundTripBatch call may hold (RESOURCE_EXHAUSTED beyond); each "
+        "is still admitted, queued and limited as if sent alone.",
+        minimum=1,
+    )
     max_compiled: int = _knob(
         64, "Most compiled executables kept (least recently used is evicted).", minimum=1
     )

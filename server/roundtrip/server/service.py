@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from roundtrip.server.admission import ByteBudget, Reservation, answer_bytes, wo
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher
 from roundtrip.server.engine import RoundTripAnswer
-from roundtrip.server.errors import InvalidArgument, RequestError, ShuttingDown
+from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError, ShuttingDown
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -201,11 +201,15 @@ async def counted(
     method: str,
     context: grpc.aio.ServicerContext[Any, Any],
     work: Callable[[], Awaitable[Response]],
+    *,
+    count_ok: bool = True,
 ) -> Response | Failure:
     """Run one request's ``work``; count it once, by the code it really ended with.
 
     An error becomes its :class:`Failure` (returned, for the caller to answer with); a
-    cancel is counted as :func:`dropped_code` says and propagates.
+    cancel is counted as :func:`dropped_code` says and propagates. ``count_ok=False`` is
+    for a call whose requests are counted one by one (a batch): only its own failure
+    counts.
     """
     started = time.perf_counter()
     code = grpc.StatusCode.OK
@@ -221,12 +225,24 @@ async def counted(
         return failure
     finally:
         metrics.inflight.dec()
-        metrics.observe_rpc(method, code.name, time.perf_counter() - started)
+        if count_ok or code != grpc.StatusCode.OK:
+            metrics.observe_rpc(method, code.name, time.perf_counter() - started)
 
 
 def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
     """A unary method answered through :func:`counted`: a failure aborts with its status."""
+    return _answered(method, count_ok=True)
 
+
+def batch_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
+    """:func:`rpc_errors` for a call that counts its items itself: the call is counted
+    only when it fails as a whole."""
+    return _answered(method, count_ok=False)
+
+
+def _answered(
+    method: UnaryMethod[Received, Response], *, count_ok: bool
+) -> UnaryMethod[Received, Response]:
     @functools.wraps(method)
     async def wrapper(
         self: RoundTripServicer, received: Received, context: grpc.aio.ServicerContext[Any, Any]
@@ -239,7 +255,7 @@ def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received,
 
         self.calls.enter()
         try:
-            outcome = await counted(self.metrics, method.__name__, context, work)
+            outcome = await counted(self.metrics, method.__name__, context, work, count_ok=count_ok)
             if isinstance(outcome, Failure):
                 await context.abort(outcome.code, outcome.message)
             return outcome
@@ -248,6 +264,11 @@ def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received,
             self.calls.leave()
 
     return wrapper
+
+
+def _release_all(held: Sequence[Reservation], _: object = None) -> None:
+    for reservation in held:
+        reservation.release()
 
 
 def encode_result(result: RoundTripAnswer) -> pb.RoundTripResponse:
@@ -285,6 +306,7 @@ class RoundTripServicer:
         budget: ByteBudget,
         *,
         max_stream_inflight: int,
+        max_batch_items: int,
     ) -> None:
         self.metrics = metrics
         self.budget = budget
@@ -293,6 +315,7 @@ class RoundTripServicer:
         self._limits = limits
         self._server_info = server_info
         self.max_stream_inflight = max_stream_inflight
+        self.max_batch_items = max_batch_items
         self.calls = OpenCalls()
 
     async def answer(
@@ -322,12 +345,60 @@ class RoundTripServicer:
     ) -> pb.RoundTripResponse:
         request: pb.RoundTripRequest = received.message
         response, held = await self.answer(request, received.held.nbytes, _deadline(context))
-        if held.nbytes > SMALL_ANSWER_BYTES:
-            # outputs: held until gRPC has sent them (grpc-stubs types the callback as a class)
-            context.add_done_callback(lambda _: held.release())  # type: ignore[arg-type]
-        else:  # a few numbers: a callback per call would cost more than the bytes matter
-            held.release()
+        self._release_when_sent(context, (held,))
         return response
+
+    @batch_errors
+    async def RoundTripBatch(  # noqa: N802
+        self, received: Received, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RoundTripBatchResponse:
+        """Answer every request of the message as if each came alone; outcomes in order.
+
+        Each item is weighed, admitted, decoded and queued on its own, so its
+        items join the per-shape batches with all other traffic, and one bad
+        item gets its own error while the others are answered.
+        """
+        batch: pb.RoundTripBatchRequest = received.message
+        count = len(batch.requests)
+        if count > self.max_batch_items:
+            raise LimitExceeded(
+                f"a RoundTripBatch holds {count} requests, over this worker's limit of "
+                f"{self.max_batch_items} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
+            )
+        deadline = _deadline(context)
+        message_bytes = received.held.nbytes
+        outcomes = await asyncio.gather(
+            *(
+                counted(
+                    self.metrics,
+                    "RoundTripBatch",
+                    context,
+                    functools.partial(self.answer, request, message_bytes, deadline),
+                )
+                for request in batch.requests
+            )
+        )
+        response = pb.RoundTripBatchResponse()
+        held: list[Reservation] = []
+        for outcome in outcomes:
+            answer = response.outcomes.add()
+            if isinstance(outcome, Failure):
+                answer.error.code, answer.error.message = outcome.code.value[0], outcome.message
+            else:
+                answer.response.CopyFrom(outcome[0])
+                held.append(outcome[1])
+        self._release_when_sent(context, held)
+        return response
+
+    def _release_when_sent(
+        self, context: grpc.aio.ServicerContext[Any, Any], held: Sequence[Reservation]
+    ) -> None:
+        """Give back answers' bytes now when they are small, else once gRPC has sent them."""
+        if sum(reservation.nbytes for reservation in held) > SMALL_ANSWER_BYTES:
+            callback = functools.partial(_release_all, held)
+            context.add_done_callback(callback)  # type: ignore[arg-type]  # (stubs: a class)
+        else:  # a few numbers: a callback per call would cost more than the bytes matter
+            _release_all(held)
 
     @rpc_errors
     async def GetServerInfo(  # noqa: N802

@@ -1,0 +1,160 @@
+"""RoundTripBatch: many requests in one message, each answered as if alone, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+from reference import reference, reference_with_outputs
+
+from conftest import WorkerProcess, console_script, serving_worker
+from roundtrip.client import (
+    AsyncRoundTripClient,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    RoundTripClient,
+    RoundTripResult,
+)
+from roundtrip.client.messages import build_request
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+
+
+def mixed_cases(count: int) -> list[tuple[int, np.ndarray, int, str]]:
+    """Seeds, shapes (ranks 1-3), features and dtypes all varying."""
+    rng = np.random.default_rng(11)
+    cases = []
+    for index in range(count):
+        shape = [(3,), (2, 5), (2, 1, 4), (64,)][index % 4]
+        dtype = ["float32", "float64", "float16", "bfloat16"][index % 3]
+        x = rng.standard_normal(shape)
+        cases.append((int(rng.integers(-(2**40), 2**40)), x, 1 + index % 7, dtype))
+    return cases
+
+
+def as_sent(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x as the worker receives it: cast to the wire dtype."""
+    return np.asarray(x, ml_dtypes.bfloat16 if dtype == "bfloat16" else DTYPES[dtype])
+
+
+def test_outcomes_come_in_request_order_each_exact(client: RoundTripClient) -> None:
+    cases = mixed_cases(48)
+    for dtype in ("float32", "float16", "bfloat16"):
+        chosen = [(seed, x, features) for seed, x, features, d in cases if d == dtype]
+        outcomes = client.round_trip_many(chosen, dtype=dtype)
+        assert len(outcomes) == len(chosen)
+        for outcome, (seed, x, features) in zip(outcomes, chosen, strict=True):
+            assert isinstance(outcome, RoundTripResult)
+            assert np.array_equal(outcome.as_list(), reference(seed, as_sent(x, dtype), features))
+
+
+def test_sixty_four_seeds_in_one_message_equal_sixty_four_calls(client: RoundTripClient) -> None:
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    outcomes = client.round_trip_many([(seed, x, 64) for seed in range(64)])
+    alone = [client.round_trip(seed, x, 64) for seed in range(64)]
+    assert [o.as_list() for o in outcomes] == [a.as_list() for a in alone]  # type: ignore[union-attr]
+
+
+def test_outputs_come_back_per_item(client: RoundTripClient) -> None:
+    x = np.float32([[1, 2, 3], [4, 5, 6]])
+    [outcome] = client.round_trip_many([(9, x, 2)], return_outputs=True)
+    _, orig_out, merged_out = reference_with_outputs(9, x, 2)
+    assert isinstance(outcome, RoundTripResult)
+    assert np.array_equal(outcome.orig_out, orig_out)
+    assert np.array_equal(outcome.merged_out, merged_out)
+
+
+def test_a_bad_item_gets_its_own_error_and_the_others_are_answered(
+    client: RoundTripClient,
+) -> None:
+    first, bad, too_wide, last = client.round_trip_many(
+        [(0, [1, 2, 3], 4), (0, [1, 2, 3], 0), (0, [1.0], 10**6), (1, [1, 2, 3], 4)]
+    )
+    assert isinstance(bad, InvalidArgumentError)
+    assert "features must be >= 1" in bad.message
+    assert isinstance(too_wide, ResourceExhaustedError)
+    assert "max_features" in too_wide.message
+    assert np.array_equal(first.as_list(), reference(0, np.float32([1, 2, 3]), 4))  # type: ignore[union-attr]
+    assert np.array_equal(last.as_list(), reference(1, np.float32([1, 2, 3]), 4))  # type: ignore[union-attr]
+
+
+def test_an_empty_batch_has_no_outcomes(client: RoundTripClient) -> None:
+    assert client.round_trip_many([]) == []
+
+
+def test_undecodable_bytes_are_invalid_argument(worker: WorkerProcess) -> None:
+    with grpc.insecure_channel(worker.target) as channel:
+        call = channel.unary_unary("/roundtrip.v1.RoundTripService/RoundTripBatch")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(b"\x0a\xff\xff", timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "RoundTripBatchRequest" in raised.value.details()
+
+
+def test_items_are_counted_by_their_code_and_join_the_shared_batches(
+    worker: WorkerProcess, client: RoundTripClient
+) -> None:
+    ok = 'roundtrip_requests_total{code="OK",method="RoundTripBatch"}'
+    invalid = 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="RoundTripBatch"}'
+    batches = "roundtrip_batch_size_count"
+    before = {name: worker.metric(name) for name in (ok, invalid, batches)}
+    x = np.linspace(-1, 1, 3, dtype=np.float32)
+    client.round_trip_many([*((seed, x, 4) for seed in range(32)), (0, x, 0)])
+    assert worker.metric(ok) - before[ok] == 32
+    assert worker.metric(invalid) - before[invalid] == 1
+    assert worker.metric(batches) - before[batches] < 32  # shared batches, not one each
+
+
+def test_the_async_client_has_the_twin(worker: WorkerProcess) -> None:
+    async def run() -> list[object]:
+        async with AsyncRoundTripClient(worker.target) as client:
+            return await client.round_trip_many([(3, [1.0], 2), (4, [2.0], 0)])
+
+    first, second = asyncio.run(run())
+    assert np.array_equal(first.as_list(), reference(3, np.float32([1.0]), 2))  # type: ignore[attr-defined]
+    assert isinstance(second, InvalidArgumentError)
+
+
+def test_the_cli_sends_its_input_lines_as_one_batch(worker: WorkerProcess) -> None:
+    lines = '{"seed": 0, "x": [1, 2, 3], "features": 4}\n{"seed": 0, "x": [1], "features": 0}\n'
+    done = subprocess.run(
+        [console_script("roundtrip"), "many", "--target", worker.target],
+        input=lines,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1  # one request refused
+    first, second = done.stdout.splitlines()
+    assert first == '{"orig_sum": -4.2219334, "merged_sum": -4.2219334, "max_abs_diff": 0.0}'
+    assert '"code": "INVALID_ARGUMENT"' in second
+
+
+def test_more_items_than_max_batch_items_is_resource_exhausted() -> None:
+    with (
+        serving_worker("--warmup-shapes", "3:4", "--max-batch-items", "4") as worker,
+        RoundTripClient(worker.target) as client,
+    ):
+        assert len(client.round_trip_many([(0, [1.0], 1)] * 4)) == 4
+        with pytest.raises(ResourceExhaustedError, match="max_batch_items"):
+            client.round_trip_many([(0, [1.0], 1)] * 5)
+        assert client.server_info().limits.max_batch_items == 4
+
+
+def test_a_raw_batch_message_from_the_generated_stub(worker: WorkerProcess) -> None:
+    """Any language's stub: requests in, outcomes (response or error) out."""
+    batch = pb.RoundTripBatchRequest(
+        requests=[build_request(0, [1, 2, 3], 4), pb.RoundTripRequest(features=4)]
+    )
+    with grpc.insecure_channel(worker.target) as channel:
+        response = pb_grpc.RoundTripServiceStub(channel).RoundTripBatch(batch, timeout=30)
+    first, missing_x = response.outcomes
+    assert first.response.orig_sum == np.float32(-4.2219334)
+    assert missing_x.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "x is required" in missing_x.error.message
