@@ -357,6 +357,7 @@ class Limits(_message.Message):
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_ITEMS_FIELD_NUMBER: _builtins.int
+    MAX_PARAM_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     max_x_elements: _builtins.int
     max_features: _builtins.int
     max_param_bytes: _builtins.int
@@ -369,6 +370,8 @@ class Limits(_message.Message):
     """Bytes of admitted work held at once (max_inflight_bytes, resolved)."""
     max_batch_items: _builtins.int
     """Most requests one RoundTripBatchRequest may hold."""
+    max_param_cache_bytes: _builtins.int
+    """Bytes of initialized parameters kept for repeated seeds (0: no cache)."""
     def __init__(
         self,
         *,
@@ -382,10 +385,11 @@ class Limits(_message.Message):
         max_queue_size: _builtins.int = ...,
         max_inflight_bytes: _builtins.int = ...,
         max_batch_items: _builtins.int = ...,
+        max_param_cache_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_size", b"max_batch_size", "max_features", b"max_features", "max_inflight_bytes", b"max_inflight_bytes", "max_message_bytes", b"max_message_bytes", "max_output_elements", b"max_output_elements", "max_param_bytes", b"max_param_bytes", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "max_x_elements", b"max_x_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_size", b"max_batch_size", "max_features", b"max_features", "max_inflight_bytes", b"max_inflight_bytes", "max_message_bytes", b"max_message_bytes", "max_output_elements", b"max_output_elements", "max_param_bytes", b"max_param_bytes", "max_param_cache_bytes", b"max_param_cache_bytes", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "max_x_elements", b"max_x_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

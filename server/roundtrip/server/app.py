@@ -66,6 +66,7 @@ def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetSer
             max_queue_size=config.max_queue_size,
             max_inflight_bytes=budget.limit,
             max_batch_items=config.max_batch_items,
+            max_param_cache_bytes=config.max_param_cache_bytes,
         ),
     )
 
@@ -258,7 +259,11 @@ async def start(config: WorkerConfig) -> Worker:
             "container_memory_limit": admission.container_memory_limit(),
         },
     )
-    engine = Engine(max_compiled=config.max_compiled, max_batch_size=config.max_batch_size)
+    engine = Engine(
+        max_compiled=config.max_compiled,
+        max_batch_size=config.max_batch_size,
+        max_param_cache_bytes=config.max_param_cache_bytes,
+    )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-compute")
     metrics = WorkerMetrics(max_batch_size=config.max_batch_size)
     batcher = Batcher(
@@ -270,6 +275,7 @@ async def start(config: WorkerConfig) -> Worker:
         on_batch=metrics.observe_batch,
     )
     metrics.watch_engine(lambda: engine.stats, lambda: engine.cached)
+    metrics.watch_param_cache(lambda: engine.params)
     metrics.watch_queue(lambda: batcher.queued)
     metrics.watch_budget(lambda: budget.in_use, budget.limit)
     limits = RequestLimits(

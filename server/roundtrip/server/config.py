@@ -119,6 +119,14 @@ class WorkerConfig:
     max_compiled: int = _knob(
         64, "Most compiled executables kept (least recently used is evicted).", minimum=1
     )
+    max_param_cache_bytes: int = _knob(
+        256 * MIB,
+        "Bytes of initialized parameters kept, so a repeated seed skips drawing them again "
+        "(least recently used is evicted; only shapes of at least 65536 parameters, "
+        "(width + 1) * features, are cached; 0 turns the cache off). Held beside "
+        "max_inflight_bytes.",
+        minimum=0,
+    )
     compilation_cache_dir: str = _knob(
         "",
         "Directory for JAX's persistent compilation cache, so a restarted worker loads "

@@ -27,6 +27,14 @@ Three things keep it bit-identical to the eager reference:
   computed on its own, in the reference's order.
   ``jax.vmap`` would batch the matmuls and change the last bits.
 
+For shapes of at least :data:`PARAM_CACHE_MIN_ELEMENTS` parameters, drawing
+them is most of a request's work, and it repeats whenever a seed does. The
+engine then draws them in an executable of their own (:class:`CompiledInit`,
+step 1 alone) into a byte-bounded :class:`ParamCache`, and runs steps 1-4 from
+them (:func:`round_trip_from_params`: the model is merged from those arrays,
+then run, split, merged and run again). The arrays are the initializer's own
+bits, so a hit and a miss give the same answer.
+
 The worker proves all of this at start (``warmup.self_check``) on the backend
 it runs on, and the test suite checks it on hundreds of cases.
 
@@ -46,7 +54,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.extend.core as jex
@@ -54,6 +62,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 from flax import nnx
+
+from roundtrip.server.param_cache import ParamCache
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +236,33 @@ def round_trip(seed: jax.Array, x: jax.Array, features: int) -> tuple[jax.Array,
     return orig_out, merged_out
 
 
+def init_params(seed: jax.Array, *, width: int, features: int) -> tuple[jax.Array, ...]:
+    """Reference step 1 alone: the parameters ``nnx.Linear`` draws from the seed, as the
+    leaves of its state (bias, kernel)."""
+    model = nnx.Linear(
+        in_features=width, out_features=features, rngs=nnx.Rngs(jax.random.key(seed))
+    )
+    _, state = nnx.split(model)
+    return tuple(jax.tree.leaves(state))
+
+
+def round_trip_from_params(
+    params: tuple[jax.Array, ...], x: jax.Array, features: int
+) -> tuple[jax.Array, jax.Array]:
+    """Reference steps 1-4 with step 1's parameters given (:func:`init_params`' bits): the
+    model is merged from them, then run, split, merged and run again, as the reference's."""
+    abstract = nnx.eval_shape(
+        lambda: nnx.Linear(in_features=x.shape[-1], out_features=features, rngs=nnx.Rngs(0))
+    )
+    graphdef, state = nnx.split(abstract)
+    model = nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), params))
+    orig_out = model(x)
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)
+    merged_out = merged(x)
+    return orig_out, merged_out
+
+
 def _rows(array: jax.Array, batch_size: int) -> list[jax.Array]:
     return [array] if batch_size == 1 else [array[row] for row in range(batch_size)]
 
@@ -269,14 +308,56 @@ def _batched(seeds: jax.Array, xs: jax.Array, count: jax.Array, *, features: int
     Each request's body runs on its own in a ``lax.fori_loop`` whose trip count
     is an operand, so a batch of 18 in the bucket of 32 costs 18.
     """
-    row_shape = jax.eval_shape(functools.partial(_single, features=features), seeds[0], xs[0])
-    empty = tuple(jnp.zeros((seeds.shape[0], *spec.shape), spec.dtype) for spec in row_shape)
+    return _loop(lambda row: _single(seeds[row], xs[row], features=features), xs, count)
+
+
+def _single_from_params(params: tuple[jax.Array, ...], x: jax.Array, *, features: int) -> Any:
+    return isolate_primitives(functools.partial(round_trip_from_params, features=features))(
+        params, x
+    )
+
+
+def _batched_from_params(
+    params: tuple[jax.Array, ...], xs: jax.Array, count: jax.Array, *, features: int
+) -> Any:
+    """:func:`_batched` for requests that share one seed's parameters (given)."""
+    return _loop(lambda row: _single_from_params(params, xs[row], features=features), xs, count)
+
+
+def _loop(single: Callable[[jax.Array], Any], xs: jax.Array, count: jax.Array) -> Any:
+    row_shape = jax.eval_shape(single, jnp.int32(0))
+    empty = tuple(jnp.zeros((xs.shape[0], *spec.shape), spec.dtype) for spec in row_shape)
 
     def one(row: jax.Array, outs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        orig, merged = _single(seeds[row], xs[row], features=features)
+        orig, merged = single(row)
         return outs[0].at[row].set(orig), outs[1].at[row].set(merged)
 
     return jax.lax.fori_loop(0, count, one, empty)
+
+
+def param_specs(width: int, features: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The shapes and dtypes of :func:`init_params`' outputs."""
+    specs: tuple[jax.ShapeDtypeStruct, ...] = jax.eval_shape(
+        functools.partial(init_params, width=width, features=features),
+        jax.ShapeDtypeStruct((), seed_operand(0).dtype),
+    )
+    return specs
+
+
+class CompiledInit:
+    """Reference step 1 for one (width, features), compiled: seed -> parameters."""
+
+    def __init__(self, width: int, features: int) -> None:
+        self._init = (
+            jax.jit(
+                isolate_primitives(functools.partial(init_params, width=width, features=features))
+            )
+            .lower(jax.ShapeDtypeStruct((), seed_operand(0).dtype))
+            .compile()
+        )
+
+    def __call__(self, seed: int) -> tuple[jax.Array, ...]:
+        return tuple(self._init(seed_operand(seed)))
 
 
 class CompiledRoundTrip:
@@ -287,17 +368,24 @@ class CompiledRoundTrip:
     compiled only if a merged output ever differs).
     """
 
-    def __init__(self, signature: ShapeSignature, batch_size: int) -> None:
+    def __init__(
+        self, signature: ShapeSignature, batch_size: int, *, from_params: bool = False
+    ) -> None:
         self.signature = signature
         self.batch_size = batch_size
+        self.from_params = from_params
         self._seed_dtype = seed_operand(0).dtype
         self._x_dtype = np.dtype(signature.x_dtype)
-        body = _single if batch_size == 1 else _batched
         batch_dims: tuple[int, ...] = () if batch_size == 1 else (batch_size,)
-        specs = [
-            jax.ShapeDtypeStruct(batch_dims, self._seed_dtype),
-            jax.ShapeDtypeStruct(batch_dims + signature.x_shape, self._x_dtype),
-        ]
+        if from_params:
+            body: Callable[..., Any] = (
+                _single_from_params if batch_size == 1 else _batched_from_params
+            )
+            first: Any = param_specs(signature.x_shape[-1], signature.features)
+        else:
+            body = _single if batch_size == 1 else _batched
+            first = jax.ShapeDtypeStruct(batch_dims, self._seed_dtype)
+        specs = [first, jax.ShapeDtypeStruct(batch_dims + signature.x_shape, self._x_dtype)]
         if batch_size > 1:
             specs.append(jax.ShapeDtypeStruct((), np.int32))
         outputs_fn = functools.partial(body, features=signature.features)
@@ -311,18 +399,29 @@ class CompiledRoundTrip:
         self._merged_spec = merged_spec
         self._merged_sums: Any = None  # compiled on first need: merged bits never differ
 
-    def __call__(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:
-        """Run ``inputs`` (at most ``batch_size``; the rest is padding) and split the answers."""
+    def __call__(
+        self, inputs: Sequence[RoundTripInput], params: tuple[jax.Array, ...] | None = None
+    ) -> list[RoundTripAnswer]:
+        """Run ``inputs`` (at most ``batch_size``; the rest is padding) and split the answers.
+
+        An executable compiled ``from_params`` takes the parameters all of ``inputs`` share
+        (their seed's, from :class:`CompiledInit`) instead of their seeds.
+        """
         operands: list[Any]
         if self.batch_size == 1:
-            operands = [seed_operand(inputs[0].seed), np.asarray(inputs[0].x, self._x_dtype)]
+            first: Any = params if self.from_params else seed_operand(inputs[0].seed)
+            operands = [first, np.asarray(inputs[0].x, self._x_dtype)]
         else:
-            seeds = np.zeros(self.batch_size, dtype=self._seed_dtype)
             xs = np.zeros((self.batch_size, *self.signature.x_shape), dtype=self._x_dtype)
             for row, item in enumerate(inputs):
-                seeds[row] = seed_operand(item.seed)
                 xs[row] = item.x
-            operands = [seeds, xs, np.int32(len(inputs))]
+            if self.from_params:
+                first = params
+            else:
+                first = np.zeros(self.batch_size, dtype=self._seed_dtype)
+                for row, item in enumerate(inputs):
+                    first[row] = seed_operand(item.seed)
+            operands = [first, xs, np.int32(len(inputs))]
         orig_outs, merged_outs = self._outputs(*operands)
         *orig_sums, abs_diffs, same_bits = jax.device_get(
             self._orig_reductions(orig_outs, merged_outs)
@@ -367,20 +466,47 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+#: Parameter sets smaller than this (elements) are drawn again per request rather than
+#: cached: drawing 64 x 64 costs less than running a second executable per seed would.
+PARAM_CACHE_MIN_ELEMENTS = 65536
+
+ParamKey = tuple[int, int, int, str]
+"""What determines a parameter set: the seed's effective bits, width, features, dtype."""
+
+
+def param_key(seed: int, width: int, features: int) -> ParamKey:
+    """Seeds that build the same key share parameters (``0`` and ``2**32`` without x64).
+
+    >>> param_key(2**32 + 5, 1024, 8) == param_key(5, 1024, 8)
+    True
+    """
+    return (int(seed_operand(seed)), width, features, "float32")
+
+
 class Engine:
     """Runs batches of same-signature requests through cached executables.
 
-    ``max_compiled`` bounds the executables kept (least recently used goes
-    first); ``max_batch_size`` sets the largest batch and its buckets.
+    ``max_compiled`` bounds the executables kept (least recently used is evicted first);
+    ``max_batch_size`` sets the largest batch and its buckets. ``max_param_cache_bytes``
+    bounds the parameter sets kept (:class:`~roundtrip.server.param_cache.ParamCache`)
+    for signatures of at least :data:`PARAM_CACHE_MIN_ELEMENTS` parameters: their requests
+    are grouped by seed, each group runs from its seed's parameters (drawn once, then
+    reused), and the answers have the same bits either way.
     """
 
-    def __init__(self, *, max_compiled: int, max_batch_size: int = 1) -> None:
+    def __init__(
+        self, *, max_compiled: int, max_batch_size: int = 1, max_param_cache_bytes: int = 0
+    ) -> None:
         if max_compiled < 1 or max_batch_size < 1:
             raise ValueError("max_compiled and max_batch_size must be >= 1")
         self.max_compiled = max_compiled
         self.buckets = batch_buckets(max_batch_size)
         self.stats = EngineStats()
-        self._cache: collections.OrderedDict[tuple[ShapeSignature, int], CompiledRoundTrip] = (
+        self.params: ParamCache[tuple[jax.Array, ...]] = ParamCache(max_param_cache_bytes)
+        self._cache: collections.OrderedDict[
+            tuple[ShapeSignature, int, bool], CompiledRoundTrip
+        ] = collections.OrderedDict()
+        self._inits: collections.OrderedDict[tuple[int, int], CompiledInit] = (
             collections.OrderedDict()
         )
 
@@ -390,7 +516,7 @@ class Engine:
 
     @property
     def cached(self) -> int:
-        return len(self._cache)
+        return len(self._cache) + len(self._inits)
 
     def bucket_for(self, count: int) -> int:
         """The smallest bucket that holds ``count`` requests."""
@@ -399,23 +525,60 @@ class Engine:
                 return size
         raise ValueError(f"batch of {count} exceeds max_batch_size {self.max_batch_size}")
 
-    def executable(self, signature: ShapeSignature, batch_size: int) -> CompiledRoundTrip:
+    def caches_params(self, signature: ShapeSignature) -> bool:
+        """Whether requests of ``signature`` run from cached parameters."""
+        elements = (signature.x_shape[-1] + 1) * signature.features
+        return elements >= PARAM_CACHE_MIN_ELEMENTS and self.params.fits(elements * 4)
+
+    def prepare(self, signature: ShapeSignature, batch_size: int) -> None:
+        """Compile what a batch of ``signature`` at ``batch_size`` runs (warm-up)."""
+        if self.caches_params(signature):
+            self.initializer(signature.x_shape[-1], signature.features)
+        self.executable(signature, batch_size, from_params=self.caches_params(signature))
+
+    def executable(
+        self, signature: ShapeSignature, batch_size: int, *, from_params: bool = False
+    ) -> CompiledRoundTrip:
         """The cached executable for ``signature`` at ``batch_size``, compiling it if needed."""
-        key = (signature, batch_size)
+        key = (signature, batch_size, from_params)
         compiled = self._cache.get(key)
         if compiled is not None:
             self._cache.move_to_end(key)
             self.stats.cache_hits += 1
             return compiled
+        compiled = self._compile(
+            lambda: CompiledRoundTrip(signature, batch_size, from_params=from_params)
+        )
+        self._cache[key] = compiled
+        self._evict()
+        return compiled
+
+    def initializer(self, width: int, features: int) -> CompiledInit:
+        """The compiled parameter initializer for (width, features)."""
+        key = (width, features)
+        compiled = self._inits.get(key)
+        if compiled is not None:
+            self._inits.move_to_end(key)
+            return compiled
+        compiled = self._compile(lambda: CompiledInit(width, features))
+        self._inits[key] = compiled
+        self._evict()
+        return compiled
+
+    def _compile(self, build: Callable[[], T]) -> T:
         started = time.perf_counter()
-        compiled = CompiledRoundTrip(signature, batch_size)
+        compiled = build()
         self.stats.compile_seconds += time.perf_counter() - started
         self.stats.compilations += 1
-        self._cache[key] = compiled
-        while len(self._cache) > self.max_compiled:
-            self._cache.popitem(last=False)
-            self.stats.evictions += 1
         return compiled
+
+    def _evict(self) -> None:
+        while self.cached > self.max_compiled:
+            if self._inits and (not self._cache or len(self._inits) > len(self._cache)):
+                self._inits.popitem(last=False)
+            else:
+                self._cache.popitem(last=False)
+            self.stats.evictions += 1
 
     def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:
         """Answer ``inputs`` (one signature, at most ``max_batch_size``) in order."""
@@ -424,9 +587,31 @@ class Engine:
         signature = inputs[0].signature
         if any(item.signature != signature for item in inputs):
             raise ValueError("a batch must hold one shape signature")
-        batch_size = self.bucket_for(len(inputs))
-        results = self.executable(signature, batch_size)(inputs)
+        if self.caches_params(signature):
+            results = self._run_from_params(signature, inputs)
+        else:
+            results = self.executable(signature, self.bucket_for(len(inputs)))(inputs)
         self.stats.batches += 1
         self.stats.requests += len(inputs)
         self.stats.batch_sizes[len(inputs)] += 1
         return results
+
+    def _run_from_params(
+        self, signature: ShapeSignature, inputs: Sequence[RoundTripInput]
+    ) -> list[RoundTripAnswer]:
+        """Group ``inputs`` by parameter set; run each group from its (cached) parameters."""
+        width, features = signature.x_shape[-1], signature.features
+        groups: dict[ParamKey, list[int]] = {}
+        for row, item in enumerate(inputs):
+            groups.setdefault(param_key(item.seed, width, features), []).append(row)
+        answers: list[RoundTripAnswer | None] = [None] * len(inputs)
+        for key, rows in groups.items():
+            params = self.params.get(key)
+            if params is None:
+                params = self.initializer(width, features)(inputs[rows[0]].seed)
+                self.params.put(key, params, nbytes=sum(p.nbytes for p in params))
+            group = [inputs[row] for row in rows]
+            compiled = self.executable(signature, self.bucket_for(len(group)), from_params=True)
+            for row, answer in zip(rows, compiled(group, params), strict=True):
+                answers[row] = answer
+        return [answer for answer in answers if answer is not None]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # names only: the metrics layer imports neither JAX nor the e
     from roundtrip.server.audit import AuditOutcome
     from roundtrip.server.batcher import BatchRecord
     from roundtrip.server.engine import EngineStats
+    from roundtrip.server.param_cache import ParamCache
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -53,6 +54,11 @@ METRIC_NAMES = (
     "roundtrip_executable_cache_hits_total",
     "roundtrip_executable_cache_evictions_total",
     "roundtrip_executable_cache_entries",
+    "roundtrip_param_cache_hits_total",
+    "roundtrip_param_cache_misses_total",
+    "roundtrip_param_cache_evictions_total",
+    "roundtrip_param_cache_bytes",
+    "roundtrip_param_cache_entries",
     "roundtrip_audit_checks_total",
     "roundtrip_audit_mismatches_total",
     "roundtrip_audit_skipped_total",
@@ -91,6 +97,30 @@ class _EngineCollector(Collector):
             "roundtrip_executable_cache_entries",
             "Executables held now (bounded by max_compiled).",
             value=self._entries(),
+        )
+
+
+class _ParamCacheCollector(Collector):
+    """Reads the parameter cache's counters when Prometheus scrapes."""
+
+    def __init__(self, cache: Callable[[], ParamCache[Any]]) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        cache = self._cache()
+        for name, help_text, value in (
+            ("hits", "Parameter sets found in the cache (a repeated seed).", cache.hits),
+            ("misses", "Parameter sets drawn from their seed (cacheable shapes).", cache.misses),
+            ("evictions", "Parameter sets evicted by max_param_cache_bytes.", cache.evictions),
+        ):
+            yield CounterMetricFamily(f"roundtrip_param_cache_{name}", help_text, value=value)
+        yield GaugeMetricFamily(
+            "roundtrip_param_cache_bytes",
+            "Bytes of parameters cached now (bounded by max_param_cache_bytes).",
+            value=cache.nbytes,
+        )
+        yield GaugeMetricFamily(
+            "roundtrip_param_cache_entries", "Parameter sets cached now.", value=len(cache)
         )
 
 
@@ -188,6 +218,9 @@ class WorkerMetrics:
 
     def watch_engine(self, stats: Callable[[], EngineStats], entries: Callable[[], int]) -> None:
         self.registry.register(_EngineCollector(stats, entries))
+
+    def watch_param_cache(self, cache: Callable[[], ParamCache[Any]]) -> None:
+        self.registry.register(_ParamCacheCollector(cache))
 
     def watch_queue(self, queued: Callable[[], int]) -> None:
         self.queued.set_function(queued)

@@ -2,8 +2,9 @@
 
 Compiles every batch size of each configured warm-up shape, then checks on
 the worked example and a few awkward inputs (width 1, extreme seeds, float16,
-rank 2) that the engine's answers, alone and batched, equal the eager
-reference steps bit for bit on this backend. A mismatch is fatal: a worker
+rank 2, and a shape whose parameters are cached, drawn then reused) that the
+engine's answers, alone and batched, equal the eager reference steps bit for
+bit on this backend. A mismatch is fatal: a worker
 that cannot prove its answers must not take traffic.
 """
 
@@ -32,15 +33,22 @@ class WarmUpAborted(RuntimeError):
     """The worker was asked to stop before warm-up finished."""
 
 
-def self_check_inputs() -> list[RoundTripInput]:
+def self_check_inputs(engine: Engine) -> list[RoundTripInput]:
+    """Awkward inputs, and (when the engine caches parameters) one shape large enough to be
+    cached, so both of its paths are checked: drawn from the seed, then taken from the cache.
+    """
     rng = np.random.default_rng(20261125)
-    return [
+    inputs = [
         WORKED_EXAMPLE,
         RoundTripInput(-1, rng.standard_normal((2, 1)).astype(np.float32), 1),
         RoundTripInput(2**63 - 1, rng.standard_normal(64).astype(np.float32), 64),
         RoundTripInput(2**32 + 5, rng.standard_normal((3, 7)).astype(np.float16), 5),
         RoundTripInput(-(2**63), rng.standard_normal(1).astype(np.float32), 3),
     ]
+    cached = RoundTripInput(2**32 + 7, rng.standard_normal((2, 255)).astype(np.float32), 256)
+    if engine.caches_params(cached.signature):
+        inputs += [cached, cached]  # the second finds the first's parameters cached
+    return inputs
 
 
 def compile_shapes(
@@ -57,7 +65,7 @@ def compile_shapes(
         for batch_size in engine.buckets:
             if stop is not None and stop.is_set():
                 raise WarmUpAborted(f"stopped after {count} compilations")
-            engine.executable(signature, batch_size)
+            engine.prepare(signature, batch_size)
             count += 1
     return count
 
@@ -65,7 +73,7 @@ def compile_shapes(
 def self_check(engine: Engine) -> int:
     """Compare engine and eager reference on :func:`self_check_inputs`; raise on any bit."""
     checked = 0
-    for item in self_check_inputs():
+    for item in self_check_inputs(engine):
         expected = eager_round_trip(item.seed, item.x, item.features)
         alone = engine.run([item])[0]
         # exercises the batched executable too, when batching is on
