@@ -26,7 +26,7 @@ from roundtrip.client import (
     errors,
 )
 from roundtrip.client.messages import as_int64, build_request
-from roundtrip.client.streams import InOrder
+from roundtrip.client.streams import STREAM_RESUMES, InOrder, resumable
 
 
 @pytest.mark.parametrize(
@@ -224,3 +224,30 @@ def test_the_package_says_its_version_and_ships_its_types() -> None:
     assert roundtrip.client.__version__ == metadata.version("roundtrip-worker")
     for package in (roundtrip.client, roundtrip.v1):
         assert (Path(package.__path__[0]) / "py.typed").is_file()
+
+
+class Ended(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "the worker is draining", True),
+        (grpc.StatusCode.INTERNAL, "Internal error from Core", True),  # grpc.aio's write race
+        (grpc.StatusCode.INTERNAL, "internal error: ValueError()", False),  # the worker's own
+        (grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid message", False),
+    ],
+)
+def test_a_stream_resumes_only_when_it_was_ended_not_refused(
+    code: grpc.StatusCode, details: str, expected: bool
+) -> None:
+    assert resumable(Ended(code, details), resumes=0) is expected
+    assert resumable(Ended(code, details), resumes=STREAM_RESUMES) is False
