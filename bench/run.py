@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "bench"
 METHOD = "/roundtrip.v1.RoundTripService/RoundTrip"
 WORKLOADS = {"W1": (3, 4), "W2": (64, 64), "W3": (1024, 1024)}
+#: A running worker's metrics port, by its gRPC port (from its "listening" log line).
+METRICS_PORTS: dict[int, int] = {}
 
 
 @dataclass
@@ -109,6 +111,8 @@ def server(kind: str, *flags: str) -> Iterator[int]:
                 continue
             if event.get("event") == "listening":
                 port[0] = int(event["port"])
+                if "metrics_port" in event:
+                    METRICS_PORTS[port[0]] = int(event["metrics_port"])
                 port_found.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -155,9 +159,15 @@ def _wait_answering(port: int, timeout: float = 300) -> None:
 
 
 def h2load(
-    port: int, request: pb.RoundTripRequest, *, duration: int, clients: int, streams: int
+    port: int,
+    request: Any,
+    *,
+    duration: int,
+    clients: int,
+    streams: int,
+    method: str = METHOD,
 ) -> dict[str, float]:
-    """req/s and mean latency from h2load replaying one gRPC-framed request."""
+    """req/s and mean latency from h2load replaying one gRPC-framed request to ``method``."""
     body = request.SerializeToString()
     with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as handle:
         handle.write(b"\x00" + struct.pack(">I", len(body)) + body)
@@ -180,7 +190,7 @@ def h2load(
             "te: trailers",
             "-d",
             handle.name,
-            f"http://127.0.0.1:{port}{METHOD}",
+            f"http://127.0.0.1:{port}{method}",
         ],
         capture_output=True,
         text=True,

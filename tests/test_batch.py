@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 
 import grpc
 import ml_dtypes
@@ -14,6 +15,7 @@ from reference import reference, reference_with_outputs
 from conftest import WorkerProcess, console_script, serving_worker
 from roundtrip.client import (
     AsyncRoundTripClient,
+    DeadlineExceededError,
     InvalidArgumentError,
     ResourceExhaustedError,
     RoundTripClient,
@@ -158,3 +160,21 @@ def test_a_raw_batch_message_from_the_generated_stub(worker: WorkerProcess) -> N
     assert first.response.orig_sum == np.float32(-4.2219334)
     assert missing_x.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "x is required" in missing_x.error.message
+
+
+def test_a_batch_past_its_deadline_counts_each_item_and_gives_back_its_bytes(
+    worker: WorkerProcess, client: RoundTripClient
+) -> None:
+    """The caller's deadline passes while its items wait or compute: every item is counted
+    by that code, and every byte it reserved is given back."""
+    dropped = 'roundtrip_requests_total{code="DEADLINE_EXCEEDED",method="RoundTripBatch"}'
+    before = worker.metric(dropped)
+    x = np.linspace(-1, 1, 512, dtype=np.float32)
+    with pytest.raises(DeadlineExceededError):
+        client.round_trip_many([(seed, x, 2048) for seed in range(16)], timeout=0.2)
+    for _ in range(100):
+        if worker.metric(dropped) - before == 16 and worker.metric("roundtrip_admitted_bytes") == 0:
+            break
+        time.sleep(0.1)
+    assert worker.metric(dropped) - before == 16
+    assert worker.metric("roundtrip_admitted_bytes") == 0

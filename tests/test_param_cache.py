@@ -77,6 +77,17 @@ def _by_signature(items: list[RoundTripInput]) -> list[list[RoundTripInput]]:
     return list(groups.values())
 
 
+def test_a_seed_seen_once_runs_from_its_seed_and_is_cached_when_it_repeats() -> None:
+    engine = Engine(max_compiled=8, max_batch_size=4, max_param_cache_bytes=64 * MIB)
+    x = np.ones(256, np.float32)
+    once = engine.run([RoundTripInput(7, x, 256)])[0]
+    assert len(engine.params) == 0  # a first sighting: nothing drawn, nothing kept
+    twice = engine.run([RoundTripInput(7, x, 256)])[0]
+    thrice = engine.run([RoundTripInput(7, x, 256)])[0]
+    assert once.as_list() == twice.as_list() == thrice.as_list()
+    assert (len(engine.params), engine.params.hits) == (1, 1)
+
+
 def test_seeds_with_the_same_effective_bits_share_one_parameter_set() -> None:
     engine = Engine(max_compiled=8, max_batch_size=4, max_param_cache_bytes=64 * MIB)
     x = np.ones(256, np.float32)
@@ -102,9 +113,10 @@ def test_the_self_check_covers_the_cached_path() -> None:
 
 
 def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None:
-    """32 MiB holds 8 sets of 4 MiB; 24 seeds pass through it three times. The cache holds
-    at most its bound; RSS grows by about the bound and then stays level (the allocator
-    keeps some freed blocks: measured 1.1 to 1.3 x the bound, docs/operations.md)."""
+    """32 MiB holds 8 sets of 4 MiB; 24 seeds pass through it three times (the first time
+    from their seeds, then drawn and cached). The cache holds at most its bound; RSS grows
+    by about the bound and then stays level (the allocator keeps some freed blocks:
+    measured 1.1 to 1.3 x the bound, docs/operations.md)."""
     flags = (
         *("--warmup-shapes", f"{WIDE}:1024", "--max-batch-size", "1"),
         *("--max-param-cache-bytes", str(32 * MIB), "--audit-fraction", "0"),
@@ -124,10 +136,11 @@ def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None
         again = client.round_trip(23, x, 1024)  # the most recent seed: still cached
         assert np.array_equal(again.as_list(), reference(23, x, 1024))
         assert worker.metric("roundtrip_param_cache_entries") == 8
-        assert worker.metric("roundtrip_param_cache_evictions_total") >= 3 * 24 - 8
+        # the first round runs from seeds (first sightings), the next two draw and evict
+        assert worker.metric("roundtrip_param_cache_evictions_total") >= 2 * 24 - 8
         assert worker.metric("roundtrip_param_cache_hits_total") >= 1
     assert max(grown) < 32 * 1.5 + 32, f"RSS grew {grown} MiB for a 32 MiB cache"
-    assert grown[2] - grown[0] < 24, f"RSS kept growing: {grown} MiB"
+    assert grown[2] - grown[1] < 24, f"RSS kept growing once the cache was full: {grown} MiB"
 
 
 def test_the_audit_rechecks_answers_served_from_cached_parameters() -> None:
@@ -141,7 +154,8 @@ def test_the_audit_rechecks_answers_served_from_cached_parameters() -> None:
             for seed in range(4):
                 result = client.round_trip(seed, x, 256)
                 assert np.array_equal(result.as_list(), reference(seed, x, 256)), round_
-        assert worker.metric("roundtrip_param_cache_hits_total") >= 16
+        # round 1: first sightings, from seeds; round 2: drawn and cached; then hits
+        assert worker.metric("roundtrip_param_cache_hits_total") >= 12
         deadline = 60
         while worker.metric("roundtrip_audit_checks_total") < 20 and deadline:
             time.sleep(0.5)

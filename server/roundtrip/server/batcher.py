@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class _Pending:
+class Ticket:
+    """One queued request: its answer (or error) arrives on ``future``."""
+
     item: RoundTripInput
     future: asyncio.Future[RoundTripAnswer]
     arrived: float
@@ -105,7 +107,7 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
-        self._queues: dict[ShapeSignature, collections.deque[_Pending]] = {}
+        self._queues: dict[ShapeSignature, collections.deque[Ticket]] = {}
         self._queued = 0
         self._arrival = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -124,6 +126,19 @@ class Batcher:
         self, item: RoundTripInput, *, deadline: float | None = None
     ) -> RoundTripAnswer:
         """Queue ``item`` and wait for its answer. ``deadline`` is a ``time.monotonic()`` time."""
+        pending = self.enqueue(item, deadline=deadline)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self.forget(pending)
+            raise
+
+    def enqueue(self, item: RoundTripInput, *, deadline: float | None = None) -> Ticket:
+        """Queue ``item`` without waiting; its answer (or error) arrives on ``.future``.
+
+        For callers that queue many requests at once (a RoundTripBatch): no task or
+        coroutine per request. A caller that goes away calls :meth:`forget`.
+        """
         if not self._accepting:
             raise ShuttingDown("the worker is draining; retry on another worker")
         if self._queued >= self.max_queue_size:
@@ -132,18 +147,19 @@ class Batcher:
                 "max_queue_size); retry with backoff"
             )
         future: asyncio.Future[RoundTripAnswer] = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, future, time.monotonic(), deadline)
+        pending = Ticket(item, future, time.monotonic(), deadline)
         queue = self._queues.setdefault(item.signature, collections.deque())
         queue.append(pending)
         self._queued += 1
         self._arrival.set()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._forget(item.signature, pending)
-            raise
+        return pending
 
-    def _forget(self, signature: ShapeSignature, pending: _Pending) -> None:
+    def forget(self, pending: Ticket) -> None:
+        """The caller of an :meth:`enqueue` went away: cancel it and take it out of the queue."""
+        pending.future.cancel()
+        self._forget(pending.item.signature, pending)
+
+    def _forget(self, signature: ShapeSignature, pending: Ticket) -> None:
         """Take a request whose caller went away (cancelled, deadline passed) out of the queue.
 
         At once, so it stops counting against ``max_queue_size`` and its bytes
@@ -197,12 +213,12 @@ class Batcher:
                 break
         return signature
 
-    def _take(self, signature: ShapeSignature) -> list[_Pending]:
+    def _take(self, signature: ShapeSignature) -> list[Ticket]:
         """Pop up to ``max_batch_size`` live requests of ``signature``; fail expired ones."""
         queue = self._queues.get(signature)
         if queue is None:  # every request of it was forgotten while the window was open
             return []
-        batch: list[_Pending] = []
+        batch: list[Ticket] = []
         now = time.monotonic()
         while queue and len(batch) < self.max_batch_size:
             pending = queue.popleft()
@@ -219,7 +235,7 @@ class Batcher:
             del self._queues[signature]
         return batch
 
-    async def _execute(self, signature: ShapeSignature, batch: list[_Pending]) -> None:
+    async def _execute(self, signature: ShapeSignature, batch: list[Ticket]) -> None:
         started = time.monotonic()
         items = [pending.item for pending in batch]
         loop = asyncio.get_running_loop()

@@ -490,8 +490,9 @@ class Engine:
     ``max_batch_size`` sets the largest batch and its buckets. ``max_param_cache_bytes``
     bounds the parameter sets kept (:class:`~roundtrip.server.param_cache.ParamCache`)
     for signatures of at least :data:`PARAM_CACHE_MIN_ELEMENTS` parameters: their requests
-    are grouped by seed, each group runs from its seed's parameters (drawn once, then
-    reused), and the answers have the same bits either way.
+    are grouped by seed, a seed that repeats runs from its parameters (drawn once, then
+    reused), a seed seen for the first time runs as it always did, and the answers have
+    the same bits either way.
     """
 
     def __init__(
@@ -531,10 +532,11 @@ class Engine:
         return elements >= PARAM_CACHE_MIN_ELEMENTS and self.params.fits(elements * 4)
 
     def prepare(self, signature: ShapeSignature, batch_size: int) -> None:
-        """Compile what a batch of ``signature`` at ``batch_size`` runs (warm-up)."""
+        """Compile what a batch of ``signature`` at ``batch_size`` may run (warm-up)."""
         if self.caches_params(signature):
             self.initializer(signature.x_shape[-1], signature.features)
-        self.executable(signature, batch_size, from_params=self.caches_params(signature))
+            self.executable(signature, batch_size, from_params=True)
+        self.executable(signature, batch_size)
 
     def executable(
         self, signature: ShapeSignature, batch_size: int, *, from_params: bool = False
@@ -599,19 +601,31 @@ class Engine:
     def _run_from_params(
         self, signature: ShapeSignature, inputs: Sequence[RoundTripInput]
     ) -> list[RoundTripAnswer]:
-        """Group ``inputs`` by parameter set; run each group from its (cached) parameters."""
+        """Group ``inputs`` by parameter set and run each group from its parameters: cached
+        ones, or drawn now and cached when the set repeats (seen before, or more than once in
+        this batch). Sets seen for the first time run together as before, from their seeds.
+        """
         width, features = signature.x_shape[-1], signature.features
         groups: dict[ParamKey, list[int]] = {}
         for row, item in enumerate(inputs):
             groups.setdefault(param_key(item.seed, width, features), []).append(row)
         answers: list[RoundTripAnswer | None] = [None] * len(inputs)
+        first_seen: list[int] = []
         for key, rows in groups.items():
             params = self.params.get(key)
             if params is None:
+                if not self.params.seen_before(key) and len(rows) == 1:
+                    first_seen += rows
+                    continue
                 params = self.initializer(width, features)(inputs[rows[0]].seed)
                 self.params.put(key, params, nbytes=sum(p.nbytes for p in params))
             group = [inputs[row] for row in rows]
             compiled = self.executable(signature, self.bucket_for(len(group)), from_params=True)
             for row, answer in zip(rows, compiled(group, params), strict=True):
+                answers[row] = answer
+        if first_seen:
+            group = [inputs[row] for row in first_seen]
+            compiled = self.executable(signature, self.bucket_for(len(group)))
+            for row, answer in zip(first_seen, compiled(group), strict=True):
                 answers[row] = answer
         return [answer for answer in answers if answer is not None]

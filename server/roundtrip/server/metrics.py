@@ -13,9 +13,11 @@ Names follow Prometheus conventions: base units, ``_total`` for counters,
 
 from __future__ import annotations
 
+import collections
 import socket
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -228,6 +230,16 @@ class WorkerMetrics:
     def watch_budget(self, in_use: Callable[[], int], limit: int) -> None:
         self.admitted_bytes.set_function(in_use)
         self.admitted_bytes_limit.set(limit)
+
+    def observe_rpcs(self, method: str, codes: Sequence[str], started: float) -> None:
+        """The requests of one call that carries many (a batch), each by its code; their
+        duration is the call's, from ``started`` (``time.perf_counter()``) until now."""
+        seconds = time.perf_counter() - started
+        for code, count in collections.Counter(codes).items():
+            self.requests.labels(method, code).inc(count)
+        duration = self.duration.labels(method)
+        for _ in codes:
+            duration.observe(seconds)
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

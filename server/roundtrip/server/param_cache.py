@@ -7,9 +7,12 @@ initialized parameters here, keyed by everything that determines them, and runs
 the forward, split/merge and reduction steps from them; the parameters are the
 very arrays the initializer produced, so the answers keep their bits.
 
-Least recently used goes first; the total is bounded in bytes. Pure Python: the
-values are whatever the engine stores (device arrays), and the engine's compute
-thread is the only one that calls it.
+Least recently used goes first; the total is bounded in bytes. A set is cached
+on its key's second sighting (:meth:`ParamCache.seen_before` remembers the
+last :data:`SEEN_KEYS` keys): a seed seen once runs the one-executable path it
+always ran, so traffic whose seeds never repeat pays nothing for the cache.
+Pure Python: the values are whatever the engine stores (device arrays), and the
+engine's compute thread is the only one that calls it.
 
 >>> cache = ParamCache(max_bytes=100)
 >>> cache.put(("seed", 1), "params-1", nbytes=60)
@@ -28,6 +31,9 @@ from typing import Generic, TypeVar
 
 V = TypeVar("V")
 
+#: Keys remembered for admission (a set is cached on its second sighting).
+SEEN_KEYS = 16384
+
 
 class ParamCache(Generic[V]):
     """An LRU map bounded by the bytes of its values; ``max_bytes=0`` keeps nothing."""
@@ -41,6 +47,22 @@ class ParamCache(Generic[V]):
         self.misses = 0
         self.evictions = 0
         self._entries: collections.OrderedDict[Hashable, tuple[V, int]] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+
+    def seen_before(self, key: Hashable) -> bool:
+        """Whether ``key`` was looked at recently; records that it was now.
+
+        >>> cache = ParamCache(max_bytes=100)
+        >>> cache.seen_before("a"), cache.seen_before("a")
+        (False, True)
+        """
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        self._seen[key] = None
+        if len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+        return False
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -26,8 +26,8 @@ from google.protobuf import message, message_factory
 from roundtrip.client import arrays
 from roundtrip.server.admission import ByteBudget, Reservation, answer_bytes, working_set_bytes
 from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher
-from roundtrip.server.engine import RoundTripAnswer
+from roundtrip.server.batcher import Batcher, Ticket
+from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError, ShuttingDown
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
@@ -208,24 +208,30 @@ async def counted(
 
     An error becomes its :class:`Failure` (returned, for the caller to answer with); a
     cancel is counted as :func:`dropped_code` says and propagates. ``count_ok=False`` is
-    for a call whose requests are counted one by one (a batch): only its own failure
-    counts.
+    for a call whose requests are counted one by one (a batch): only a failure of the call
+    as a whole counts (its cancellation is counted on its items).
     """
     started = time.perf_counter()
     code = grpc.StatusCode.OK
-    metrics.inflight.inc()
+    counts = count_ok
+    inflight = metrics.inflight if count_ok else None  # a batch counts its items in flight
+    if inflight is not None:
+        inflight.inc()
     try:
         return await work()
     except asyncio.CancelledError:
         code = dropped_code(context)
+        counts = count_ok  # a call that counts its items has counted them as dropped
         raise
     except Exception as error:
         failure = failure_of(error)
         code = failure.code
+        counts = True
         return failure
     finally:
-        metrics.inflight.dec()
-        if count_ok or code != grpc.StatusCode.OK:
+        if inflight is not None:
+            inflight.dec()
+        if counts:
             metrics.observe_rpc(method, code.name, time.perf_counter() - started)
 
 
@@ -354,9 +360,10 @@ class RoundTripServicer:
     ) -> pb.RoundTripBatchResponse:
         """Answer every request of the message as if each came alone; outcomes in order.
 
-        Each item is weighed, admitted, decoded and queued on its own, so its
-        items join the per-shape batches with all other traffic, and one bad
-        item gets its own error while the others are answered.
+        Each item is weighed, admitted, decoded and queued on its own (so items join the
+        per-shape batches with all other traffic, and one bad item gets its own error while
+        the others are answered), in one pass: no task or coroutine per item. Items are
+        counted one by one, by the code each ended with.
         """
         batch: pb.RoundTripBatchRequest = received.message
         count = len(batch.requests)
@@ -365,30 +372,69 @@ class RoundTripServicer:
                 f"a RoundTripBatch holds {count} requests, over this worker's limit of "
                 f"{self.max_batch_items} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
             )
+        started = time.perf_counter()
         deadline = _deadline(context)
-        message_bytes = received.held.nbytes
-        outcomes = await asyncio.gather(
-            *(
-                counted(
-                    self.metrics,
-                    "RoundTripBatch",
-                    context,
-                    functools.partial(self.answer, request, message_bytes, deadline),
-                )
-                for request in batch.requests
-            )
-        )
+        outcomes: list[Failure | RoundTripAnswer | None] = [None] * count
+        queued: list[tuple[int, RoundTripInput, Reservation, Ticket]] = []
+        self.metrics.inflight.inc(count)
+        try:
+            for index, request in enumerate(batch.requests):
+                try:
+                    queued.append((index, *self._enqueue(request, received.held.nbytes, deadline)))
+                except Exception as error:
+                    outcomes[index] = failure_of(error)
+            if queued:
+                await asyncio.wait([ticket.future for *_, ticket in queued])
+        except asyncio.CancelledError:
+            code = dropped_code(context).name
+            for _, _, held, ticket in queued:
+                self._batcher.forget(ticket)
+                held.release()
+            self.metrics.observe_rpcs("RoundTripBatch", [code] * count, started)
+            raise
+        finally:
+            self.metrics.inflight.dec(count)
         response = pb.RoundTripBatchResponse()
-        held: list[Reservation] = []
+        held_answers: list[Reservation] = []
+        for index, item, held, ticket in queued:
+            failed = ticket.future.exception()
+            if isinstance(failed, Exception):
+                outcomes[index] = failure_of(failed)
+                held.release()
+                continue
+            answer: RoundTripAnswer = ticket.future.result()
+            self._auditor.offer(item, answer)
+            outcomes[index] = answer
+            held_answers.append(held)
+        codes = []
         for outcome in outcomes:
-            answer = response.outcomes.add()
+            slot = response.outcomes.add()
             if isinstance(outcome, Failure):
-                answer.error.code, answer.error.message = outcome.code.value[0], outcome.message
-            else:
-                answer.response.CopyFrom(outcome[0])
-                held.append(outcome[1])
-        self._release_when_sent(context, held)
+                slot.error.code, slot.error.message = outcome.code.value[0], outcome.message
+                codes.append(outcome.code.name)
+            elif outcome is not None:
+                slot.response.CopyFrom(encode_result(outcome))
+                codes.append("OK")
+        answered = (outcome for outcome in outcomes if isinstance(outcome, RoundTripAnswer))
+        for held, answer in zip(held_answers, answered, strict=True):
+            outputs = answer.orig_out.nbytes if answer.orig_out is not None else 0
+            held.shrink(answer_bytes(outputs))
+        self.metrics.observe_rpcs("RoundTripBatch", codes, started)
+        self._release_when_sent(context, held_answers)
         return response
+
+    def _enqueue(
+        self, request: pb.RoundTripRequest, message_bytes: int, deadline: float | None
+    ) -> tuple[RoundTripInput, Reservation, Ticket]:
+        """Weigh, admit by bytes, decode and queue one request without waiting for it."""
+        size = weigh(request, self._limits, message_bytes=message_bytes)
+        held = self.budget.reserve(working_set_bytes(size))
+        try:
+            item = decode(request)
+            return item, held, self._batcher.enqueue(item, deadline=deadline)
+        except BaseException:
+            held.release()
+            raise
 
     def _release_when_sent(
         self, context: grpc.aio.ServicerContext[Any, Any], held: Sequence[Reservation]

@@ -1,0 +1,200 @@
+"""Throughput II: what the parameter cache and RoundTripBatch buy, beside their ceilings.
+
+    python -m bench.throughput --rounds 3 --duration 10   # -> docs/bench/throughput.json
+
+Every round starts each server afresh, in an order that flips every round, and measures:
+
+* W2 (64 -> 64) unary under h2load (8 connections x 16 streams, one body replayed): the
+  worker and the empty grpc.aio handler (the RPC ceiling);
+* W2 through RoundTripBatch: h2load replays one message of 64 requests with 64 different
+  seeds (8 x 4 streams); results per second are its req/s x 64;
+* W3 (1024 -> 1024) with a repeated seed (h2load, one body): the worker with its parameter
+  cache, the worker with the cache off (``--max-param-cache-bytes 0``: the path every
+  request took before), and the naive eager server;
+* W3 with a fresh seed on every request (16 asyncio callers, seeds never repeated within
+  or across runs): cache on and off.
+
+Before any load, each body's answer is checked against the eager reference (each of the
+batch's 64 outcomes too); the fresh-seed runs check a sample of their answers against it,
+and every worker audits 2% of its answers in the background: the report counts every
+mismatch. Ratios are of medians over the rounds, measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import time
+import urllib.request
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench.run import METRICS_PORTS, OUT, _same, cases, check_body, h2load, server
+from roundtrip.client.messages import build_request
+from roundtrip.server.reference import eager_round_trip
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+BATCH_METHOD = "/roundtrip.v1.RoundTripService/RoundTripBatch"
+WORKER_FLAGS = ("--warmup-shapes", "64:64,1024:1024", "--audit-fraction", "0.02")
+SAMPLE = 24
+
+
+def batch_body() -> tuple[pb.RoundTripBatchRequest, list[tuple[float, float, float]]]:
+    """64 W2 requests, 64 different seeds, and their reference answers."""
+    rng = np.random.default_rng(64)
+    x = rng.standard_normal(64).astype(np.float32)
+    seeds = [int(s) for s in rng.integers(-(2**31), 2**31, 64)]
+    expected = []
+    for seed in seeds:
+        r = eager_round_trip(seed, x, 64)
+        expected.append((r.orig_sum, r.merged_sum, r.max_abs_diff))
+    return pb.RoundTripBatchRequest(requests=[build_request(s, x, 64) for s in seeds]), expected
+
+
+def check_batch(port: int, body: pb.RoundTripBatchRequest, expected: list[Any]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = pb_grpc.RoundTripServiceStub(channel).RoundTripBatch(body, timeout=60)
+    for outcome, want in zip(response.outcomes, expected, strict=True):
+        r = outcome.response
+        if outcome.HasField("error") or not _same((r.orig_sum, r.merged_sum, r.max_abs_diff), want):
+            raise AssertionError("a batch outcome differs from the reference")
+
+
+async def _fresh_seeds(port: int, first_seed: int, duration: float) -> dict[str, Any]:
+    """16 callers, W3, every request a seed never used before; a sample checked after."""
+    x = np.random.default_rng(3).standard_normal(1024).astype(np.float32)
+    next_seed = first_seed
+    answers: list[tuple[int, tuple[float, float, float]]] = []
+    errors = 0
+    stop = time.monotonic() + duration
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.RoundTripServiceStub(channel)
+
+        async def caller() -> None:
+            nonlocal next_seed, errors
+            while time.monotonic() < stop:
+                seed, next_seed = next_seed, next_seed + 1
+                try:
+                    r = await stub.RoundTrip(build_request(seed, x, 1024), timeout=120)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                answers.append((seed, (r.orig_sum, r.merged_sum, r.max_abs_diff)))
+
+        began = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(16)))
+        elapsed = time.perf_counter() - began
+    mismatches = 0
+    for seed, got in random.Random(first_seed).sample(answers, min(SAMPLE, len(answers))):
+        want = eager_round_trip(seed, x, 1024)
+        mismatches += not _same(got, (want.orig_sum, want.merged_sum, want.max_abs_diff))
+    return {"rps": len(answers) / elapsed, "errors": errors, "sample_mismatches": mismatches}
+
+
+def audit(port: int) -> tuple[float, float]:
+    """(answers audited, mismatches) from the worker's metrics, once its audit queue is done."""
+    url = f"http://127.0.0.1:{METRICS_PORTS[port]}/metrics"
+    time.sleep(3)  # the audit re-runs answers in the background
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return metric(text, "roundtrip_audit_checks_total"), metric(
+        text, "roundtrip_audit_mismatches_total"
+    )
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10)
+    args = parser.parse_args()
+    w2 = cases(64, 64, 1, check=True)[0]
+    w3 = cases(1024, 1024, 1, check=True)[0]
+    batch, batch_expected = batch_body()
+    runs: dict[str, list[float]] = {}
+    checks: dict[str, Any] = {
+        "fresh_seed_sample_mismatches": 0,
+        "fresh_seed_errors": 0,
+        "audited": 0,
+        "audit_mismatches": 0,
+    }
+
+    def record(name: str, value: float) -> None:
+        runs.setdefault(name, []).append(value)
+        print(name, round(value, 1), flush=True)
+
+    def h2(port: int, body: Any, streams: int = 16, **kw: Any) -> float:
+        return h2load(port, body, duration=args.duration, clients=8, streams=streams, **kw)["rps"]
+
+    fresh = 10**9
+    for round_ in range(args.rounds):
+        order = ["worker", "nocache", "empty", "naive"]
+        for kind in order if round_ % 2 == 0 else order[::-1]:
+            if kind in ("worker", "nocache"):
+                flags = WORKER_FLAGS + (
+                    ("--max-param-cache-bytes", "0") if kind == "nocache" else ()
+                )
+                with server("worker", *flags) as port:
+                    check_body(port, w3)
+                    record(f"W3 repeated seed, {kind}", h2(port, w3.request, streams=4))
+                    result = asyncio.run(_fresh_seeds(port, fresh, args.duration))
+                    fresh += 100_000
+                    record(f"W3 fresh seeds, {kind}", result["rps"])
+                    checks["fresh_seed_sample_mismatches"] += result["sample_mismatches"]
+                    checks["fresh_seed_errors"] += result["errors"]
+                    if kind == "worker":
+                        check_body(port, w2)
+                        record("W2 unary, worker", h2(port, w2.request))
+                        check_batch(port, batch, batch_expected)
+                        items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
+                        record("W2 RoundTripBatch x64 results/s, worker", items)
+                    audited, mismatched = audit(port)
+                    checks["audited"] += audited
+                    checks["audit_mismatches"] += mismatched
+            elif kind == "empty":
+                with server("empty") as port:
+                    record("W2 unary, empty handler", h2(port, w2.request))
+            else:
+                with server("naive") as port:
+                    check_body(port, w3)
+                    record("W3 repeated seed, naive", h2(port, w3.request, streams=4))
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    ratios = {
+        "W2 unary: worker / empty handler": medians["W2 unary, worker"]
+        / medians["W2 unary, empty handler"],
+        "W2 RoundTripBatch x64 results/s / empty handler unary req/s": medians[
+            "W2 RoundTripBatch x64 results/s, worker"
+        ]
+        / medians["W2 unary, empty handler"],
+        "W3 repeated seed: worker / naive": medians["W3 repeated seed, worker"]
+        / medians["W3 repeated seed, naive"],
+        "W3 repeated seed: cache on / off": medians["W3 repeated seed, worker"]
+        / medians["W3 repeated seed, nocache"],
+        "W3 fresh seeds: cache on / off": medians["W3 fresh seeds, worker"]
+        / medians["W3 fresh seeds, nocache"],
+    }
+    report = {
+        "runs": runs,
+        "medians": medians,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "checks": checks,
+        "machine": "2 cores, 24 GiB, no GPU; load generators on the same cores",
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+    }
+    (OUT / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
