@@ -16,7 +16,8 @@ Every round starts each server afresh, in an order that flips every round, and m
 
 Before any load, each body's answer is checked against the eager reference (each of the
 batch's 64 outcomes too); the fresh-seed runs check a sample of their answers against it,
-and every worker audits 2% of its answers in the background: the report counts every
+and every worker audits its default share of answers (audit_fraction) in the background:
+the report counts every
 mismatch. Ratios are of medians over the rounds, measured side by side.
 """
 
@@ -42,7 +43,7 @@ from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 BATCH_METHOD = "/roundtrip.v1.RoundTripService/RoundTripBatch"
-WORKER_FLAGS = ("--warmup-shapes", "64:64,1024:1024", "--audit-fraction", "0.02")
+WORKER_FLAGS = ("--warmup-shapes", "64:64,1024:1024")
 SAMPLE = 24
 
 

@@ -16,7 +16,12 @@ from reference import reference
 
 from conftest import serving_worker
 from roundtrip.client import RoundTripClient
-from roundtrip.server.engine import PARAM_CACHE_MIN_ELEMENTS, Engine, RoundTripInput
+from roundtrip.server.engine import (
+    PARAM_CACHE_MIN_ELEMENTS,
+    ROW_CACHE_MIN_ELEMENTS,
+    Engine,
+    RoundTripInput,
+)
 from roundtrip.server.param_cache import ParamCache
 from roundtrip.server.warmup import self_check
 
@@ -96,20 +101,29 @@ def test_seeds_with_the_same_effective_bits_share_one_parameter_set() -> None:
     assert (engine.params.misses, len(engine.params)) == (1, 1)
 
 
-def test_small_shapes_are_not_cached() -> None:
-    engine = Engine(max_compiled=8, max_param_cache_bytes=64 * MIB)
-    small = RoundTripInput(0, np.ones(64, np.float32), 64)
-    assert PARAM_CACHE_MIN_ELEMENTS > (64 + 1) * 64
-    assert not engine.caches_params(small.signature)
-    engine.run([small])
+def test_tiny_shapes_are_not_cached_and_small_ones_are_stacked_per_batch() -> None:
+    engine = Engine(max_compiled=16, max_batch_size=8, max_param_cache_bytes=64 * MIB)
+    tiny = RoundTripInput(0, np.ones(3, np.float32), 4)
+    assert ROW_CACHE_MIN_ELEMENTS > (3 + 1) * 4
+    assert engine.param_tier(tiny.signature) is None
+    engine.run([tiny, tiny])
     assert engine.params.misses == 0
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    small = [RoundTripInput(seed, x, 64) for seed in range(8)]
+    assert ROW_CACHE_MIN_ELEMENTS <= (64 + 1) * 64 < PARAM_CACHE_MIN_ELEMENTS
+    assert engine.param_tier(small[0].signature) == "rows"
+    for _ in range(3):  # from seeds, drawn and kept, then all eight from the cache
+        answers = engine.run(small)
+    assert engine.params.hits == 8
+    for item, answer in zip(small, answers, strict=True):
+        assert np.array_equal(answer.as_list(), reference(item.seed, x, 64))
 
 
 def test_the_self_check_covers_the_cached_path() -> None:
     """A miss (drawn), then hits (cached), each compared with the eager reference."""
     plain = self_check(Engine(max_compiled=32, max_batch_size=2))
     cached = self_check(Engine(max_compiled=32, max_batch_size=2, max_param_cache_bytes=64 * MIB))
-    assert cached == plain + 6  # twice: alone and in a batch of two
+    assert cached == plain + 12  # a shape of each tier, twice, alone and in a batch of two
 
 
 def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None:

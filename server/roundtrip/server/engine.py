@@ -54,7 +54,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import jax
 import jax.extend.core as jex
@@ -222,8 +222,11 @@ def isolate_primitives(fn: Callable[..., Any]) -> Callable[..., Any]:
     return isolated
 
 
-def round_trip(seed: jax.Array, x: jax.Array, features: int) -> tuple[jax.Array, jax.Array]:
-    """Reference steps 1-4 as a pure function of a traced seed and x: both outputs."""
+def round_trip(
+    seed: jax.Array, x: jax.Array, features: int, *, emit_params: bool = False
+) -> tuple[jax.Array, ...]:
+    """Reference steps 1-4 as a pure function of a traced seed and x: both outputs, and
+    with ``emit_params`` the parameters step 1 drew (the state's leaves: bias, kernel)."""
     model = nnx.Linear(
         in_features=x.shape[-1],
         out_features=features,
@@ -233,6 +236,8 @@ def round_trip(seed: jax.Array, x: jax.Array, features: int) -> tuple[jax.Array,
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state)
     merged_out = merged(x)
+    if emit_params:
+        return (orig_out, merged_out, *jax.tree.leaves(state))
     return orig_out, merged_out
 
 
@@ -298,17 +303,37 @@ def _bits(array: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(array, unsigned)
 
 
-def _single(seed: jax.Array, x: jax.Array, *, features: int) -> Any:
-    return isolate_primitives(functools.partial(round_trip, features=features))(seed, x)
+def _single(seed: jax.Array, x: jax.Array, *, features: int, emit_params: bool = False) -> Any:
+    body = functools.partial(round_trip, features=features, emit_params=emit_params)
+    return isolate_primitives(body)(seed, x)
 
 
-def _batched(seeds: jax.Array, xs: jax.Array, count: jax.Array, *, features: int) -> Any:
+def _batched(
+    seeds: jax.Array, xs: jax.Array, count: jax.Array, *, features: int, emit_params: bool = False
+) -> Any:
     """The first ``count`` rows, one after the other; padding rows are never computed.
 
     Each request's body runs on its own in a ``lax.fori_loop`` whose trip count
     is an operand, so a batch of 18 in the bucket of 32 costs 18.
     """
-    return _loop(lambda row: _single(seeds[row], xs[row], features=features), xs, count)
+    return _loop(
+        lambda row: _single(seeds[row], xs[row], features=features, emit_params=emit_params),
+        xs,
+        count,
+    )
+
+
+def _batched_row_params(
+    params: tuple[jax.Array, ...], xs: jax.Array, count: jax.Array, *, features: int
+) -> Any:
+    """:func:`_batched` for requests that each bring their own parameters (stacked)."""
+    return _loop(
+        lambda row: _single_from_params(
+            tuple(leaf[row] for leaf in params), xs[row], features=features
+        ),
+        xs,
+        count,
+    )
 
 
 def _single_from_params(params: tuple[jax.Array, ...], x: jax.Array, *, features: int) -> Any:
@@ -328,9 +353,8 @@ def _loop(single: Callable[[jax.Array], Any], xs: jax.Array, count: jax.Array) -
     row_shape = jax.eval_shape(single, jnp.int32(0))
     empty = tuple(jnp.zeros((xs.shape[0], *spec.shape), spec.dtype) for spec in row_shape)
 
-    def one(row: jax.Array, outs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        orig, merged = single(row)
-        return outs[0].at[row].set(orig), outs[1].at[row].set(merged)
+    def one(row: jax.Array, outs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return tuple(out.at[row].set(value) for out, value in zip(outs, single(row), strict=True))
 
     return jax.lax.fori_loop(0, count, one, empty)
 
@@ -360,37 +384,57 @@ class CompiledInit:
         return tuple(self._init(seed_operand(seed)))
 
 
+ParamSource = Literal["seed", "shared", "rows"]
+"""Where an executable's parameters come from: drawn from each request's seed; given once
+for all its requests (a shared seed's cached set); given per request (stacked sets)."""
+
+
 class CompiledRoundTrip:
     """The two executables for ``batch_size`` requests of one :class:`ShapeSignature`.
 
-    ``outputs`` runs steps 1-4 (both outputs); ``orig_reductions`` runs steps
-    5-6 on them without a round trip through the host (``merged_sums`` is
-    compiled only if a merged output ever differs).
+    ``outputs`` runs steps 1-4 (both outputs; with ``emit_params`` also the parameters it
+    drew, per request); ``orig_reductions`` runs steps 5-6 on them without a round trip
+    through the host (``merged_sums`` is compiled only if a merged output ever differs).
     """
 
     def __init__(
-        self, signature: ShapeSignature, batch_size: int, *, from_params: bool = False
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        *,
+        source: ParamSource = "seed",
+        emit_params: bool = False,
     ) -> None:
         self.signature = signature
         self.batch_size = batch_size
-        self.from_params = from_params
+        self.source = source
         self._seed_dtype = seed_operand(0).dtype
         self._x_dtype = np.dtype(signature.x_dtype)
         batch_dims: tuple[int, ...] = () if batch_size == 1 else (batch_size,)
-        if from_params:
-            body: Callable[..., Any] = (
-                _single_from_params if batch_size == 1 else _batched_from_params
+        width, features = signature.x_shape[-1], signature.features
+        body: Callable[..., Any]
+        first: Any
+        if source == "seed":
+            body = functools.partial(
+                _single if batch_size == 1 else _batched, emit_params=emit_params
             )
-            first: Any = param_specs(signature.x_shape[-1], signature.features)
-        else:
-            body = _single if batch_size == 1 else _batched
             first = jax.ShapeDtypeStruct(batch_dims, self._seed_dtype)
+        elif source == "shared" or batch_size == 1:
+            body = _single_from_params if batch_size == 1 else _batched_from_params
+            first = param_specs(width, features)
+        else:
+            body = _batched_row_params
+            first = tuple(
+                jax.ShapeDtypeStruct((batch_size, *spec.shape), spec.dtype)
+                for spec in param_specs(width, features)
+            )
+        self._param_shapes = [spec.shape for spec in param_specs(width, features)]
         specs = [first, jax.ShapeDtypeStruct(batch_dims + signature.x_shape, self._x_dtype)]
         if batch_size > 1:
             specs.append(jax.ShapeDtypeStruct((), np.int32))
-        outputs_fn = functools.partial(body, features=signature.features)
+        outputs_fn = functools.partial(body, features=features)
         self._outputs = jax.jit(outputs_fn).lower(*specs).compile()
-        orig_spec, merged_spec = jax.eval_shape(outputs_fn, *specs)
+        orig_spec, merged_spec, *_ = jax.eval_shape(outputs_fn, *specs)
         self._orig_reductions = (
             jax.jit(functools.partial(orig_reductions, batch_size=batch_size))
             .lower(orig_spec, merged_spec)
@@ -400,29 +444,47 @@ class CompiledRoundTrip:
         self._merged_sums: Any = None  # compiled on first need: merged bits never differ
 
     def __call__(
-        self, inputs: Sequence[RoundTripInput], params: tuple[jax.Array, ...] | None = None
+        self, inputs: Sequence[RoundTripInput], params: Sequence[Any] | None = None
     ) -> list[RoundTripAnswer]:
         """Run ``inputs`` (at most ``batch_size``; the rest is padding) and split the answers.
 
-        An executable compiled ``from_params`` takes the parameters all of ``inputs`` share
-        (their seed's, from :class:`CompiledInit`) instead of their seeds.
+        ``params``: for ``shared``, the one parameter set all of ``inputs`` use; for
+        ``rows``, each request's set, in order.
         """
+        return self.run(inputs, params)[0]
+
+    def run(
+        self, inputs: Sequence[RoundTripInput], params: Sequence[Any] | None = None
+    ) -> tuple[list[RoundTripAnswer], list[tuple[npt.NDArray[Any], ...]]]:
+        """:meth:`__call__`, and the parameters each request's seed drew (host copies) when
+        compiled with ``emit_params`` (else no sets)."""
         operands: list[Any]
         if self.batch_size == 1:
-            first: Any = params if self.from_params else seed_operand(inputs[0].seed)
+            if self.source == "seed":
+                first: Any = seed_operand(inputs[0].seed)
+            else:
+                first = params if self.source == "shared" else params[0]  # type: ignore[index]
             operands = [first, np.asarray(inputs[0].x, self._x_dtype)]
         else:
             xs = np.zeros((self.batch_size, *self.signature.x_shape), dtype=self._x_dtype)
             for row, item in enumerate(inputs):
                 xs[row] = item.x
-            if self.from_params:
+            if self.source == "shared":
                 first = params
+            elif self.source == "rows":
+                assert params is not None
+                first = tuple(
+                    np.zeros((self.batch_size, *shape), np.float32) for shape in self._param_shapes
+                )
+                for row, row_params in enumerate(params):
+                    for stacked, leaf in zip(first, row_params, strict=True):
+                        stacked[row] = leaf
             else:
                 first = np.zeros(self.batch_size, dtype=self._seed_dtype)
                 for row, item in enumerate(inputs):
                     first[row] = seed_operand(item.seed)
             operands = [first, xs, np.int32(len(inputs))]
-        orig_outs, merged_outs = self._outputs(*operands)
+        orig_outs, merged_outs, *drawn = self._outputs(*operands)
         *orig_sums, abs_diffs, same_bits = jax.device_get(
             self._orig_reductions(orig_outs, merged_outs)
         )
@@ -440,7 +502,7 @@ class CompiledRoundTrip:
             orig_host, merged_host = np.asarray(orig_outs), np.asarray(merged_outs)
             if self.batch_size == 1:
                 orig_host, merged_host = orig_host[None], merged_host[None]
-        return [
+        answers = [
             RoundTripAnswer(
                 orig_sum=float(orig_sums[row]),
                 merged_sum=float(merged[row]),
@@ -450,6 +512,15 @@ class CompiledRoundTrip:
             )
             for row in range(len(inputs))
         ]
+        drawn_host = [np.asarray(leaf) for leaf in drawn]
+        if self.batch_size == 1:
+            drawn_host = [leaf[None] for leaf in drawn_host]
+        sets = (
+            [tuple(np.array(leaf[row]) for leaf in drawn_host) for row in range(len(inputs))]
+            if drawn_host
+            else []
+        )
+        return answers, sets
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -466,8 +537,10 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-#: Parameter sets smaller than this (elements) are drawn again per request rather than
-#: cached: drawing 64 x 64 costs less than running a second executable per seed would.
+#: Parameter sets of at least this many elements are cached (when the cache is on)...
+ROW_CACHE_MIN_ELEMENTS = 1024
+#: ...and from this size on they stay on the device and a seed's requests run together
+#: from its one set; below it, sets are kept as host copies and stacked per batch.
 PARAM_CACHE_MIN_ELEMENTS = 65536
 
 ParamKey = tuple[int, int, int, str]
@@ -503,9 +576,10 @@ class Engine:
         self.max_compiled = max_compiled
         self.buckets = batch_buckets(max_batch_size)
         self.stats = EngineStats()
-        self.params: ParamCache[tuple[jax.Array, ...]] = ParamCache(max_param_cache_bytes)
+        # device arrays (shared tier) or host copies (rows tier): both are read as arrays
+        self.params: ParamCache[tuple[Any, ...]] = ParamCache(max_param_cache_bytes)
         self._cache: collections.OrderedDict[
-            tuple[ShapeSignature, int, bool], CompiledRoundTrip
+            tuple[ShapeSignature, int, ParamSource, bool], CompiledRoundTrip
         ] = collections.OrderedDict()
         self._inits: collections.OrderedDict[tuple[int, int], CompiledInit] = (
             collections.OrderedDict()
@@ -526,30 +600,45 @@ class Engine:
                 return size
         raise ValueError(f"batch of {count} exceeds max_batch_size {self.max_batch_size}")
 
-    def caches_params(self, signature: ShapeSignature) -> bool:
-        """Whether requests of ``signature`` run from cached parameters."""
+    def param_tier(self, signature: ShapeSignature) -> ParamSource | None:
+        """How requests of ``signature`` use the parameter cache: ``shared`` (large sets, on
+        the device, one per seed group), ``rows`` (small sets, host copies stacked per
+        batch), or ``None`` (tiny sets, or the cache is off: drawn per request)."""
         elements = (signature.x_shape[-1] + 1) * signature.features
-        return elements >= PARAM_CACHE_MIN_ELEMENTS and self.params.fits(elements * 4)
+        if elements < ROW_CACHE_MIN_ELEMENTS or not self.params.fits(elements * 4):
+            return None
+        return "shared" if elements >= PARAM_CACHE_MIN_ELEMENTS else "rows"
+
+    def caches_params(self, signature: ShapeSignature) -> bool:
+        """Whether requests of ``signature`` may run from cached parameters."""
+        return self.param_tier(signature) is not None
 
     def prepare(self, signature: ShapeSignature, batch_size: int) -> None:
         """Compile what a batch of ``signature`` at ``batch_size`` may run (warm-up)."""
-        if self.caches_params(signature):
+        tier = self.param_tier(signature)
+        if tier == "shared":
             self.initializer(signature.x_shape[-1], signature.features)
-            self.executable(signature, batch_size, from_params=True)
-        self.executable(signature, batch_size)
+        if tier is not None:
+            self.executable(signature, batch_size, source=tier)
+        self.executable(signature, batch_size, emit_params=tier == "rows")
 
     def executable(
-        self, signature: ShapeSignature, batch_size: int, *, from_params: bool = False
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        *,
+        source: ParamSource = "seed",
+        emit_params: bool = False,
     ) -> CompiledRoundTrip:
         """The cached executable for ``signature`` at ``batch_size``, compiling it if needed."""
-        key = (signature, batch_size, from_params)
+        key = (signature, batch_size, source, emit_params)
         compiled = self._cache.get(key)
         if compiled is not None:
             self._cache.move_to_end(key)
             self.stats.cache_hits += 1
             return compiled
         compiled = self._compile(
-            lambda: CompiledRoundTrip(signature, batch_size, from_params=from_params)
+            lambda: CompiledRoundTrip(signature, batch_size, source=source, emit_params=emit_params)
         )
         self._cache[key] = compiled
         self._evict()
@@ -589,8 +678,11 @@ class Engine:
         signature = inputs[0].signature
         if any(item.signature != signature for item in inputs):
             raise ValueError("a batch must hold one shape signature")
-        if self.caches_params(signature):
-            results = self._run_from_params(signature, inputs)
+        tier = self.param_tier(signature)
+        if tier == "shared":
+            results = self._run_shared(signature, inputs)
+        elif tier == "rows":
+            results = self._run_rows(signature, inputs)
         else:
             results = self.executable(signature, self.bucket_for(len(inputs)))(inputs)
         self.stats.batches += 1
@@ -598,7 +690,7 @@ class Engine:
         self.stats.batch_sizes[len(inputs)] += 1
         return results
 
-    def _run_from_params(
+    def _run_shared(
         self, signature: ShapeSignature, inputs: Sequence[RoundTripInput]
     ) -> list[RoundTripAnswer]:
         """Group ``inputs`` by parameter set and run each group from its parameters: cached
@@ -620,7 +712,7 @@ class Engine:
                 params = self.initializer(width, features)(inputs[rows[0]].seed)
                 self.params.put(key, params, nbytes=sum(p.nbytes for p in params))
             group = [inputs[row] for row in rows]
-            compiled = self.executable(signature, self.bucket_for(len(group)), from_params=True)
+            compiled = self.executable(signature, self.bucket_for(len(group)), source="shared")
             for row, answer in zip(rows, compiled(group, params), strict=True):
                 answers[row] = answer
         if first_seen:
@@ -628,4 +720,33 @@ class Engine:
             compiled = self.executable(signature, self.bucket_for(len(group)))
             for row, answer in zip(first_seen, compiled(group), strict=True):
                 answers[row] = answer
+        return [answer for answer in answers if answer is not None]
+
+    def _run_rows(
+        self, signature: ShapeSignature, inputs: Sequence[RoundTripInput]
+    ) -> list[RoundTripAnswer]:
+        """Requests whose sets are cached run together from them (stacked); the others run
+        from their seeds in one executable that also hands back the sets it drew, and a set
+        is kept when its seed repeats."""
+        width, features = signature.x_shape[-1], signature.features
+        keys = [param_key(item.seed, width, features) for item in inputs]
+        found = [self.params.get(key) for key in keys]
+        answers: list[RoundTripAnswer | None] = [None] * len(inputs)
+        hits = [row for row, params in enumerate(found) if params is not None]
+        if hits:
+            compiled = self.executable(signature, self.bucket_for(len(hits)), source="rows")
+            group = [inputs[row] for row in hits]
+            for row, answer in zip(
+                hits, compiled(group, [found[row] for row in hits]), strict=True
+            ):
+                answers[row] = answer
+        drawn = [row for row, params in enumerate(found) if params is None]
+        if drawn:
+            compiled = self.executable(signature, self.bucket_for(len(drawn)), emit_params=True)
+            group_answers, sets = compiled.run([inputs[row] for row in drawn])
+            repeated = {key for key in (keys[row] for row in drawn) if self.params.seen_before(key)}
+            for row, answer, params in zip(drawn, group_answers, sets, strict=True):
+                answers[row] = answer
+                if keys[row] in repeated:
+                    self.params.put(keys[row], params, nbytes=sum(p.nbytes for p in params))
         return [answer for answer in answers if answer is not None]

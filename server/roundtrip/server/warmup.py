@@ -34,8 +34,8 @@ class WarmUpAborted(RuntimeError):
 
 
 def self_check_inputs(engine: Engine) -> list[RoundTripInput]:
-    """Awkward inputs, and (when the engine caches parameters) one shape large enough to be
-    cached, so both of its paths are checked: drawn from the seed, then taken from the cache.
+    """Awkward inputs, and (when the engine caches parameters) a shape of each cache tier,
+    so every path is checked: from the seed, drawn into the cache, taken from the cache.
     """
     rng = np.random.default_rng(20261125)
     inputs = [
@@ -45,9 +45,12 @@ def self_check_inputs(engine: Engine) -> list[RoundTripInput]:
         RoundTripInput(2**32 + 5, rng.standard_normal((3, 7)).astype(np.float16), 5),
         RoundTripInput(-(2**63), rng.standard_normal(1).astype(np.float32), 3),
     ]
-    cached = RoundTripInput(2**32 + 7, rng.standard_normal((2, 255)).astype(np.float32), 256)
-    if engine.caches_params(cached.signature):
-        inputs += [cached, cached]  # the second finds the first's parameters cached
+    for cached in (
+        RoundTripInput(2**32 + 7, rng.standard_normal((2, 255)).astype(np.float32), 256),
+        RoundTripInput(-3, rng.standard_normal((2, 3, 40)).astype(np.float16), 48),
+    ):
+        if engine.caches_params(cached.signature):  # one of each tier when the cache is on
+            inputs += [cached, cached]  # drawn, then cached: the second finds them
     return inputs
 
 
