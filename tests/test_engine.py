@@ -117,7 +117,7 @@ def test_merged_sums_run_only_when_merged_bits_differ() -> None:
     orig = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
     same = orig.copy()
     other = orig + np.float32(0.5)
-    *sums, abs_diff, same_bits = jax.device_get(
+    sums, abs_diff, same_bits = jax.device_get(
         jax.jit(functools.partial(orig_reductions, batch_size=2))(orig, same)
     )
     assert [float(v) for v in sums] == [3.0, 7.0]

@@ -281,7 +281,8 @@ def orig_reductions(
     own request's output, as eager's ``jnp.sum`` is, never fused with the code
     that produced the values (a batched reduce over the rows accumulates in
     another order: 951 of 2,725 probes differed). Returns ``batch_size``
-    separate sums, so no concatenation fuses into them, then per request
+    separate sums, fenced off before they are gathered into one array so no
+    concatenation fuses into them, then per request
     ``max(abs(orig - merged))`` (exact in any order, so batched) and whether
     ``merged_out`` has exactly ``orig_out``'s bits: a reduce is a deterministic
     function of its input bits, so then ``merged_sum == orig_sum`` exactly and
@@ -290,12 +291,19 @@ def orig_reductions(
     axes = tuple(range(1, orig_out.ndim)) if batch_size > 1 else None
     abs_diff = jnp.max(jnp.abs(orig_out - merged_out), axis=axes)
     same_bits = jnp.all(_bits(orig_out) == _bits(merged_out), axis=axes)
-    return (*(jnp.sum(orig) for orig in _rows(orig_out, batch_size)), abs_diff, same_bits)
+    return _stacked_sums(orig_out, batch_size), abs_diff, same_bits
 
 
-def merged_sums(merged_out: jax.Array, *, batch_size: int) -> tuple[Any, ...]:
+def merged_sums(merged_out: jax.Array, *, batch_size: int) -> jax.Array:
     """Each request's ``merged_sum`` as a standalone reduce; needed only when bits differ."""
-    return tuple(jnp.sum(merged) for merged in _rows(merged_out, batch_size))
+    return _stacked_sums(merged_out, batch_size)
+
+
+def _stacked_sums(outputs: jax.Array, batch_size: int) -> jax.Array:
+    """One standalone reduce per request, fenced off, then gathered into one array: a
+    single transfer to the host instead of one per request, and no fusion into the sums."""
+    sums = jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in _rows(outputs, batch_size)))
+    return jnp.stack(sums)
 
 
 def _bits(array: jax.Array) -> jax.Array:
@@ -485,11 +493,11 @@ class CompiledRoundTrip:
                     first[row] = seed_operand(item.seed)
             operands = [first, xs, np.int32(len(inputs))]
         orig_outs, merged_outs, *drawn = self._outputs(*operands)
-        *orig_sums, abs_diffs, same_bits = jax.device_get(
+        orig_sums, abs_diffs, same_bits = jax.device_get(
             self._orig_reductions(orig_outs, merged_outs)
         )
         abs_diffs, same_bits = np.atleast_1d(abs_diffs), np.atleast_1d(same_bits)
-        merged = list(orig_sums)
+        merged = orig_sums
         if not same_bits[: len(inputs)].all():  # the contract's failure case: sum them too
             if self._merged_sums is None:
                 self._merged_sums = (
@@ -497,7 +505,7 @@ class CompiledRoundTrip:
                     .lower(self._merged_spec)
                     .compile()
                 )
-            merged = list(jax.device_get(self._merged_sums(merged_outs)))
+            merged = jax.device_get(self._merged_sums(merged_outs))
         if self.signature.with_outputs:
             orig_host, merged_host = np.asarray(orig_outs), np.asarray(merged_outs)
             if self.batch_size == 1:
