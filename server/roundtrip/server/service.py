@@ -277,12 +277,16 @@ def _release_all(held: Sequence[Reservation], _: object = None) -> None:
         reservation.release()
 
 
-def encode_result(result: RoundTripAnswer) -> pb.RoundTripResponse:
-    response = pb.RoundTripResponse(
-        orig_sum=result.orig_sum,
-        merged_sum=result.merged_sum,
-        max_abs_diff=result.max_abs_diff,
-    )
+def encode_result(
+    result: RoundTripAnswer, response: pb.RoundTripResponse | None = None
+) -> pb.RoundTripResponse:
+    """The answer as a ``RoundTripResponse``; written into ``response`` when given (a batch
+    outcome's own field, so it is not built apart and copied in)."""
+    if response is None:
+        response = pb.RoundTripResponse()
+    response.orig_sum = result.orig_sum
+    response.merged_sum = result.merged_sum
+    response.max_abs_diff = result.max_abs_diff
     if result.orig_out is not None and result.merged_out is not None:
         dtype = result.orig_out.dtype
         response.orig_out.CopyFrom(arrays.to_proto(result.orig_out, dtype))
@@ -413,7 +417,7 @@ class RoundTripServicer:
                 slot.error.code, slot.error.message = outcome.code.value[0], outcome.message
                 codes.append(outcome.code.name)
             elif outcome is not None:
-                slot.response.CopyFrom(encode_result(outcome))
+                encode_result(outcome, slot.response)
                 codes.append("OK")
         answered = (outcome for outcome in outcomes if isinstance(outcome, RoundTripAnswer))
         for held, answer in zip(held_answers, answered, strict=True):
