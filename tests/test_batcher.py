@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from reference import reference
 
-from roundtrip.server.batcher import Batcher, BatchRecord
+from roundtrip.server.batcher import Batcher, BatchRecord, Lane
 from roundtrip.server.engine import Engine, RoundTripAnswer, RoundTripInput
 from roundtrip.server.errors import ComputeFailed, DeadlineExpired, QueueFull, ShuttingDown
 
@@ -33,7 +33,7 @@ async def with_batcher(engine: Engine, body, **options) -> list[BatchRecord]:  #
     records: list[BatchRecord] = []
     settings = {"max_batch_size": 8, "max_queue_delay_us": 20_000, "max_queue_size": 100} | options
     with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher(engine, executor, on_batch=records.append, **settings)
+        batcher = Batcher([Lane(engine, executor)], on_batch=records.append, **settings)
         batcher.start()
         try:
             await body(batcher)

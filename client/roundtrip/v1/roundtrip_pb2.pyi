@@ -408,6 +408,7 @@ class GetServerInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     NUMPY_VERSION_FIELD_NUMBER: _builtins.int
     GRPC_VERSION_FIELD_NUMBER: _builtins.int
+    COMPUTE_LANES_FIELD_NUMBER: _builtins.int
     worker_version: _builtins.str
     jax_version: _builtins.str
     flax_version: _builtins.str
@@ -416,6 +417,8 @@ class GetServerInfoResponse(_message.Message):
     x64_enabled: _builtins.bool
     numpy_version: _builtins.str
     grpc_version: _builtins.str
+    compute_lanes: _builtins.int
+    """Compute lanes: one per local device, each running its own batches."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One entry per JAX device, e.g. "TFRT_CPU_0"."""
@@ -434,10 +437,11 @@ class GetServerInfoResponse(_message.Message):
         limits: Global___Limits | None = ...,
         numpy_version: _builtins.str = ...,
         grpc_version: _builtins.str = ...,
+        compute_lanes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "devices", b"devices", "flax_version", b"flax_version", "grpc_version", b"grpc_version", "jax_version", b"jax_version", "limits", b"limits", "numpy_version", b"numpy_version", "worker_version", b"worker_version", "x64_enabled", b"x64_enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "compute_lanes", b"compute_lanes", "devices", b"devices", "flax_version", b"flax_version", "grpc_version", b"grpc_version", "jax_version", b"jax_version", "limits", b"limits", "numpy_version", b"numpy_version", "worker_version", b"worker_version", "x64_enabled", b"x64_enabled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,9 +31,9 @@ from grpc_reflection.v1alpha import reflection
 from roundtrip.client.version import __version__
 from roundtrip.server import admission, security, warmup
 from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher
+from roundtrip.server.batcher import Batcher, Lane
 from roundtrip.server.config import WorkerConfig
-from roundtrip.server.engine import Engine, x64_enabled
+from roundtrip.server.engine import Engine, EngineStats, x64_enabled
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.service import RoundTripServicer, add_to_server
 from roundtrip.server.validation import RequestLimits
@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
 
 
-def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetServerInfoResponse:
+def server_info(
+    config: WorkerConfig, budget: admission.ByteBudget, lanes: int
+) -> pb.GetServerInfoResponse:
     """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits."""
     return pb.GetServerInfoResponse(
         worker_version=__version__,
@@ -54,6 +56,7 @@ def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetSer
         grpc_version=grpc.__version__,
         backend=jax.default_backend(),
         devices=[str(device) for device in jax.devices()],
+        compute_lanes=lanes,
         x64_enabled=x64_enabled(),
         limits=pb.Limits(
             max_x_elements=config.max_x_elements,
@@ -69,6 +72,25 @@ def server_info(config: WorkerConfig, budget: admission.ByteBudget) -> pb.GetSer
             max_param_cache_bytes=config.max_param_cache_bytes,
         ),
     )
+
+
+def compute_lanes(config: WorkerConfig) -> list[Lane]:
+    """One lane per local device of JAX's backend, each with its own engine (executables,
+    parameter cache: ``max_param_cache_bytes`` shared out evenly) and compute thread."""
+    devices = jax.local_devices()
+    return [
+        Lane(
+            Engine(
+                max_compiled=config.max_compiled,
+                max_batch_size=config.max_batch_size,
+                max_param_cache_bytes=config.max_param_cache_bytes // len(devices),
+                device=device,
+            ),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jax-compute-{index}"),
+            str(device),
+        )
+        for index, device in enumerate(devices)
+    ]
 
 
 def inflight_bytes(config: WorkerConfig) -> int:
@@ -87,8 +109,6 @@ class Worker:
     port: int
     health: health_aio.HealthServicer
     batcher: Batcher
-    engine: Engine
-    executor: ThreadPoolExecutor
     metrics: WorkerMetrics
     auditor: Auditor
     servicer: RoundTripServicer
@@ -107,9 +127,19 @@ class Worker:
         self.serving = serving
 
     async def warm_up(self) -> None:
+        """Compile and self-check on every lane at once (each on its own compute thread)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self.executor, warmup.warm_up, self.engine, self.config.warmup_pairs(), self.stopping
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    lane.executor,
+                    warmup.warm_up,
+                    lane.engine,
+                    self.config.warmup_pairs(),
+                    self.stopping,
+                )
+                for lane in self.batcher.lanes
+            )
         )
         await self.set_serving(True)
         log.info("serving", extra={"port": self.port})
@@ -155,9 +185,10 @@ class Worker:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.batcher.drain()
-        self.executor.shutdown(wait=True)
+        for lane in self.batcher.lanes:
+            lane.executor.shutdown(wait=True)
         self.auditor.stop()
-        stats = self.engine.stats
+        stats = EngineStats.total(lane.engine.stats for lane in self.batcher.lanes)
         log.info(
             "stopped",
             extra={
@@ -249,33 +280,27 @@ async def start(config: WorkerConfig) -> Worker:
     if config.compilation_cache_dir:
         use_compilation_cache(config.compilation_cache_dir)
     budget = admission.ByteBudget(inflight_bytes(config))
+    lanes = compute_lanes(config)
     log.info(
         "starting",
         extra={
             "backend": jax.default_backend(),
             "devices": [str(device) for device in jax.devices()],
+            "lanes": [lane.name for lane in lanes],
             "config": config.as_dict(),
             "max_inflight_bytes": budget.limit,
             "container_memory_limit": admission.container_memory_limit(),
         },
     )
-    engine = Engine(
-        max_compiled=config.max_compiled,
-        max_batch_size=config.max_batch_size,
-        max_param_cache_bytes=config.max_param_cache_bytes,
-    )
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-compute")
     metrics = WorkerMetrics(max_batch_size=config.max_batch_size)
     batcher = Batcher(
-        engine,
-        executor,
+        lanes,
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=config.max_queue_delay_us,
         max_queue_size=config.max_queue_size,
         on_batch=metrics.observe_batch,
     )
-    metrics.watch_engine(lambda: engine.stats, lambda: engine.cached)
-    metrics.watch_param_cache(lambda: engine.params)
+    metrics.watch_lanes({lane.name: lane.engine for lane in lanes})
     metrics.watch_queue(lambda: batcher.queued)
     metrics.watch_budget(lambda: budget.in_use, budget.limit)
     limits = RequestLimits(
@@ -297,7 +322,7 @@ async def start(config: WorkerConfig) -> Worker:
     servicer = RoundTripServicer(
         batcher,
         limits,
-        server_info(config, budget),
+        server_info(config, budget, len(lanes)),
         metrics,
         auditor,
         budget,
@@ -313,9 +338,7 @@ async def start(config: WorkerConfig) -> Worker:
     address = f"{config.host}:{config.port}"
     credentials = security.server_credentials(config)
     port = listen(server, address, credentials, knob="--port")
-    worker = Worker(
-        config, server, port, health_servicer, batcher, engine, executor, metrics, auditor, servicer
-    )
+    worker = Worker(config, server, port, health_servicer, batcher, metrics, auditor, servicer)
     await worker.set_serving(False)
     if config.plaintext_health_port:
         worker.health_server = await health_only_server(
@@ -363,7 +386,8 @@ async def serve(config: WorkerConfig) -> None:
     failure = warming.exception() if warming.done() else None
     if failure is not None:  # a failed self-check or compilation: never serve
         await worker.server.stop(0)
-        worker.executor.shutdown(wait=False)
+        for lane in worker.batcher.lanes:
+            lane.executor.shutdown(wait=False)
         raise failure
     await stopping
     await worker.stop()  # a warm-up still running gives up at its next compilation

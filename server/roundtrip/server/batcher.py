@@ -1,9 +1,10 @@
 """Dynamic batching between the servicer and the engine: requests in, futures out.
 
-Requests queue per :class:`ShapeSignature`. One runner task feeds the engine,
-which lives on a single compute thread (JAX work never runs on the event
-loop). Whenever the engine is free the runner takes the signature whose head
-request is oldest and runs up to ``max_batch_size`` of its requests together;
+Requests queue per :class:`ShapeSignature`. One runner task feeds the compute
+lanes (:class:`Lane`: an engine on one device and its one compute thread; JAX
+work never runs on the event loop). Whenever a lane is free the runner takes
+the signature whose head request is oldest and runs up to ``max_batch_size``
+of its requests together on that lane;
 if the batch is not full it waits at most until the oldest request's arrival
 plus ``max_queue_delay_us`` (``time.monotonic``), so the window cannot close
 early or stretch. With a delay of 0, batches form from whatever queued while
@@ -21,7 +22,7 @@ dropped before it reaches the engine.
 >>> from concurrent.futures import ThreadPoolExecutor
 >>> async def two_requests() -> list[float]:
 ...     engine = Engine(max_compiled=4, max_batch_size=2)
-...     batcher = Batcher(engine, ThreadPoolExecutor(1), max_batch_size=2,
+...     batcher = Batcher([Lane(engine, ThreadPoolExecutor(1))], max_batch_size=2,
 ...                       max_queue_delay_us=1000, max_queue_size=16)
 ...     batcher.start()
 ...     x = np.array([1.0, 2.0, 3.0], np.float32)
@@ -74,6 +75,7 @@ class BatchRecord:
     size: int
     queue_seconds: Sequence[float]
     compute_seconds: float
+    lane: str = "0"
 
 
 Outcome = RoundTripAnswer | RequestError
@@ -86,23 +88,37 @@ def _as_request_error(error: Exception) -> RequestError:
     return ComputeFailed(f"the engine failed on this request ({text})")
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One compute lane: an engine (its executables and parameter cache, on one device) and
+    the one thread that runs it. A worker has a lane per local device."""
+
+    engine: Engine
+    executor: Executor
+    name: str = "0"
+
+
 class Batcher:
-    """Gathers same-shape requests into engine batches; one batch runs at a time."""
+    """Gathers same-shape requests into engine batches; each lane runs one batch at a time."""
 
     def __init__(
         self,
-        engine: Engine,
-        executor: Executor,
+        lanes: Sequence[Lane],
         *,
         max_batch_size: int,
         max_queue_delay_us: int,
         max_queue_size: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
-        if max_batch_size > engine.max_batch_size:
+        if not lanes:
+            raise ValueError("a batcher needs at least one lane")
+        if any(max_batch_size > lane.engine.max_batch_size for lane in lanes):
             raise ValueError("max_batch_size exceeds the engine's largest bucket")
-        self._engine = engine
-        self._executor = executor
+        self.lanes = tuple(lanes)
+        self._idle: asyncio.Queue[Lane] = asyncio.Queue()
+        for lane in self.lanes:
+            self._idle.put_nowait(lane)
+        self._running: set[asyncio.Task[None]] = set()
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
@@ -183,6 +199,8 @@ class Batcher:
         if self._runner is not None:
             await self._runner
             self._runner = None
+        if self._running:
+            await asyncio.gather(*self._running)
 
     async def _run(self) -> None:
         while True:
@@ -192,10 +210,17 @@ class Batcher:
                 self._arrival.clear()
                 await self._arrival.wait()
                 continue
-            signature = await self._next_signature()
-            batch = self._take(signature)
-            if batch:
-                await self._execute(signature, batch)
+            lane = await self._idle.get()  # a lane is free: form its batch now
+            batch: list[Ticket] = []
+            if self._queued:
+                signature = await self._next_signature()
+                batch = self._take(signature)
+            if not batch:
+                self._idle.put_nowait(lane)
+                continue
+            task = asyncio.create_task(self._execute(lane, signature, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _next_signature(self) -> ShapeSignature:
         """The signature of the oldest request, once its batch is full or its window is over."""
@@ -235,12 +260,16 @@ class Batcher:
             del self._queues[signature]
         return batch
 
-    async def _execute(self, signature: ShapeSignature, batch: list[Ticket]) -> None:
-        started = time.monotonic()
-        items = [pending.item for pending in batch]
-        loop = asyncio.get_running_loop()
-        outcomes = await loop.run_in_executor(self._executor, self._compute, items)
-        finished = time.monotonic()
+    async def _execute(self, lane: Lane, signature: ShapeSignature, batch: list[Ticket]) -> None:
+        try:
+            started = time.monotonic()
+            items = [pending.item for pending in batch]
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(lane.executor, self._compute, lane.engine, items)
+            finished = time.monotonic()
+        finally:
+            self._idle.put_nowait(lane)
+            self._arrival.set()  # the runner may be waiting for a lane, not for requests
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done():
                 continue
@@ -255,18 +284,19 @@ class Batcher:
                     size=len(batch),
                     queue_seconds=[started - pending.arrived for pending in batch],
                     compute_seconds=finished - started,
+                    lane=lane.name,
                 )
             )
 
-    def _compute(self, items: list[RoundTripInput]) -> list[Outcome]:
-        """Runs on the compute thread. A failed batch is retried request by request."""
+    def _compute(self, engine: Engine, items: list[RoundTripInput]) -> list[Outcome]:
+        """Runs on the lane's compute thread. A failed batch is retried request by request."""
         try:
-            return list(self._engine.run(items))
+            return list(engine.run(items))
         except Exception as error:
             if len(items) == 1:
                 log.warning("compute failed", extra={"error": repr(error)})
                 return [_as_request_error(error)]
         outcomes: list[Outcome] = []
         for item in items:
-            outcomes.extend(self._compute([item]))
+            outcomes.extend(self._compute(engine, [item]))
         return outcomes

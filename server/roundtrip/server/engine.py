@@ -52,7 +52,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -131,6 +131,20 @@ class EngineStats:
     batches: int = 0
     requests: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+
+    @classmethod
+    def total(cls, stats: Iterable[EngineStats]) -> EngineStats:
+        """Every lane's counters added up."""
+        total = cls()
+        for one in stats:
+            total.compilations += one.compilations
+            total.compile_seconds += one.compile_seconds
+            total.cache_hits += one.cache_hits
+            total.evictions += one.evictions
+            total.batches += one.batches
+            total.requests += one.requests
+            total.batch_sizes.update(one.batch_sizes)
+        return total
 
 
 @functools.cache
@@ -367,6 +381,17 @@ def _loop(single: Callable[[jax.Array], Any], xs: jax.Array, count: jax.Array) -
     return jax.lax.fori_loop(0, count, one, empty)
 
 
+def placed(specs: Any, device: jax.Device | None) -> Any:
+    """``specs`` (a pytree of ShapeDtypeStructs) committed to ``device``, so an executable
+    lowered from them runs there (``None``: JAX's default device)."""
+    if device is None:
+        return specs
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(
+        lambda spec: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding), specs
+    )
+
+
 def param_specs(width: int, features: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """The shapes and dtypes of :func:`init_params`' outputs."""
     specs: tuple[jax.ShapeDtypeStruct, ...] = jax.eval_shape(
@@ -379,12 +404,12 @@ def param_specs(width: int, features: int) -> tuple[jax.ShapeDtypeStruct, ...]:
 class CompiledInit:
     """Reference step 1 for one (width, features), compiled: seed -> parameters."""
 
-    def __init__(self, width: int, features: int) -> None:
+    def __init__(self, width: int, features: int, device: jax.Device | None = None) -> None:
         self._init = (
             jax.jit(
                 isolate_primitives(functools.partial(init_params, width=width, features=features))
             )
-            .lower(jax.ShapeDtypeStruct((), seed_operand(0).dtype))
+            .lower(placed(jax.ShapeDtypeStruct((), seed_operand(0).dtype), device))
             .compile()
         )
 
@@ -412,6 +437,7 @@ class CompiledRoundTrip:
         *,
         source: ParamSource = "seed",
         emit_params: bool = False,
+        device: jax.Device | None = None,
     ) -> None:
         self.signature = signature
         self.batch_size = batch_size
@@ -440,9 +466,11 @@ class CompiledRoundTrip:
         specs = [first, jax.ShapeDtypeStruct(batch_dims + signature.x_shape, self._x_dtype)]
         if batch_size > 1:
             specs.append(jax.ShapeDtypeStruct((), np.int32))
+        specs = placed(specs, device)
         outputs_fn = functools.partial(body, features=features)
         self._outputs = jax.jit(outputs_fn).lower(*specs).compile()
         orig_spec, merged_spec, *_ = jax.eval_shape(outputs_fn, *specs)
+        orig_spec, merged_spec = placed((orig_spec, merged_spec), device)
         self._orig_reductions = (
             jax.jit(functools.partial(orig_reductions, batch_size=batch_size))
             .lower(orig_spec, merged_spec)
@@ -567,6 +595,7 @@ def param_key(seed: int, width: int, features: int) -> ParamKey:
 class Engine:
     """Runs batches of same-signature requests through cached executables.
 
+    ``device`` is where its executables run (one engine per device: a compute lane);
     ``max_compiled`` bounds the executables kept (least recently used is evicted first);
     ``max_batch_size`` sets the largest batch and its buckets. ``max_param_cache_bytes``
     bounds the parameter sets kept (:class:`~roundtrip.server.param_cache.ParamCache`)
@@ -577,10 +606,16 @@ class Engine:
     """
 
     def __init__(
-        self, *, max_compiled: int, max_batch_size: int = 1, max_param_cache_bytes: int = 0
+        self,
+        *,
+        max_compiled: int,
+        max_batch_size: int = 1,
+        max_param_cache_bytes: int = 0,
+        device: jax.Device | None = None,
     ) -> None:
         if max_compiled < 1 or max_batch_size < 1:
             raise ValueError("max_compiled and max_batch_size must be >= 1")
+        self.device = device
         self.max_compiled = max_compiled
         self.buckets = batch_buckets(max_batch_size)
         self.stats = EngineStats()
@@ -646,7 +681,9 @@ class Engine:
             self.stats.cache_hits += 1
             return compiled
         compiled = self._compile(
-            lambda: CompiledRoundTrip(signature, batch_size, source=source, emit_params=emit_params)
+            lambda: CompiledRoundTrip(
+                signature, batch_size, source=source, emit_params=emit_params, device=self.device
+            )
         )
         self._cache[key] = compiled
         self._evict()
@@ -659,7 +696,7 @@ class Engine:
         if compiled is not None:
             self._inits.move_to_end(key)
             return compiled
-        compiled = self._compile(lambda: CompiledInit(width, features))
+        compiled = self._compile(lambda: CompiledInit(width, features, self.device))
         self._inits[key] = compiled
         self._evict()
         return compiled

@@ -17,7 +17,7 @@ import collections
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -36,8 +36,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:  # names only: the metrics layer imports neither JAX nor the engine
     from roundtrip.server.audit import AuditOutcome
     from roundtrip.server.batcher import BatchRecord
-    from roundtrip.server.engine import EngineStats
-    from roundtrip.server.param_cache import ParamCache
+    from roundtrip.server.engine import Engine
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -61,6 +60,8 @@ METRIC_NAMES = (
     "roundtrip_param_cache_evictions_total",
     "roundtrip_param_cache_bytes",
     "roundtrip_param_cache_entries",
+    "roundtrip_lane_batches_total",
+    "roundtrip_lane_requests_total",
     "roundtrip_audit_checks_total",
     "roundtrip_audit_mismatches_total",
     "roundtrip_audit_skipped_total",
@@ -69,61 +70,75 @@ METRIC_NAMES = (
 
 
 class _EngineCollector(Collector):
-    """Reads the engine's counters when Prometheus scrapes (they change on the compute thread)."""
+    """Reads every lane's engine counters when Prometheus scrapes (they change on the compute
+    threads): summed over lanes, and each lane's batches and requests by its device."""
 
-    def __init__(self, stats: Callable[[], EngineStats], entries: Callable[[], int]) -> None:
-        self._stats = stats
-        self._entries = entries
+    def __init__(self, engines: Mapping[str, Engine]) -> None:
+        self._engines = engines
 
-    def collect(self) -> Iterator[Any]:
-        stats = self._stats()
-        yield CounterMetricFamily(
-            "roundtrip_compilations", "XLA executables compiled.", value=stats.compilations
-        )
-        yield CounterMetricFamily(
-            "roundtrip_compile_seconds",
-            "Seconds spent compiling executables.",
-            value=stats.compile_seconds,
-        )
-        yield CounterMetricFamily(
-            "roundtrip_executable_cache_hits",
-            "Batches that found their executable compiled.",
-            value=stats.cache_hits,
-        )
-        yield CounterMetricFamily(
-            "roundtrip_executable_cache_evictions",
-            "Executables evicted by the max_compiled bound.",
-            value=stats.evictions,
-        )
-        yield GaugeMetricFamily(
-            "roundtrip_executable_cache_entries",
-            "Executables held now (bounded by max_compiled).",
-            value=self._entries(),
-        )
-
-
-class _ParamCacheCollector(Collector):
-    """Reads the parameter cache's counters when Prometheus scrapes."""
-
-    def __init__(self, cache: Callable[[], ParamCache[Any]]) -> None:
-        self._cache = cache
+    def _sum(self, read: Callable[[Engine], float]) -> float:
+        return sum(read(engine) for engine in self._engines.values())
 
     def collect(self) -> Iterator[Any]:
-        cache = self._cache()
-        for name, help_text, value in (
-            ("hits", "Parameter sets found in the cache (a repeated seed).", cache.hits),
-            ("misses", "Parameter sets drawn from their seed (cacheable shapes).", cache.misses),
-            ("evictions", "Parameter sets evicted by max_param_cache_bytes.", cache.evictions),
+        for name, help_text, read in (
+            ("compilations", "XLA executables compiled.", lambda e: e.stats.compilations),
+            (
+                "compile_seconds",
+                "Seconds spent compiling executables.",
+                lambda e: e.stats.compile_seconds,
+            ),
+            (
+                "executable_cache_hits",
+                "Batches that found their executable compiled.",
+                lambda e: e.stats.cache_hits,
+            ),
+            (
+                "executable_cache_evictions",
+                "Executables evicted by the max_compiled bound.",
+                lambda e: e.stats.evictions,
+            ),
+            (
+                "param_cache_hits",
+                "Parameter sets found in the cache (a repeated seed).",
+                lambda e: e.params.hits,
+            ),
+            (
+                "param_cache_misses",
+                "Parameter sets looked up and not found (cacheable shapes).",
+                lambda e: e.params.misses,
+            ),
+            (
+                "param_cache_evictions",
+                "Parameter sets evicted by max_param_cache_bytes.",
+                lambda e: e.params.evictions,
+            ),
         ):
-            yield CounterMetricFamily(f"roundtrip_param_cache_{name}", help_text, value=value)
-        yield GaugeMetricFamily(
-            "roundtrip_param_cache_bytes",
-            "Bytes of parameters cached now (bounded by max_param_cache_bytes).",
-            value=cache.nbytes,
+            yield CounterMetricFamily(f"roundtrip_{name}", help_text, value=self._sum(read))
+        for name, help_text, read in (
+            (
+                "executable_cache_entries",
+                "Executables held now (bounded by max_compiled).",
+                lambda e: e.cached,
+            ),
+            (
+                "param_cache_bytes",
+                "Bytes of parameters cached now (max_param_cache_bytes).",
+                lambda e: e.params.nbytes,
+            ),
+            ("param_cache_entries", "Parameter sets cached now.", lambda e: len(e.params)),
+        ):
+            yield GaugeMetricFamily(f"roundtrip_{name}", help_text, value=self._sum(read))
+        batches = CounterMetricFamily(
+            "roundtrip_lane_batches", "Batches each compute lane ran.", labels=["lane"]
         )
-        yield GaugeMetricFamily(
-            "roundtrip_param_cache_entries", "Parameter sets cached now.", value=len(cache)
+        requests = CounterMetricFamily(
+            "roundtrip_lane_requests", "Requests each compute lane answered.", labels=["lane"]
         )
+        for lane, engine in self._engines.items():
+            batches.add_metric([lane], engine.stats.batches)
+            requests.add_metric([lane], engine.stats.requests)
+        yield batches
+        yield requests
 
 
 class WorkerMetrics:
@@ -218,11 +233,9 @@ class WorkerMetrics:
     def refused_unauthenticated(self, method: str) -> None:
         self.unauthenticated.labels(method).inc()
 
-    def watch_engine(self, stats: Callable[[], EngineStats], entries: Callable[[], int]) -> None:
-        self.registry.register(_EngineCollector(stats, entries))
-
-    def watch_param_cache(self, cache: Callable[[], ParamCache[Any]]) -> None:
-        self.registry.register(_ParamCacheCollector(cache))
+    def watch_lanes(self, engines: Mapping[str, Engine]) -> None:
+        """Export the lanes' engine counters (by lane name: its device) at scrape time."""
+        self.registry.register(_EngineCollector(engines))
 
     def watch_queue(self, queued: Callable[[], int]) -> None:
         self.queued.set_function(queued)
