@@ -121,10 +121,10 @@ class WorkerConfig:
     )
     max_param_cache_bytes: int = _knob(
         256 * MIB,
-        "Bytes of initialized parameters kept, so a repeated seed skips drawing them again "
-        "(least recently used is evicted; only shapes of at least 65536 parameters, "
-        "(width + 1) * features, are cached; 0 turns the cache off). Held beside "
-        "max_inflight_bytes.",
+        "Bytes of initialized parameters kept for seeds that repeat, so they skip drawing "
+        "them again (kept on a seed's second sighting; least recently used is evicted; "
+        "shapes of at least 1024 parameters, (width + 1) * features; shared out evenly "
+        "between compute lanes; 0 turns the cache off). Held beside max_inflight_bytes.",
         minimum=0,
     )
     compilation_cache_dir: str = _knob(

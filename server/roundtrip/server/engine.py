@@ -27,13 +27,16 @@ Three things keep it bit-identical to the eager reference:
   computed on its own, in the reference's order.
   ``jax.vmap`` would batch the matmuls and change the last bits.
 
-For shapes of at least :data:`PARAM_CACHE_MIN_ELEMENTS` parameters, drawing
-them is most of a request's work, and it repeats whenever a seed does. The
-engine then draws them in an executable of their own (:class:`CompiledInit`,
-step 1 alone) into a byte-bounded :class:`ParamCache`, and runs steps 1-4 from
-them (:func:`round_trip_from_params`: the model is merged from those arrays,
-then run, split, merged and run again). The arrays are the initializer's own
-bits, so a hit and a miss give the same answer.
+Drawing the parameters is most of a request's work (at 64 x 64 as at
+1024 x 1024), and it repeats whenever a seed does. So the engine keeps the
+sets of seeds that repeat in a byte-bounded :class:`ParamCache` and runs steps
+1-4 from them (:func:`round_trip_from_params`: the model is merged from those
+arrays, then run, split, merged and run again). Sets of at least
+:data:`PARAM_CACHE_MIN_ELEMENTS` stay on the device, drawn by an executable of
+their own (:class:`CompiledInit`), and a seed's requests run together from its
+one set; smaller sets (from :data:`ROW_CACHE_MIN_ELEMENTS`) come back as host
+copies from the executable that drew them and are stacked per batch. The
+arrays are the initializer's own bits, so every path gives the same answer.
 
 The worker proves all of this at start (``warmup.self_check``) on the backend
 it runs on, and the test suite checks it on hundreds of cases.
