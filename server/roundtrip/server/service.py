@@ -398,6 +398,22 @@ class RoundTripServicer:
             raise
         finally:
             self.metrics.inflight.dec(count)
+        try:
+            return self._batch_response(context, outcomes, queued, started)
+        except BaseException:  # a bug past this point must not keep the items' bytes
+            for _, _, held, _ in queued:
+                held.release()
+            raise
+
+    def _batch_response(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        outcomes: list[Failure | RoundTripAnswer | None],
+        queued: list[tuple[int, RoundTripInput, Reservation, Ticket]],
+        started: float,
+    ) -> pb.RoundTripBatchResponse:
+        """The outcomes in order; each item counted by its code; answers' bytes held until
+        sent."""
         response = pb.RoundTripBatchResponse()
         held_answers: list[Reservation] = []
         for index, item, held, ticket in queued:
