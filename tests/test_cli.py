@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import WorkerProcess, console_script
+from conftest import WorkerProcess, console_script, free_port
 from roundtrip.client import RoundTripClient
 
 CLI = console_script("roundtrip")
@@ -18,13 +17,6 @@ WORKED_EXAMPLE = '{"orig_sum": -4.2219334, "merged_sum": -4.2219334, "max_abs_di
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLI, *args], capture_output=True, text=True, check=False, env=env)
-
-
-def unused_port() -> int:
-    """A port nothing listens on (bound, read, closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_call_prints_the_worked_example_in_float32_form(worker: WorkerProcess) -> None:
@@ -95,7 +87,7 @@ def test_a_refused_call_exits_one_with_the_status(worker: WorkerProcess) -> None
 
 
 def test_an_unreachable_worker_is_a_clean_exit_two() -> None:
-    target = f"127.0.0.1:{unused_port()}"
+    target = f"127.0.0.1:{free_port()}"
     done = run("call", "--seed", "0", "--x", "1", "--features", "1", "--target", target)
     assert done.returncode == 2
     assert done.stderr.startswith(f"roundtrip: no serving worker reachable at {target}")
@@ -112,7 +104,7 @@ def test_an_unreadable_token_file_is_a_clean_exit_two(worker: WorkerProcess) -> 
 def test_ready_says_whether_a_worker_is_serving(worker: WorkerProcess) -> None:
     done = run("ready", "--target", worker.target)
     assert (done.returncode, json.loads(done.stdout)["serving"]) == (0, True)
-    done = run("ready", "--target", f"127.0.0.1:{unused_port()}", "--timeout", "2")
+    done = run("ready", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert (done.returncode, json.loads(done.stdout)["serving"]) == (1, False)
 
 

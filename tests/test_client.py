@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from importlib import metadata
@@ -16,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from reference import reference
 
-from conftest import WorkerProcess, serving_worker
+from conftest import WorkerProcess, free_port, serving_worker
 from roundtrip.client import (
     NO_DEADLINE,
     AsyncRoundTripClient,
@@ -65,13 +64,6 @@ def test_in_order_releases_answers_by_id() -> None:
 
 
 TOKEN = "per-call-token"
-
-
-def unused_port() -> int:
-    """A port nothing listens on (bound, read, closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +176,7 @@ def test_async_readiness_and_a_missing_worker() -> None:
                 await client.wait_until_serving(timeout=1.0)
             return serving, time.monotonic() - started
 
-    serving, waited = asyncio.run(check(f"127.0.0.1:{unused_port()}"))
+    serving, waited = asyncio.run(check(f"127.0.0.1:{free_port()}"))
     assert serving is False
     assert 0.9 < waited < 5
 

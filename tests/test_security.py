@@ -6,7 +6,6 @@ operator's would (a Kubernetes Secret mounted as files).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import WorkerProcess, metric_value, serving_worker
+from conftest import WorkerProcess, free_port, metric_value, serving_worker
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
 from roundtrip.client.channel import tls_credentials
 
@@ -149,12 +148,6 @@ def test_refusals_are_counted_and_the_worker_keeps_serving(
         >= 1
     )
     assert call(mtls_worker, pki.credentials(), TOKEN) == WORKED_ANSWER
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_server_only_tls_with_reflection_exempt_and_plaintext_probes(pki: Pki) -> None:
