@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
 import time
 import urllib.request
@@ -37,6 +36,7 @@ import grpc
 import numpy as np
 
 from bench.run import METRICS_PORTS, OUT, _same, cases, check_body, h2load, server
+from conftest import metric_value
 from roundtrip.client.messages import build_request
 from roundtrip.server.reference import eager_round_trip
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -104,14 +104,9 @@ def audit(port: int) -> tuple[float, float]:
     url = f"http://127.0.0.1:{METRICS_PORTS[port]}/metrics"
     time.sleep(3)  # the audit re-runs answers in the background
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return metric(text, "roundtrip_audit_checks_total"), metric(
-        text, "roundtrip_audit_mismatches_total"
+    return metric_value(text, "roundtrip_audit_checks_total", 0.0), metric_value(
+        text, "roundtrip_audit_mismatches_total", 0.0
     )
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def main() -> None:
