@@ -12,6 +12,10 @@ PORT ?= 50051
 METRICS_PORT ?= 9464
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
+# The Open Inference Protocol (V2): only the server uses its messages (V2 callers bring
+# their own client, e.g. tritonclient), so its stubs live in the server's package.
+V2_PROTO := protos/inference/grpc_predict_v2.proto
+V2_GEN_DIR := server/roundtrip/server/v2proto
 
 DIST ?= dist
 
@@ -56,6 +60,8 @@ protos: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
 	  --python_out=client --grpc_python_out=client \
 	  --mypy_out=client --mypy_grpc_out=client $(PROTO_FILES)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I $(dir $(V2_PROTO)) \
+	  --python_out=$(V2_GEN_DIR) --mypy_out=$(V2_GEN_DIR) $(V2_PROTO)
 
 # Fails when the committed stubs differ from what protos/ generates.
 check-protos: setup
@@ -65,6 +71,11 @@ check-protos: setup
 	  --mypy_out=.gen-check --mypy_grpc_out=.gen-check $(PROTO_FILES)
 	diff -r -x __init__.py -x py.typed -x __pycache__ .gen-check/roundtrip/v1 $(GEN_DIR) \
 	  || (echo "stubs in $(GEN_DIR) are stale: run 'make protos'" && exit 1)
+	mkdir -p .gen-check/v2
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I $(dir $(V2_PROTO)) \
+	  --python_out=.gen-check/v2 --mypy_out=.gen-check/v2 $(V2_PROTO)
+	diff -r -x __init__.py -x __pycache__ .gen-check/v2 $(V2_GEN_DIR) \
+	  || (echo "stubs in $(V2_GEN_DIR) are stale: run 'make protos'" && exit 1)
 	rm -rf .gen-check
 
 # promtool from Debian's prometheus package, unpacked here: nothing is installed or started.

@@ -52,6 +52,7 @@ class WorkerProcess:
         self._listening = threading.Event()
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self.process = subprocess.Popen(
             command
             or [
@@ -61,6 +62,8 @@ class WorkerProcess:
                 "--port",
                 "0",
                 "--metrics-port",
+                "0",
+                "--http-port",
                 "0",
                 *flags,
             ],
@@ -86,6 +89,7 @@ class WorkerProcess:
             if event.get("event") == "listening":
                 self.port = int(event["port"])  # type: ignore[call-overload]
                 self.metrics_port = int(event["metrics_port"])  # type: ignore[call-overload]
+                self.http_port = int(event.get("http_port") or 0)  # type: ignore[call-overload]
                 self._listening.set()
         self._listening.set()  # the worker exited: stop waiting for it
 

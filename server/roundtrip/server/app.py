@@ -24,18 +24,21 @@ from importlib import metadata
 import grpc
 import jax
 import numpy as np
+from aiohttp import web
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from roundtrip.client.version import __version__
-from roundtrip.server import admission, security, warmup
+from roundtrip.server import admission, rest, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Lane
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine import Engine, EngineStats, x64_enabled
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.service import RoundTripServicer, add_to_server
+from roundtrip.server.v2service import SERVICE as V2_SERVICE
+from roundtrip.server.v2service import InferenceServicer
 from roundtrip.server.validation import RequestLimits
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -113,6 +116,8 @@ class Worker:
     auditor: Auditor
     servicer: RoundTripServicer
     health_server: grpc.aio.Server | None = None
+    http: web.AppRunner | None = None
+    http_port: int | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     serving: bool = False
 
@@ -156,6 +161,7 @@ class Worker:
         Only then do the batcher, the compute thread and the audit stop.
         """
         announce_s = self.config.drain_announce_s if self.serving else 0.0
+        self.serving = False  # V2's ready routes now agree with health
         log.info(
             "draining",
             extra={
@@ -182,6 +188,8 @@ class Worker:
         )
         remaining = max(self.config.drain_grace_s - (time.monotonic() - grace_started), 0.0)
         await self.server.stop(remaining)
+        if self.http is not None:
+            await self.http.cleanup()
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.batcher.drain()
@@ -275,6 +283,35 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+async def serve_http(
+    config: WorkerConfig, inference: InferenceServicer
+) -> tuple[web.AppRunner, int]:
+    """The V2 REST endpoint on ``http_port``, with the gRPC port's TLS and bearer token."""
+    tls = (
+        rest.ssl_context(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        if config.tls_cert_file
+        else None
+    )
+    endpoint = rest.Endpoint(
+        inference,
+        token=config.auth_token(),
+        health_exempt="health" in config.auth_exempt_services(),
+    )
+    try:
+        return await rest.start(
+            endpoint,
+            config.host,
+            config.http_port,
+            max_body_bytes=config.max_message_bytes,
+            tls=tls,
+        )
+    except OSError as error:
+        raise PortUnavailable(
+            f"cannot serve HTTP on {config.host}:{config.http_port}: {error.strerror}; "
+            "choose another --http-port (0 picks a free one, -1 turns it off)"
+        ) from None
+
+
 async def start(config: WorkerConfig) -> Worker:
     """Build and start a worker; health stays NOT_SERVING until :meth:`Worker.warm_up`."""
     if config.compilation_cache_dir:
@@ -330,10 +367,19 @@ async def start(config: WorkerConfig) -> Worker:
         max_batch_items=config.max_batch_items,
     )
     add_to_server(servicer, server)
+    worker: Worker | None = None
+
+    def ready() -> bool:  # V2's ServerReady: serving (self-checked) and not draining
+        return worker is not None and worker.serving
+
+    inference = InferenceServicer(
+        servicer, batcher, auditor, limits, max_items=config.max_batch_items, ready=ready
+    )
+    add_to_server(inference, server, V2_SERVICE)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [SERVICE_NAME, V2_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"{config.host}:{config.port}"
     credentials = security.server_credentials(config)
@@ -356,6 +402,8 @@ async def start(config: WorkerConfig) -> Worker:
             f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}; "
             "choose another --metrics-port (0 picks a free one)"
         ) from None
+    if config.http_port >= 0:
+        worker.http, worker.http_port = await serve_http(config, inference)
     batcher.start()
     auditor.start()
     await server.start()
@@ -365,6 +413,7 @@ async def start(config: WorkerConfig) -> Worker:
             "host": config.host,
             "port": port,
             "metrics_port": metrics_port,
+            "http_port": worker.http_port,
             "tls": credentials is not None,
             "mutual_tls": bool(config.tls_client_ca_file),
             "token_required": bool(config.auth_token_file),

@@ -46,6 +46,12 @@ class WorkerConfig:
         "(logged at start).",
         minimum=0,
     )
+    http_port: int = _knob(
+        8000,
+        "Port of the V2 (Open Inference Protocol) REST endpoint, /v2/... (on --host, with the "
+        "gRPC port's TLS and token); 0 picks a free one (logged at start), -1 turns it off.",
+        minimum=-1,
+    )
     metrics_max_connections: int = _knob(
         8,
         "Most connections the metrics port serves at once (one thread each); more wait in "

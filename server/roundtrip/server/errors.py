@@ -31,6 +31,12 @@ class LimitExceeded(RequestError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class NotFound(RequestError):
+    """The request names something this worker does not serve (a V2 model or version)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class QueueFull(RequestError):
     """The worker is overloaded: its queue is at ``max_queue_size``; retry later."""
 

@@ -18,13 +18,20 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import message, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 from roundtrip.client import arrays
-from roundtrip.server.admission import ByteBudget, Reservation, answer_bytes, working_set_bytes
+from roundtrip.server.admission import (
+    ByteBudget,
+    Reservation,
+    WorkingSet,
+    answer_bytes,
+    working_set_bytes,
+)
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Ticket
 from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
@@ -34,6 +41,8 @@ from roundtrip.server.validation import RequestLimits, decode, weigh
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+ROUNDTRIP_SERVICE = pb.DESCRIPTOR.services_by_name["RoundTripService"]
 
 #: Answers up to this size (no outputs) give their bytes back when the handler returns.
 SMALL_ANSWER_BYTES = 64 * 1024
@@ -79,9 +88,13 @@ def tolerant_parser(
     return parse
 
 
-def add_to_server(servicer: RoundTripServicer, server: grpc.aio.Server) -> None:
-    """Register every method of the service descriptor with :func:`tolerant_parser`."""
-    service = pb.DESCRIPTOR.services_by_name["RoundTripService"]
+def add_to_server(
+    servicer: Any,
+    server: grpc.aio.Server,
+    service: ServiceDescriptor = ROUNDTRIP_SERVICE,
+) -> None:
+    """Register every method of ``service`` (the servicer's methods of the same names) with
+    :func:`tolerant_parser`, counting against ``servicer.budget``."""
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
@@ -199,7 +212,7 @@ def failure_of(error: Exception) -> Failure:
 async def counted(
     metrics: WorkerMetrics,
     method: str,
-    context: grpc.aio.ServicerContext[Any, Any],
+    dropped: Callable[[], grpc.StatusCode],
     work: Callable[[], Awaitable[Response]],
     *,
     count_ok: bool = True,
@@ -207,9 +220,9 @@ async def counted(
     """Run one request's ``work``; count it once, by the code it really ended with.
 
     An error becomes its :class:`Failure` (returned, for the caller to answer with); a
-    cancel is counted as :func:`dropped_code` says and propagates. ``count_ok=False`` is
-    for a call whose requests are counted one by one (a batch): only a failure of the call
-    as a whole counts (its cancellation is counted on its items).
+    cancel is counted as ``dropped()`` says (for gRPC, :func:`dropped_code`) and propagates.
+    ``count_ok=False`` is for a call whose requests are counted one by one (a batch): only
+    a failure of the call as a whole counts (its cancellation is counted on its items).
     """
     started = time.perf_counter()
     code = grpc.StatusCode.OK
@@ -220,7 +233,7 @@ async def counted(
     try:
         return await work()
     except asyncio.CancelledError:
-        code = dropped_code(context)
+        code = dropped()
         counts = count_ok  # a call that counts its items has counted them as dropped
         raise
     except Exception as error:
@@ -235,9 +248,22 @@ async def counted(
             metrics.observe_rpc(method, code.name, time.perf_counter() - started)
 
 
+class Servicer(Protocol):
+    """What the method wrappers need of a servicer: its counters and its open calls."""
+
+    metrics: WorkerMetrics
+    calls: OpenCalls
+
+
 def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
     """A unary method answered through :func:`counted`: a failure aborts with its status."""
     return _answered(method, count_ok=True)
+
+
+def status_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
+    """:func:`rpc_errors` for a method about the worker's state (V2's ServerReady...): it is
+    still answered while the worker drains, so it can say it is not ready."""
+    return _answered(method, count_ok=True, while_draining=True)
 
 
 def batch_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
@@ -247,21 +273,28 @@ def batch_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Receive
 
 
 def _answered(
-    method: UnaryMethod[Received, Response], *, count_ok: bool
+    method: UnaryMethod[Received, Response], *, count_ok: bool, while_draining: bool = False
 ) -> UnaryMethod[Received, Response]:
     @functools.wraps(method)
     async def wrapper(
-        self: RoundTripServicer, received: Received, context: grpc.aio.ServicerContext[Any, Any]
+        self: Servicer, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
         async def work() -> Response:
             if isinstance(received.message, Unparseable):
                 raise received.message.error()
-            self.calls.check_accepting()
+            if not while_draining:
+                self.calls.check_accepting()
             return await method(self, received, context)
 
         self.calls.enter()
         try:
-            outcome = await counted(self.metrics, method.__name__, context, work, count_ok=count_ok)
+            outcome = await counted(
+                self.metrics,
+                method.__name__,
+                functools.partial(dropped_code, context),
+                work,
+                count_ok=count_ok,
+            )
             if isinstance(outcome, Failure):
                 await context.abort(outcome.code, outcome.message)
             return outcome
@@ -294,7 +327,7 @@ def encode_result(
     return response
 
 
-def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -354,8 +387,8 @@ class RoundTripServicer:
         self, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RoundTripResponse:
         request: pb.RoundTripRequest = received.message
-        response, held = await self.answer(request, received.held.nbytes, _deadline(context))
-        self._release_when_sent(context, (held,))
+        response, held = await self.answer(request, received.held.nbytes, deadline_of(context))
+        self.release_when_sent(context, (held,))
         return response
 
     @batch_errors
@@ -377,7 +410,7 @@ class RoundTripServicer:
                 f"{self.max_batch_items} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
             )
         started = time.perf_counter()
-        deadline = _deadline(context)
+        deadline = deadline_of(context)
         outcomes: list[Failure | RoundTripAnswer | None] = [None] * count
         queued: list[tuple[int, RoundTripInput, Reservation, Ticket]] = []
         self.metrics.inflight.inc(count)
@@ -440,7 +473,7 @@ class RoundTripServicer:
             outputs = answer.orig_out.nbytes if answer.orig_out is not None else 0
             held.shrink(answer_bytes(outputs))
         self.metrics.observe_rpcs("RoundTripBatch", codes, started)
-        self._release_when_sent(context, held_answers)
+        self.release_when_sent(context, held_answers)
         return response
 
     def _enqueue(
@@ -456,7 +489,18 @@ class RoundTripServicer:
             held.release()
             raise
 
-    def _release_when_sent(
+    def admit(
+        self, item: RoundTripInput, size: WorkingSet, deadline: float | None
+    ) -> tuple[Reservation, Ticket]:
+        """Admit by bytes and queue a request decoded elsewhere (V2's tensors), no waiting."""
+        held = self.budget.reserve(working_set_bytes(size))
+        try:
+            return held, self._batcher.enqueue(item, deadline=deadline)
+        except BaseException:
+            held.release()
+            raise
+
+    def release_when_sent(
         self, context: grpc.aio.ServicerContext[Any, Any], held: Sequence[Reservation]
     ) -> None:
         """Give back answers' bytes now when they are small, else once gRPC has sent them."""
@@ -531,7 +575,7 @@ class _OpenStream:
     def __init__(self, servicer: RoundTripServicer, context: grpc.aio.ServicerContext[Any, Any]):
         self._servicer = servicer
         self._context = context
-        self._deadline = _deadline(context)
+        self._deadline = deadline_of(context)
         self._slots = asyncio.Semaphore(servicer.max_stream_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._owed: set[Reservation] = set()
@@ -597,7 +641,7 @@ class _OpenStream:
             outcome = await counted(
                 servicer.metrics,
                 "RoundTripStream",
-                self._context,
+                functools.partial(dropped_code, self._context),
                 functools.partial(
                     servicer.answer, message.request, received.held.nbytes, self._deadline
                 ),

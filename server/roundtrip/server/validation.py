@@ -57,10 +57,7 @@ def weigh(
     if not request.HasField("x"):
         raise InvalidArgument("x is required: an Array with raw or values")
     features = request.features
-    if features < 1:
-        raise InvalidArgument(f"features must be >= 1 (got {features})")
-    if features > limits.max_features:
-        raise _over_limit("features", features, limits.max_features, "max_features")
+    _check_features(features, limits)  # before x: the order errors are reported in
     try:
         shape = arrays.header_shape(request.x, field="x")
         itemsize = arrays.NUMPY_DTYPES[request.x.dtype].itemsize
@@ -70,6 +67,35 @@ def weigh(
             shape = arrays.declared_shape(request.x, field="x")  # raw is small, or asked for
     except arrays.ArrayFormatError as error:
         raise InvalidArgument(str(error)) from None
+    return weigh_shape(
+        shape,
+        arrays.NUMPY_DTYPES[request.x.dtype],
+        features,
+        limits,
+        with_outputs=request.return_outputs,
+    )
+
+
+def weigh_shape(
+    shape: tuple[int, ...],
+    dtype: np.dtype[np.generic],
+    features: int,
+    limits: RequestLimits,
+    *,
+    with_outputs: bool,
+) -> WorkingSet:
+    """The contract's rules and ``limits`` for x of ``shape`` and ``dtype`` and ``features``:
+    every way in (``RoundTripRequest``, V2's tensors) is checked here, on the shape alone.
+
+    >>> limits = RequestLimits(100, 8, 1024, 100)
+    >>> weigh_shape((2, 3), np.dtype("float32"), 4, limits, with_outputs=False).param_bytes
+    64
+    >>> weigh_shape((0, 3), np.dtype("float32"), 4, limits, with_outputs=False)
+    Traceback (most recent call last):
+    ...
+    roundtrip.server.errors.InvalidArgument: x has no elements (shape [0, 3])
+    """
+    _check_features(features, limits)  # (again for weigh: first, as the contract lists them)
     if not shape:
         raise InvalidArgument("x has rank 0; it needs rank >= 1 (its last axis is the input width)")
     width = shape[-1]
@@ -98,19 +124,25 @@ def weigh(
             limits.max_output_elements,
             "max_output_elements",
         )
-    x_itemsize, output_itemsize = _itemsizes(request.x.dtype)
+    x_itemsize, output_itemsize = _itemsizes(dtype)
     return WorkingSet(
         x_bytes=elements * x_itemsize,
         param_bytes=param_bytes,
         output_bytes=output_elements * output_itemsize,
-        with_outputs=request.return_outputs,
+        with_outputs=with_outputs,
     )
 
 
+def _check_features(features: int, limits: RequestLimits) -> None:
+    if features < 1:
+        raise InvalidArgument(f"features must be >= 1 (got {features})")
+    if features > limits.max_features:
+        raise _over_limit("features", features, limits.max_features, "max_features")
+
+
 @functools.cache
-def _itemsizes(wire_dtype: int) -> tuple[int, int]:
+def _itemsizes(decoded: np.dtype[np.generic]) -> tuple[int, int]:
     """Bytes of one element of x as decoded (or as computed, if larger) and of the outputs."""
-    decoded = arrays.NUMPY_DTYPES[wire_dtype]
     computed = canonical_dtype(decoded)
     return max(decoded.itemsize, computed.itemsize), np.result_type(computed, np.float32).itemsize
 

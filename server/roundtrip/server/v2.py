@@ -1,0 +1,325 @@
+"""The Open Inference Protocol (V2, KServe's protocol) for roundtrip: the model's tensors, and
+the mapping between a ``ModelInferRequest`` and the worker's own requests. No I/O here.
+
+Both V2 transports arrive as a ``ModelInferRequest`` (the REST layer turns its JSON and
+binary data into one), so there is one mapping, and it ends in the same
+:class:`RoundTripInput`, :func:`~roundtrip.server.validation.weigh_shape` limits, batcher and
+engine as ``RoundTrip``. Inputs: ``seed`` (INT64), ``x`` (FP32, FP64, FP16 or BF16; rank
+>= 1; the last axis is the input width) and ``features`` (INT64). When ``seed`` has B > 1
+elements, the call holds B requests: request i is ``seed[i]``, ``x[i]`` (x's first axis is B)
+and ``features[i]`` (or one shared ``features``); each is answered exactly as if sent alone.
+Outputs: ``result`` (FP32, one row ``[orig_sum, merged_sum, max_abs_diff]`` per request),
+and ``orig_out`` / ``merged_out`` only when asked for (with a leading axis B when B > 1).
+
+>>> request = v2pb.ModelInferRequest(model_name="roundtrip")
+>>> for name, value in (("seed", 0), ("features", 4)):
+...     tensor = request.inputs.add(name=name, datatype="INT64", shape=[1])
+...     tensor.contents.int64_contents[:] = [value]
+>>> x = request.inputs.add(name="x", datatype="FP32", shape=[3])
+>>> x.contents.fp32_contents[:] = [1.0, 2.0, 3.0]
+>>> call = unpack(request, RequestLimits(1 << 20, 1 << 16, 1 << 28, 1 << 20), max_items=8)
+>>> item, size = call.items[0]
+>>> item.seed, item.x.tolist(), item.features, call.outputs
+(0, [1.0, 2.0, 3.0], 4, ('result',))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from roundtrip.client.version import __version__
+from roundtrip.server.admission import WorkingSet
+from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
+from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
+from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from roundtrip.server.validation import RequestLimits, weigh_shape
+
+MODEL_NAME = "roundtrip"
+MODEL_VERSION = "1"
+SERVER_NAME = "roundtrip"
+PLATFORM = "jax_flax_nnx"
+#: Protocol extensions served: the REST binary tensor data extension.
+EXTENSIONS = ("binary_tensor_data",)
+
+#: V2 datatype -> little-endian numpy dtype, for every datatype a tensor may arrive in
+#: (the REST layer decodes JSON data with it); x takes only the floating ones.
+NUMPY_OF: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "FP16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+X_DATATYPES = ("FP32", "FP64", "FP16", "BF16")
+DATATYPE_OF = {dtype.name: name for name, dtype in NUMPY_OF.items()}
+INPUTS = ("seed", "x", "features")
+OUTPUTS = ("result", "orig_out", "merged_out")
+DEFAULT_OUTPUTS = ("result",)
+
+
+def check_model(name: str, version: str) -> None:
+    """NOT_FOUND unless ``name`` (and ``version``, when given) is the model served here."""
+    if name != MODEL_NAME:
+        raise NotFound(f"unknown model {name!r}: this worker serves {MODEL_NAME!r}")
+    if version not in ("", MODEL_VERSION):
+        raise NotFound(
+            f"unknown version {version!r} of model {MODEL_NAME!r}: it has version {MODEL_VERSION!r}"
+        )
+
+
+def server_metadata() -> v2pb.ServerMetadataResponse:
+    return v2pb.ServerMetadataResponse(
+        name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS)
+    )
+
+
+def model_metadata() -> v2pb.ModelMetadataResponse:
+    """The tensors as V2 declares them: one datatype each, so x is listed as FP32 (FP64, FP16
+    and BF16 are accepted too), and -1 marks any size (x takes any rank >= 1)."""
+    tensor = v2pb.ModelMetadataResponse.TensorMetadata
+    return v2pb.ModelMetadataResponse(
+        name=MODEL_NAME,
+        versions=[MODEL_VERSION],
+        platform=PLATFORM,
+        inputs=[
+            tensor(name="seed", datatype="INT64", shape=[-1]),
+            tensor(name="x", datatype="FP32", shape=[-1, -1]),
+            tensor(name="features", datatype="INT64", shape=[-1]),
+        ],
+        outputs=[
+            tensor(name="result", datatype="FP32", shape=[-1, 3]),
+            tensor(name="orig_out", datatype="FP32", shape=[-1, -1]),
+            tensor(name="merged_out", datatype="FP32", shape=[-1, -1]),
+        ],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A ``ModelInferRequest`` unpacked: its requests, each with the working set it was weighed
+    at, and the outputs asked for. ``batched``: B > 1, so outputs get a leading axis B."""
+
+    items: Sequence[tuple[RoundTripInput, WorkingSet]]
+    outputs: tuple[str, ...]
+    batched: bool
+
+    def about(self, index: int, error: RequestError) -> RequestError:
+        """``error`` for request ``index`` of a batched call, saying which request it was."""
+        if not self.batched:
+            return error
+        return type(error)(f"request {index} (row {index} of seed and x): {error.message}")
+
+
+def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int) -> Call:
+    """Check ``request`` and split it into the worker's requests, weighed against ``limits``.
+
+    Shapes and limits are checked before x's elements are read. Raw contents are read in place;
+    typed contents (``fp32_contents``...) are copied into an array once, which the message
+    bytes already held bound.
+    """
+    check_model(request.model_name, request.model_version)
+    tensors = _inputs(request)
+    seeds = _integers(tensors, "seed")
+    features = _integers(tensors, "features")
+    count = seeds.size
+    if count == 0:
+        raise InvalidArgument("seed has no elements: it needs one per request")
+    if count > max_items:
+        raise LimitExceeded(
+            f"a ModelInfer call holds {count} requests (seed's elements), over this worker's "
+            f"limit of {max_items} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
+        )
+    if features.size not in (1, count):
+        raise InvalidArgument(
+            f"features has {features.size} elements: it needs 1 (shared) or one per seed ({count})"
+        )
+    x_tensor, x_raw = tensors["x"]
+    if x_tensor.datatype not in X_DATATYPES:
+        raise InvalidArgument(
+            f"x has datatype {x_tensor.datatype!r}: use one of {', '.join(X_DATATYPES)}"
+        )
+    dtype = NUMPY_OF[x_tensor.datatype]
+    shape = _shape(x_tensor)
+    batched = count > 1
+    if batched and (len(shape) < 2 or shape[0] != count):
+        raise InvalidArgument(
+            f"x has shape {list(shape)}, but seed holds {count} requests: x needs shape "
+            f"[{count}, ..., width] (row i is request i's x)"
+        )
+    row_shape = shape[1:] if batched else shape
+    outputs = _outputs(request)
+    with_outputs = "orig_out" in outputs or "merged_out" in outputs
+    shared = features.size == 1
+    if with_outputs and batched and len(set(features.tolist())) > 1:
+        raise InvalidArgument(
+            "orig_out and merged_out are one tensor each, so a call of many requests that "
+            "asks for them needs one features value for all (give features one element)"
+        )
+    per_item = features.tolist() * count if shared else features.tolist()
+    call = Call((), outputs, batched)
+    sizes: dict[int, WorkingSet] = {}
+    for index, value in enumerate(per_item):
+        if value not in sizes:
+            try:
+                sizes[value] = weigh_shape(
+                    row_shape, dtype, value, limits, with_outputs=with_outputs
+                )
+            except RequestError as error:
+                raise (error if shared else call.about(index, error)) from None
+    x = _x_elements(x_tensor, x_raw, dtype, shape)
+    rows: Sequence[npt.NDArray[Any]] = list(x) if batched else [x]
+    items = [
+        (
+            RoundTripInput(seed=seed, x=row, features=value, with_outputs=with_outputs),
+            sizes[value],
+        )
+        for seed, row, value in zip(seeds.tolist(), rows, per_item, strict=True)
+    ]
+    return Call(items, outputs, batched)
+
+
+def pack(
+    request: v2pb.ModelInferRequest, call: Call, answers: Sequence[RoundTripAnswer]
+) -> v2pb.ModelInferResponse:
+    """The answers as a ``ModelInferResponse``: the outputs asked for, in that order, raw."""
+    response = v2pb.ModelInferResponse(
+        model_name=MODEL_NAME, model_version=MODEL_VERSION, id=request.id
+    )
+    for name in call.outputs:
+        data = output_array(name, call, answers)
+        response.outputs.add(name=name, datatype=DATATYPE_OF[data.dtype.name], shape=data.shape)
+        response.raw_output_contents.append(data.tobytes())
+    return response
+
+
+def output_array(name: str, call: Call, answers: Sequence[RoundTripAnswer]) -> npt.NDArray[Any]:
+    """Output ``name`` as one little-endian array: result is [B, 3] float32."""
+    if name == "result":
+        return np.array([answer.as_list() for answer in answers], dtype="<f4")
+    parts = [getattr(answer, name) for answer in answers]
+    data = np.stack(parts) if call.batched else parts[0]
+    return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+
+
+def _inputs(
+    request: v2pb.ModelInferRequest,
+) -> dict[str, tuple[v2pb.ModelInferRequest.InferInputTensor, bytes | None]]:
+    """Each input by name with its raw contents (None when typed), every rule of the protocol
+    about which inputs and which contents checked."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
+            "it needs one per input, in the order of inputs"
+        )
+    tensors: dict[str, tuple[v2pb.ModelInferRequest.InferInputTensor, bytes | None]] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name not in INPUTS:
+            raise InvalidArgument(
+                f"unknown input {tensor.name!r}: this model takes {', '.join(INPUTS)}"
+            )
+        if tensor.name in tensors:
+            raise InvalidArgument(f"input {tensor.name!r} is given twice")
+        if raw and tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"{tensor.name} has contents, but raw_input_contents is used: use one or the other"
+            )
+        tensors[tensor.name] = (tensor, raw[index] if raw else None)
+    for name in INPUTS:
+        if name not in tensors:
+            raise InvalidArgument(
+                f"input {name!r} is missing: this model takes seed (INT64), "
+                "x (FP32, FP64, FP16 or BF16; last axis = input width) and features (INT64)"
+            )
+    return tensors
+
+
+def _shape(tensor: v2pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    for axis, dim in enumerate(shape):
+        if dim < 0:
+            raise InvalidArgument(f"{tensor.name}.shape: dimension {axis} is negative ({dim})")
+    return shape
+
+
+def _integers(
+    tensors: dict[str, tuple[v2pb.ModelInferRequest.InferInputTensor, bytes | None]], name: str
+) -> npt.NDArray[np.int64]:
+    tensor, raw = tensors[name]
+    if tensor.datatype != "INT64":
+        raise InvalidArgument(f"{name} has datatype {tensor.datatype!r}: use INT64")
+    shape = _shape(tensor)
+    if len(shape) > 2:
+        raise InvalidArgument(f"{name} has shape {list(shape)}: it needs rank 1 (or [B, 1])")
+    count = math.prod(shape)
+    if raw is not None:
+        _check_size(name, len(raw), count, 8, shape, "INT64")
+        return np.frombuffer(raw, dtype="<i8")
+    values = tensor.contents.int64_contents
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{name}: {len(values)} int64_contents, but shape {list(shape)} needs {count}"
+        )
+    return np.asarray(values, dtype=np.int64)
+
+
+def _x_elements(
+    tensor: v2pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+) -> npt.NDArray[Any]:
+    count = math.prod(shape)
+    if raw is not None:
+        _check_size("x", len(raw), count, dtype.itemsize, shape, tensor.datatype)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if tensor.datatype == "FP32":
+        values: Any = tensor.contents.fp32_contents
+    elif tensor.datatype == "FP64":
+        values = tensor.contents.fp64_contents
+    else:  # the protocol has no typed contents for 16-bit floats
+        raise InvalidArgument(
+            f"x has datatype {tensor.datatype}: its elements must come in raw_input_contents "
+            "(the protocol has no typed contents for 16-bit floats)"
+        )
+    if len(values) != count:
+        field = f"{tensor.datatype.lower()}_contents"
+        raise InvalidArgument(f"x: {len(values)} {field}, but shape {list(shape)} needs {count}")
+    array = np.asarray(values, dtype=dtype).reshape(shape)
+    array.flags.writeable = False
+    return array
+
+
+def _check_size(
+    name: str, size: int, count: int, itemsize: int, shape: tuple[int, ...], datatype: str
+) -> None:
+    if size != count * itemsize:
+        raise InvalidArgument(
+            f"{name}: raw_input_contents holds {size} bytes, but shape {list(shape)} of "
+            f"{datatype} needs {count * itemsize}"
+        )
+
+
+def _outputs(request: v2pb.ModelInferRequest) -> tuple[str, ...]:
+    names = tuple(output.name for output in request.outputs)
+    for name in names:
+        if name not in OUTPUTS:
+            raise InvalidArgument(f"unknown output {name!r}: this model has {', '.join(OUTPUTS)}")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"an output is asked for twice: {list(names)}")
+    return names or DEFAULT_OUTPUTS

@@ -1,0 +1,149 @@
+"""``inference.GRPCInferenceService`` (V2) on the worker's gRPC server, and :meth:`infer`, the
+one V2 request path that the REST endpoint (:mod:`roundtrip.server.rest`) also takes.
+
+It is the same worker behind another door: the same admission by bytes, batcher, limits,
+audit, counters, drain and status mapping as ``RoundTrip`` (:mod:`roundtrip.server.service`);
+only the wire mapping (:mod:`roundtrip.server.v2`) is V2's own. A call of B requests fails as
+a whole with the status of its first failing request, which the message names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from roundtrip.server import v2
+from roundtrip.server.admission import Reservation, answer_bytes
+from roundtrip.server.audit import Auditor
+from roundtrip.server.batcher import Batcher, Ticket
+from roundtrip.server.engine import RoundTripAnswer
+from roundtrip.server.errors import RequestError
+from roundtrip.server.service import (
+    Received,
+    RoundTripServicer,
+    deadline_of,
+    rpc_errors,
+    status_errors,
+)
+from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from roundtrip.server.validation import RequestLimits
+
+SERVICE = v2pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InferenceServicer:
+    """Implements the V2 methods over a :class:`RoundTripServicer`'s admission and counters.
+
+    ``ready`` says whether the worker takes inference calls now (self-checked, not
+    draining): what ServerReady and ModelReady answer, and grpc.health.v1 says too.
+    """
+
+    def __init__(
+        self,
+        core: RoundTripServicer,
+        batcher: Batcher,
+        auditor: Auditor,
+        limits: RequestLimits,
+        *,
+        max_items: int,
+        ready: Callable[[], bool],
+    ) -> None:
+        self.metrics = core.metrics
+        self.calls = core.calls
+        self.budget = core.budget
+        self._core = core
+        self._batcher = batcher
+        self._auditor = auditor
+        self._limits = limits
+        self._max_items = max_items
+        self.ready = ready
+
+    async def infer(
+        self, request: v2pb.ModelInferRequest, deadline: float | None
+    ) -> tuple[v2pb.ModelInferResponse, list[Reservation]]:
+        """Answer every request of the call, exactly as each would be answered alone.
+
+        Returns the response and the answers' reservations, which the transport releases once
+        the response is written.
+        """
+        call = v2.unpack(request, self._limits, max_items=self._max_items)
+        queued: list[tuple[Reservation, Ticket]] = []
+        try:
+            for index, (item, size) in enumerate(call.items):
+                try:
+                    queued.append(self._core.admit(item, size, deadline))
+                except RequestError as error:
+                    raise call.about(index, error) from None
+            await asyncio.wait([ticket.future for _, ticket in queued])
+            answers = self._answers(call, queued)
+        except BaseException:
+            for held, ticket in queued:
+                self._batcher.forget(ticket)
+                held.release()
+            raise
+        for (item, _), answer in zip(call.items, answers, strict=True):
+            self._auditor.offer(item, answer)
+        response = v2.pack(request, call, answers)
+        for (held, _), answer in zip(queued, answers, strict=True):
+            outputs = answer.orig_out.nbytes if answer.orig_out is not None else 0
+            held.shrink(answer_bytes(outputs))
+        return response, [held for held, _ in queued]
+
+    @staticmethod
+    def _answers(
+        call: v2.Call, queued: Sequence[tuple[Reservation, Ticket]]
+    ) -> list[RoundTripAnswer]:
+        answers = []
+        for index, (_, ticket) in enumerate(queued):
+            error = ticket.future.exception()
+            if isinstance(error, RequestError):
+                raise call.about(index, error)
+            answers.append(ticket.future.result())  # re-raises anything else (a bug: INTERNAL)
+        return answers
+
+    @rpc_errors
+    async def ModelInfer(  # noqa: N802 (the protocol's names)
+        self, received: Received, context: Context
+    ) -> v2pb.ModelInferResponse:
+        response, held = await self.infer(received.message, deadline_of(context))
+        self._core.release_when_sent(context, held)
+        return response
+
+    @status_errors
+    async def ServerLive(  # noqa: N802
+        self, received: Received, context: Context
+    ) -> v2pb.ServerLiveResponse:
+        return v2pb.ServerLiveResponse(live=True)
+
+    @status_errors
+    async def ServerReady(  # noqa: N802
+        self, received: Received, context: Context
+    ) -> v2pb.ServerReadyResponse:
+        return v2pb.ServerReadyResponse(ready=self.ready())
+
+    @status_errors
+    async def ModelReady(  # noqa: N802
+        self, received: Received, context: Context
+    ) -> v2pb.ModelReadyResponse:
+        message: v2pb.ModelReadyRequest = received.message
+        v2.check_model(message.name, message.version)
+        return v2pb.ModelReadyResponse(ready=self.ready())
+
+    @status_errors
+    async def ServerMetadata(  # noqa: N802
+        self, received: Received, context: Context
+    ) -> v2pb.ServerMetadataResponse:
+        return v2.server_metadata()
+
+    @status_errors
+    async def ModelMetadata(  # noqa: N802
+        self, received: Received, context: Context
+    ) -> v2pb.ModelMetadataResponse:
+        message: v2pb.ModelMetadataRequest = received.message
+        v2.check_model(message.name, message.version)
+        return v2.model_metadata()
