@@ -126,8 +126,16 @@ deploy-check: $(KUBECTL) $(VALIDATE)/.synced
 image-test: setup
 	deploy/image-test.sh
 
+# tritonclient in its own environment, as another team installs it (tests/test_tritonclient.py).
+TRITON := $(TOOLS)/tritonclient
+$(TRITON)/.synced: tests/tritonclient/requirements.txt | $(UV)
+	$(UV) venv --quiet --allow-existing $(TRITON)
+	$(UV) pip install --quiet --python $(TRITON)/bin/python --require-hashes \
+	  -r tests/tritonclient/requirements.txt
+	touch $@
+
 # tests/test_manifests.py renders the overlays with the same kubectl.
-pytest: setup $(PROMTOOL) $(KUBECTL)
+pytest: setup $(PROMTOOL) $(KUBECTL) $(TRITON)/.synced
 	$(BIN)/pytest
 
 # Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).

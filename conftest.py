@@ -27,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from roundtrip.client import RoundTripClient
 
 ROOT = Path(__file__).resolve().parent
+#: Runs in tritonclient's own environment (tests/test_tritonclient.py), not imported here.
+collect_ignore = ["tests/tritonclient"]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/reference.py, the eager reference
 
 STARTUP_TIMEOUT_S = 180.0
