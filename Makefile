@@ -117,6 +117,7 @@ deploy-check: $(KUBECTL) $(VALIDATE)/.synced
 	  $(KUBECTL) kustomize $$overlay > .rendered/$$name.yaml || exit 1; \
 	  $(VALIDATE)/kubernetes-validate --strict .rendered/$$name.yaml || exit 1; \
 	done
+	$(KUBECTL) kustomize deploy/kserve > .rendered/kserve.yaml
 	$(VALIDATE)/checkov --quiet --compact --skip-download --config-file deploy/checkov.yaml \
 	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml --file .rendered/tls.yaml \
 	  --file .rendered/monitoring.yaml
@@ -135,7 +136,8 @@ $(TRITON)/.synced: tests/tritonclient/requirements.txt | $(UV)
 	touch $@
 
 # tests/test_manifests.py renders the overlays with the same kubectl.
-pytest: setup $(PROMTOOL) $(KUBECTL) $(TRITON)/.synced
+# tests/test_kserve.py validates the KServe predictor's pod with kubernetes-validate.
+pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced
 	$(BIN)/pytest
 
 # Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).

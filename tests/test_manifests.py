@@ -23,7 +23,7 @@ from roundtrip.server.config import WorkerConfig
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
 OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring")
 NAMESPACE = "roundtrip"
-GRPC_PORT, METRICS_PORT = 50051, 9464
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9464
 Labels = Mapping[str, str]
 
 
@@ -152,6 +152,10 @@ def test_the_network_policy_admits_clients_and_the_scraper_and_nothing_else(
     prometheus = {"app.kubernetes.io/name": "prometheus"}
     cases = [
         (Pod(NAMESPACE, client), GRPC_PORT, True),  # a client beside the workers
+        (Pod(NAMESPACE, client), HTTP_PORT, True),  # ... and its V2 REST calls
+        (Pod("shop", client, {"roundtrip-client": "true"}), HTTP_PORT, True),
+        (Pod("monitoring", prometheus), HTTP_PORT, False),
+        (Pod(NAMESPACE, {"app": "other"}), HTTP_PORT, False),
         (Pod("shop", client, {"roundtrip-client": "true"}), GRPC_PORT, True),  # granted namespace
         (Pod("monitoring", prometheus), METRICS_PORT, True),  # the scraper
         (Pod("shop", client), GRPC_PORT, False),  # a labelled pod in a namespace not granted
@@ -172,6 +176,12 @@ def test_the_policy_ports_are_the_ports_the_worker_listens_on(overlay: str) -> N
     ports = {p["name"]: p["containerPort"] for p in container(overlay)["ports"]}
     assert ports["grpc"] == GRPC_PORT == knob_value(overlay, "port")
     assert ports["metrics"] == METRICS_PORT == knob_value(overlay, "metrics_port")
+    assert ports["http"] == HTTP_PORT == knob_value(overlay, "http_port")
+    service = next(d for d in rendered(overlay) if d["metadata"]["name"] == "roundtrip")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "grpc": GRPC_PORT,
+        "http": HTTP_PORT,
+    }
     for doc in rendered(overlay):
         if doc["kind"] == "PodMonitor":
             assert {e["port"] for e in doc["spec"]["podMetricsEndpoints"]} == {"metrics"}
