@@ -14,6 +14,8 @@ from conftest import ROOT, WorkerProcess, console_script
 
 README = (ROOT / "README.md").read_text()
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_HTTP = "127.0.0.1:8000"
+TRITON_PYTHON = ROOT / ".tools" / "tritonclient" / "bin" / "python"
 
 
 def blocks(language: str) -> list[str]:
@@ -61,6 +63,31 @@ def test_readme_piped_cli_command_runs(worker: WorkerProcess, line: str) -> None
     )
     assert done.returncode == 0, done.stderr
     assert "-4.2219334" in done.stdout
+
+
+def test_readme_tritonclient_example_runs(worker: WorkerProcess) -> None:
+    """The ```py blocks run where tritonclient is installed (tests/test_tritonclient.py)."""
+    [source] = blocks("py")
+    done = subprocess.run(
+        [str(TRITON_PYTHON), "-c", source.replace(DEFAULT_TARGET, worker.target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[[-4.221933364868164, -4.221933364868164, 0.0]]\n"
+
+
+@pytest.mark.parametrize("line", shell_lines("curl "))
+def test_readme_curl_command_prints_what_it_says(worker: WorkerProcess, line: str) -> None:
+    address = f"127.0.0.1:{worker.http_port}"
+    done = subprocess.run(
+        shlex.split(line.replace(DEFAULT_HTTP, address)), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    printed = re.search(r"prints `(\{.*?\})`", README)
+    assert printed is not None
+    assert done.stdout == printed.group(1)
 
 
 @pytest.mark.parametrize("line", shell_lines("buf curl"))
