@@ -53,7 +53,7 @@ ENV PATH=/app/.venv/bin:$PATH \
     ROUNDTRIP_METRICS_PORT=9464
 USER 10001:10001
 # gRPC, and Prometheus metrics at /metrics.
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 STOPSIGNAL SIGTERM
 # Exec form: the worker is PID 1 and receives SIGTERM itself, then drains.
 ENTRYPOINT ["/app/.venv/bin/roundtrip-server"]

@@ -7,10 +7,12 @@ with ``ROUNDTRIP_IMAGE`` set; without it they are skipped (``make test`` runs
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -53,6 +55,8 @@ def container() -> Iterator[tuple[WorkerProcess, str]]:
         "ROUNDTRIP_PORT=0",
         "-e",
         "ROUNDTRIP_METRICS_PORT=0",
+        "-e",
+        "ROUNDTRIP_HTTP_PORT=0",
         "-e",
         "ROUNDTRIP_WARMUP_SHAPES=64:64",
         IMAGE,
@@ -124,3 +128,21 @@ def test_podman_stop_under_load_loses_nothing(container: tuple[WorkerProcess, st
     answered: dict[str, int] = event["answered_by_code"]  # type: ignore[assignment]
     assert answered["OK"] - answered_before == outcomes["ok"], (answered, outcomes)
     assert set(answered) <= {"OK", "UNAVAILABLE"}, answered
+
+
+def test_the_image_serves_v2_rest(container: tuple[WorkerProcess, str]) -> None:
+    worker, _ = container
+    body = {
+        "inputs": [
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [0]},
+            {"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2, 3]},
+            {"name": "features", "datatype": "INT64", "shape": [1], "data": [4]},
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{worker.http_port}/v2/models/roundtrip/infer",
+        data=json.dumps(body).encode(),
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        [result] = json.loads(response.read())["outputs"]
+    assert result["data"] == [-4.221933364868164, -4.221933364868164, 0.0]
