@@ -145,6 +145,7 @@ bench: setup
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.v2
 
 # Ten minutes of mixed valid and invalid traffic (docs/bench/soak.json), and ten
 # times the sustained load (docs/bench/overload.json); see docs/operations.md.

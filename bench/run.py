@@ -54,6 +54,8 @@ METHOD = "/roundtrip.v1.RoundTripService/RoundTrip"
 WORKLOADS = {"W1": (3, 4), "W2": (64, 64), "W3": (1024, 1024)}
 #: A running worker's metrics port, by its gRPC port (from its "listening" log line).
 METRICS_PORTS: dict[int, int] = {}
+#: A worker's V2 REST port, by its gRPC port.
+HTTP_PORTS: dict[int, int] = {}
 
 
 @dataclass
@@ -94,6 +96,8 @@ def server(kind: str, *flags: str) -> Iterator[int]:
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             *flags,
         ]
     else:
@@ -113,6 +117,7 @@ def server(kind: str, *flags: str) -> Iterator[int]:
                 port[0] = int(event["port"])
                 if "metrics_port" in event:
                     METRICS_PORTS[port[0]] = int(event["metrics_port"])
+                    HTTP_PORTS[port[0]] = int(event.get("http_port") or 0)
                 port_found.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -169,33 +174,34 @@ def h2load(
 ) -> dict[str, float]:
     """req/s and mean latency from h2load replaying one gRPC-framed request to ``method``."""
     body = request.SerializeToString()
+    return h2load_body(
+        f"http://127.0.0.1:{port}{method}",
+        b"\x00" + struct.pack(">I", len(body)) + body,
+        ["content-type: application/grpc", "te: trailers"],
+        duration=duration,
+        clients=clients,
+        streams=streams,
+    )
+
+
+def h2load_body(
+    url: str,
+    payload: bytes,
+    headers: list[str],
+    *,
+    duration: int,
+    clients: int,
+    streams: int,
+    h1: bool = False,
+) -> dict[str, float]:
+    """h2load replaying ``payload`` to ``url`` (``h1``: HTTP/1.1, ``streams`` pipelined)."""
     with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as handle:
-        handle.write(b"\x00" + struct.pack(">I", len(body)) + body)
-    output = subprocess.run(
-        [
-            "h2load",
-            "-D",
-            str(duration),
-            "--warm-up-time",
-            "2",
-            "-c",
-            str(clients),
-            "-m",
-            str(streams),
-            "-t",
-            "1",
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-d",
-            handle.name,
-            f"http://127.0.0.1:{port}{method}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+        handle.write(payload)
+    command = ["h2load", "-D", str(duration), "--warm-up-time", "2", "-c", str(clients)]
+    command += ["-m", str(streams), "-t", "1", "-d", handle.name, *(["--h1"] if h1 else [])]
+    for header in headers:
+        command += ["-H", header]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
     os.unlink(handle.name)
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output).group(1))  # type: ignore[union-attr]
     succeeded = int(re.search(r"(\d+) succeeded", output).group(1))  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ a whole with the status of its first failing request, which the message names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,7 +80,11 @@ class InferenceServicer:
                     queued.append(self._core.admit(item, size, deadline))
                 except RequestError as error:
                     raise call.about(index, error) from None
-            await asyncio.wait([ticket.future for _, ticket in queued])
+            if len(queued) == 1:  # the common case: await the one future, no waiter
+                with contextlib.suppress(RequestError):  # read back by _answers
+                    await queued[0][1].future
+            else:
+                await asyncio.wait([ticket.future for _, ticket in queued])
             answers = self._answers(call, queued)
         except BaseException:
             for held, ticket in queued:
