@@ -6,6 +6,10 @@ operator's would (a Kubernetes Secret mounted as files).
 
 from __future__ import annotations
 
+import http.client
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,3 +188,32 @@ def test_server_only_tls_with_reflection_exempt_and_plaintext_probes(pki: Pki) -
                 with pytest.raises(RoundTripError) as only_health:
                     c.round_trip(*WORKED)
                 assert only_health.value.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def https(
+    worker: WorkerProcess, pki: Pki, path: str, *, client: str | None, token: str | None
+) -> int:
+    """A V2 REST call over HTTPS with ``client``'s certificate (None: none) and ``token``."""
+    context = ssl.create_default_context(cafile=pki.path("server-ca.pem"))
+    if client is not None:
+        context.load_cert_chain(pki.path(f"{client}.pem"), pki.path(f"{client}.key"))
+    request = urllib.request.Request(f"https://127.0.0.1:{worker.http_port}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_v2_rest_has_the_same_tls_and_token(mtls_worker: WorkerProcess, pki: Pki) -> None:
+    metadata = "/v2/models/roundtrip"
+    assert https(mtls_worker, pki, metadata, client="client", token=TOKEN) == 200
+    assert https(mtls_worker, pki, metadata, client="client", token=None) == 401
+    assert https(mtls_worker, pki, "/v2/health/ready", client="client", token=None) == 200
+    for client in ("stranger", None):  # the handshake refuses them before any request
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            https(mtls_worker, pki, metadata, client=client, token=TOKEN)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://127.0.0.1:{mtls_worker.http_port}/v2", timeout=10)

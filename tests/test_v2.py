@@ -449,3 +449,15 @@ def test_http_port_minus_one_turns_rest_off() -> None:
         assert same_bits(
             output(infer(process, infer_request([2], x, [4])), "result")[0], reference(2, x, 4)
         )
+
+
+def test_a_body_over_max_message_bytes_is_413_and_counted() -> None:
+    with serving_worker("--max-message-bytes", "4096", "--warmup-shapes", "3:4") as process:
+        body = json_infer([1], np.ones(2000, np.float32), [4])
+        status, _, answer = http(process, "/v2/models/roundtrip/infer", body)
+        assert status == 413
+        assert "max_message_bytes" in json.loads(answer)["error"]
+        sample = 'roundtrip_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInferHTTP"}'
+        assert process.metric(sample) == 1
+        small = json_infer([0], np.arange(1, 4, dtype=np.float32), [4])
+        assert http(process, "/v2/models/roundtrip/infer", small)[0] == 200

@@ -217,8 +217,10 @@ class Endpoint:
         self._servicer = servicer
         self._expected = f"Bearer {token}".encode() if token else None
         self._health_exempt = health_exempt
+        self._max_body_bytes = 0
 
     def application(self, max_body_bytes: int) -> web.Application:
+        self._max_body_bytes = max_body_bytes
         app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
@@ -305,13 +307,25 @@ class Endpoint:
 
     async def infer(self, request: web.Request) -> web.Response:
         servicer = self._servicer
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # over client_max_size: refused while read
+            servicer.metrics.observe_rpc(METHOD, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
+            return web.json_response(
+                {
+                    "error": f"the request body is over this worker's limit of "
+                    f"{self._max_body_bytes} bytes (max_message_bytes, env "
+                    "ROUNDTRIP_MAX_MESSAGE_BYTES)"
+                },
+                status=413,
+            )
         servicer.calls.enter()
         try:
             outcome = await counted(
                 servicer.metrics,
                 METHOD,
                 lambda: grpc.StatusCode.CANCELLED,  # the caller hung up
-                lambda: self._answer(request),
+                lambda: self._answer(request, body),
             )
         finally:
             servicer.calls.leave()
@@ -319,20 +333,18 @@ class Endpoint:
             return error_response(outcome)
         return outcome
 
-    async def _answer(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request, body: bytes) -> web.Response:
         servicer = self._servicer
-        servicer.calls.check_accepting()
-        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
-        body = await request.read()
         received = servicer.budget.received(len(body))
         try:
+            servicer.calls.check_accepting()
+            v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
             message, binary_outputs = infer_request(
                 body,
                 request.headers.get(HEADER_LENGTH),
                 request.match_info["model"],
                 request.match_info.get("version", ""),
             )
-            del body
             response, held = await servicer.infer(message, deadline=None)
         finally:
             received.release()
