@@ -17,7 +17,7 @@ from roundtrip.server import logs
 from roundtrip.server.config import WorkerConfig, config_table
 
 #: Import names the worker needs beyond the thin client: the ``server`` extra.
-SERVER_EXTRA = ("jax", "flax", "grpc_health", "grpc_reflection", "prometheus_client")
+SERVER_EXTRA = ("jax", "flax", "grpc_reflection", "prometheus_client", "aiohttp")
 DISTRIBUTION = "roundtrip-worker"
 
 
