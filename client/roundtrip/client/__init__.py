@@ -15,6 +15,7 @@ from roundtrip.client.aio import AsyncRoundTripClient
 from roundtrip.client.channel import NO_DEADLINE, tls_credentials
 from roundtrip.client.errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     ResourceExhaustedError,
@@ -31,6 +32,7 @@ __all__ = [
     "NO_DEADLINE",
     "AsyncRoundTripClient",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
     "Outcome",

@@ -73,6 +73,7 @@ class AsyncRoundTripClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         metadata: Metadata = (),
         token: str | None = None,
+        expect_fingerprint: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         channel: grpc.aio.Channel | None = None,
     ) -> None:
@@ -90,7 +91,7 @@ class AsyncRoundTripClient:
         self._stub = pb_grpc.RoundTripServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self.timeout = timeout
-        self._metadata = call_metadata(metadata, token)
+        self._metadata = call_metadata(metadata, token, expect_fingerprint)
 
     async def round_trip(
         self,

@@ -130,7 +130,26 @@ def tls_credentials(
     )
 
 
-def call_metadata(metadata: Metadata, token: str | None) -> tuple[tuple[str, str], ...]:
-    """``metadata`` plus ``authorization: Bearer <token>`` when a token is given."""
+#: The metadata key of the numerics fingerprint a call insists on (the worker's
+#: ``GetServerInfo().numerics.fingerprint``); workers with another answer FAILED_PRECONDITION.
+FINGERPRINT_KEY = "roundtrip-fingerprint"
+
+
+def call_metadata(
+    metadata: Metadata, token: str | None, fingerprint: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus ``authorization: Bearer <token>`` when a token is given, and the
+    numerics fingerprint every call insists on when one is given.
+
+    >>> for pair in call_metadata([("x-request-id", "7")], "s3cret", "745b220f1ebd8d16"):
+    ...     print(pair)
+    ('x-request-id', '7')
+    ('authorization', 'Bearer s3cret')
+    ('roundtrip-fingerprint', '745b220f1ebd8d16')
+    """
     pairs = tuple(metadata)
-    return (*pairs, ("authorization", f"Bearer {token}")) if token else pairs
+    if token:
+        pairs = (*pairs, ("authorization", f"Bearer {token}"))
+    if fingerprint:
+        pairs = (*pairs, (FINGERPRINT_KEY, fingerprint))
+    return pairs

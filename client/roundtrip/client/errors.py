@@ -57,6 +57,13 @@ class UnauthenticatedError(RoundTripError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class FailedPreconditionError(RoundTripError):
+    """The worker's numerics fingerprint is not the one the call insisted on: its answer's
+    bits could differ; send it to a worker with that fingerprint."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class InternalError(RoundTripError):
     """The worker failed on this request; it keeps serving others."""
 
@@ -71,6 +78,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RoundTripError]] = {
         UnavailableError,
         DeadlineExceededError,
         UnauthenticatedError,
+        FailedPreconditionError,
         InternalError,
     )
 }

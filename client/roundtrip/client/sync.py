@@ -69,6 +69,10 @@ class RoundTripClient:
         max_message_bytes: the largest message sent or received.
         metadata: sent on every call (a call's own ``metadata=`` is added to it).
         token: sent as ``authorization: Bearer <token>`` on every call.
+        expect_fingerprint: a numerics fingerprint (``server_info().numerics.fingerprint``)
+            every call insists on: a worker with another one refuses the call with
+            FAILED_PRECONDITION (:class:`FailedPreconditionError`) instead of answering with
+            bits that may differ. ``None``: no check.
         channel_options: extra ``grpc.*`` channel options, applied after (and so replacing)
             the client's own: service config, retries, keepalive, message limits.
         channel: a channel you built yourself (with interceptors, say); then ``target``,
@@ -88,6 +92,7 @@ class RoundTripClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         metadata: Metadata = (),
         token: str | None = None,
+        expect_fingerprint: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
     ) -> None:
@@ -105,7 +110,7 @@ class RoundTripClient:
         self._stub = pb_grpc.RoundTripServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self.timeout = timeout
-        self._metadata = call_metadata(metadata, token)
+        self._metadata = call_metadata(metadata, token, expect_fingerprint)
 
     def round_trip(
         self,

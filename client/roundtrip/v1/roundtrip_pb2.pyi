@@ -409,6 +409,7 @@ class GetServerInfoResponse(_message.Message):
     NUMPY_VERSION_FIELD_NUMBER: _builtins.int
     GRPC_VERSION_FIELD_NUMBER: _builtins.int
     COMPUTE_LANES_FIELD_NUMBER: _builtins.int
+    NUMERICS_FIELD_NUMBER: _builtins.int
     worker_version: _builtins.str
     jax_version: _builtins.str
     flax_version: _builtins.str
@@ -425,6 +426,12 @@ class GetServerInfoResponse(_message.Message):
 
     @_builtins.property
     def limits(self) -> Global___Limits: ...
+    @_builtins.property
+    def numerics(self) -> Global___NumericsIdentity:
+        """What decides the bits of this worker's answers; set once its self-check
+        has run (empty before).
+        """
+
     def __init__(
         self,
         *,
@@ -438,11 +445,62 @@ class GetServerInfoResponse(_message.Message):
         numpy_version: _builtins.str = ...,
         grpc_version: _builtins.str = ...,
         compute_lanes: _builtins.int = ...,
+        numerics: Global___NumericsIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "numerics", b"numerics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "compute_lanes", b"compute_lanes", "devices", b"devices", "flax_version", b"flax_version", "grpc_version", b"grpc_version", "jax_version", b"jax_version", "limits", b"limits", "numpy_version", b"numpy_version", "worker_version", b"worker_version", "x64_enabled", b"x64_enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "compute_lanes", b"compute_lanes", "devices", b"devices", "flax_version", b"flax_version", "grpc_version", b"grpc_version", "jax_version", b"jax_version", "limits", b"limits", "numerics", b"numerics", "numpy_version", b"numpy_version", "worker_version", b"worker_version", "x64_enabled", b"x64_enabled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class NumericsIdentity(_message.Message):
+    """Workers with the same fingerprint give the same bits for the same request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    DEVICE_KIND_FIELD_NUMBER: _builtins.int
+    XLA_CPU_MAX_ISA_FIELD_NUMBER: _builtins.int
+    HOST_CPU_ISA_FIELD_NUMBER: _builtins.int
+    XLA_FLAGS_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    backend: _builtins.str
+    """The JAX backend: "cpu", "gpu" or "tpu"."""
+    device_kind: _builtins.str
+    """The device kind, e.g. "cpu" or "NVIDIA H100 80GB HBM3"."""
+    xla_cpu_max_isa: _builtins.str
+    """The instruction set XLA's CPU code generation is pinned to
+    (xla_cpu_max_isa, e.g. "AVX2"); empty: not pinned (XLA targets the host).
+    """
+    host_cpu_isa: _builtins.str
+    """The newest of XLA's instruction-set levels the host CPU supports, e.g.
+    "AVX512_BF16"; empty where the host is not x86.
+    """
+    xla_flags: _builtins.str
+    """XLA_FLAGS as the worker's JAX read them at start."""
+    fingerprint: _builtins.str
+    """A short hash of the bits of the worker's answers (and outputs) over a
+    fixed probe set, computed through the engine path that serves. Send it as
+    metadata "roundtrip-fingerprint" to be answered only by workers that
+    have it (FAILED_PRECONDITION elsewhere).
+    """
+    def __init__(
+        self,
+        *,
+        backend: _builtins.str = ...,
+        device_kind: _builtins.str = ...,
+        xla_cpu_max_isa: _builtins.str = ...,
+        host_cpu_isa: _builtins.str = ...,
+        xla_flags: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device_kind", b"device_kind", "fingerprint", b"fingerprint", "host_cpu_isa", b"host_cpu_isa", "xla_cpu_max_isa", b"xla_cpu_max_isa", "xla_flags", b"xla_flags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NumericsIdentity: _TypeAlias = NumericsIdentity  # noqa: Y015

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from roundtrip.server import logs
+from roundtrip.server import logs, numerics
 from roundtrip.server.config import WorkerConfig, config_table
 
 #: Import names the worker needs beyond the thin client: the ``server`` extra.
@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             f"missing): pip install '{DISTRIBUTION}[server]'",
             file=sys.stderr,
         )
+        return 2
+    try:  # before JAX starts: XLA reads its flags once
+        numerics.pin_cpu_isa(config.xla_cpu_max_isa, os.environ, numerics.cpu_flags())
+    except numerics.PinRefused as error:
+        print(f"roundtrip-server: {error}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
     from roundtrip.server import app  # imports JAX: after the flags are known good

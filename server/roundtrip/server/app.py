@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from roundtrip.client.version import __version__
-from roundtrip.server import admission, rest, security, warmup
+from roundtrip.server import admission, numerics, rest, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Lane
 from roundtrip.server.config import WorkerConfig
@@ -61,6 +62,13 @@ def server_info(
         devices=[str(device) for device in jax.devices()],
         compute_lanes=lanes,
         x64_enabled=x64_enabled(),
+        numerics=pb.NumericsIdentity(
+            backend=jax.default_backend(),
+            device_kind=jax.devices()[0].device_kind,
+            xla_cpu_max_isa=numerics.pinned_isa(os.environ.get("XLA_FLAGS", "")),
+            host_cpu_isa=numerics.host_isa(numerics.cpu_flags()),
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
+        ),
         limits=pb.Limits(
             max_x_elements=config.max_x_elements,
             max_features=config.max_features,
@@ -132,9 +140,10 @@ class Worker:
         self.serving = serving
 
     async def warm_up(self) -> None:
-        """Compile and self-check on every lane at once (each on its own compute thread)."""
+        """Compile and self-check on every lane at once (each on its own compute thread),
+        then publish the numerics identity (every lane must give the same bits)."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(
+        fingerprints = await asyncio.gather(
             *(
                 loop.run_in_executor(
                     lane.executor,
@@ -146,8 +155,14 @@ class Worker:
                 for lane in self.batcher.lanes
             )
         )
+        if len(set(fingerprints)) != 1:
+            lanes = [lane.name for lane in self.batcher.lanes]
+            by_lane = dict(zip(lanes, fingerprints, strict=True))
+            raise warmup.SelfCheckFailed(f"the compute lanes give different bits: {by_lane}")
+        identity = self.servicer.set_fingerprint(fingerprints[0])
+        self.metrics.observe_numerics(identity)
         await self.set_serving(True)
-        log.info("serving", extra={"port": self.port})
+        log.info("serving", extra={"port": self.port, "numerics": identity})
 
     async def stop(self) -> None:
         """Drain in two steps, then release: nothing a handler accepted is cut off.

@@ -198,6 +198,13 @@ class WorkerConfig:
         "Most requests waiting for the audit; beyond it samples are skipped and counted.",
         minimum=1,
     )
+    xla_cpu_max_isa: str = _knob(
+        "",
+        "Newest CPU instruction set XLA may generate code for: SSE4_2, AVX, AVX2, AVX512, "
+        "AVX512_VNNI, AVX512_BF16, AMX or AMX_FP16 (x86). Workers pinned to one level give "
+        "the same bits on any CPU that supports it; empty: XLA targets the host. Applied to "
+        "XLA_FLAGS before JAX starts; a level this CPU cannot run stops the worker (exit 2).",
+    )
     log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR.")
 
     def __post_init__(self) -> None:

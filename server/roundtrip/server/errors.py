@@ -55,6 +55,18 @@ class ShuttingDown(RequestError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotReady(RequestError):
+    """The worker cannot answer this call until its warm-up is done; retry (elsewhere)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NumericsMismatch(RequestError):
+    """The call insists on a numerics fingerprint this worker does not have."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlineExpired(RequestError):
     """The caller's deadline passed before the request reached the engine."""
 

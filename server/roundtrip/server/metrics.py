@@ -218,6 +218,13 @@ class WorkerMetrics:
             "Samples the audit skipped because its queue was full (audit_queue_size).",
             registry=self.registry,
         )
+        self.numerics = Gauge(
+            "roundtrip_numerics_info",
+            "1, labelled with the worker's numerics identity (set once its self-check has "
+            "run): workers with the same fingerprint give the same bits.",
+            ["backend", "device_kind", "xla_cpu_max_isa", "host_cpu_isa", "fingerprint"],
+            registry=self.registry,
+        )
         self.unauthenticated = Counter(
             "roundtrip_unauthenticated",
             "Calls refused with UNAUTHENTICATED (missing or wrong bearer token), by method.",
@@ -229,6 +236,9 @@ class WorkerMetrics:
         self.audit_checks.inc()
         if not outcome.matched:
             self.audit_mismatches.inc()
+
+    def observe_numerics(self, identity: Mapping[str, str]) -> None:
+        self.numerics.labels(**identity).set(1)
 
     def refused_unauthenticated(self, method: str) -> None:
         self.unauthenticated.labels(method).inc()

@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 from aiohttp import web
 
-from roundtrip.server import v2
+from roundtrip.server import numerics, v2
 from roundtrip.server.errors import InvalidArgument, RequestError
 from roundtrip.server.service import Failure, counted, failure_of
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
@@ -338,6 +338,8 @@ class Endpoint:
         received = servicer.budget.received(len(body))
         try:
             servicer.calls.check_accepting()
+            expected = request.headers.get(numerics.FINGERPRINT_KEY)
+            numerics.check_fingerprint(expected, servicer.fingerprint())
             v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
             message, binary_outputs = infer_request(
                 body,

@@ -25,6 +25,7 @@ from google.protobuf import message, message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
 from roundtrip.client import arrays
+from roundtrip.server import numerics
 from roundtrip.server.admission import (
     ByteBudget,
     Reservation,
@@ -249,10 +250,13 @@ async def counted(
 
 
 class Servicer(Protocol):
-    """What the method wrappers need of a servicer: its counters and its open calls."""
+    """What the method wrappers need of a servicer: its counters, its open calls, and its
+    numerics fingerprint (empty until the self-check has run)."""
 
     metrics: WorkerMetrics
     calls: OpenCalls
+
+    def fingerprint(self) -> str: ...
 
 
 def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
@@ -261,9 +265,10 @@ def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received,
 
 
 def status_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
-    """:func:`rpc_errors` for a method about the worker's state (V2's ServerReady...): it is
-    still answered while the worker drains, so it can say it is not ready."""
-    return _answered(method, count_ok=True, while_draining=True)
+    """:func:`rpc_errors` for a method about the worker itself (GetServerInfo, V2's
+    ServerReady...): still answered while the worker drains, so it can say it is not ready,
+    and whatever numerics fingerprint the call insists on (it is how callers learn it)."""
+    return _answered(method, count_ok=True, about_the_worker=True)
 
 
 def batch_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
@@ -273,7 +278,7 @@ def batch_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Receive
 
 
 def _answered(
-    method: UnaryMethod[Received, Response], *, count_ok: bool, while_draining: bool = False
+    method: UnaryMethod[Received, Response], *, count_ok: bool, about_the_worker: bool = False
 ) -> UnaryMethod[Received, Response]:
     @functools.wraps(method)
     async def wrapper(
@@ -282,8 +287,10 @@ def _answered(
         async def work() -> Response:
             if isinstance(received.message, Unparseable):
                 raise received.message.error()
-            if not while_draining:
+            if not about_the_worker:
                 self.calls.check_accepting()
+                expected = numerics.expected_fingerprint(context.invocation_metadata())
+                numerics.check_fingerprint(expected, self.fingerprint())
             return await method(self, received, context)
 
         self.calls.enter()
@@ -510,7 +517,22 @@ class RoundTripServicer:
         else:  # a few numbers: a callback per call would cost more than the bytes matter
             _release_all(held)
 
-    @rpc_errors
+    def fingerprint(self) -> str:
+        return self._server_info.numerics.fingerprint
+
+    def set_fingerprint(self, fingerprint: str) -> dict[str, str]:
+        """Publish the self-check's fingerprint (GetServerInfo); the identity as a dict."""
+        identity = self._server_info.numerics
+        identity.fingerprint = fingerprint
+        return {
+            "backend": identity.backend,
+            "device_kind": identity.device_kind,
+            "xla_cpu_max_isa": identity.xla_cpu_max_isa,
+            "host_cpu_isa": identity.host_cpu_isa,
+            "fingerprint": identity.fingerprint,
+        }
+
+    @status_errors
     async def GetServerInfo(  # noqa: N802
         self, received: Received, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
@@ -537,6 +559,8 @@ class RoundTripServicer:
         unwatch = self.calls.watch_stream(stream.end_for_drain)
         try:
             self.calls.check_accepting()
+            expected = numerics.expected_fingerprint(context.invocation_metadata())
+            numerics.check_fingerprint(expected, self.fingerprint())
             reader = stream.start_reading(request_iterator)
             while (answer := await stream.answers.get()) is not None:
                 yield answer.response

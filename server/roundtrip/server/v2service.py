@@ -64,6 +64,9 @@ class InferenceServicer:
         self._max_items = max_items
         self.ready = ready
 
+    def fingerprint(self) -> str:
+        return self._core.fingerprint()
+
     async def infer(
         self, request: v2pb.ModelInferRequest, deadline: float | None
     ) -> tuple[v2pb.ModelInferResponse, list[Reservation]]:
