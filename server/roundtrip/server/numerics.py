@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 
-from roundtrip.client.channel import FINGERPRINT_KEY  # (REST: the same header)
+from roundtrip.client.channel import FINGERPRINT_KEY as FINGERPRINT_KEY  # REST: the header
 from roundtrip.server.errors import NotReady, NumericsMismatch
 
 #: The values ``--xla_cpu_max_isa`` accepts (x86 only), oldest first; each needs these CPU
