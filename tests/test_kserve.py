@@ -85,6 +85,7 @@ def test_its_knobs_are_valid_and_its_ports_are_the_workers() -> None:
     # KServe routes gRPC to the port named h2c; REST to the other one
     assert ports == {"http1": config.http_port, "h2c": config.port}
     assert config.host == "0.0.0.0"
+    assert config.xla_cpu_max_isa == "AVX2"  # the plain manifests' pin
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert predictor_container()[probe]["httpGet"]["port"] == config.http_port
 

@@ -19,6 +19,7 @@ import yaml
 from conftest import ROOT
 from roundtrip.client import __version__
 from roundtrip.server.config import WorkerConfig
+from roundtrip.server.numerics import ISA_LEVELS
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
 OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring")
@@ -231,3 +232,12 @@ def test_the_image_carries_the_distributions_name_and_version() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'org.opencontainers.image.title="roundtrip-worker"' in dockerfile
     assert f'org.opencontainers.image.version="{__version__}"' in dockerfile
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_pins_the_cpu_instruction_set(overlay: str) -> None:
+    """One fingerprint per fleet: the documented pin (AVX2), a level the worker accepts."""
+    env = {item["name"]: item["value"] for item in container(overlay).get("env", [])}
+    assert env["ROUNDTRIP_XLA_CPU_MAX_ISA"] == "AVX2"
+    knob = {"ROUNDTRIP_XLA_CPU_MAX_ISA": env["ROUNDTRIP_XLA_CPU_MAX_ISA"]}
+    assert WorkerConfig.from_sources([], environ=knob).xla_cpu_max_isa in ISA_LEVELS
