@@ -236,3 +236,63 @@ def test_the_levels_are_the_ones_this_xla_documents() -> None:
     assert help_text, "the installed jaxlib no longer documents --xla_cpu_max_isa"
     for level in numerics.ISA_LEVELS:
         assert level.encode() in help_text, level
+
+
+def test_before_its_fingerprint_is_known_an_insisting_call_is_unavailable() -> None:
+    """During warm-up, a call that insists on a fingerprint cannot be checked yet."""
+    from roundtrip.v1 import roundtrip_pb2 as pb
+    from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+    process = WorkerProcess("--warmup-shapes", "3:4,64:64,128:128,256:256")
+    try:
+        request = pb.RoundTripRequest(seed=0, x=pb.Array(values=[1, 2, 3]), features=4)
+        with grpc.insecure_channel(process.target) as channel:
+            stub = pb_grpc.RoundTripServiceStub(channel)  # no client retries here
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.RoundTrip(request, timeout=30, metadata=[(FINGERPRINT_KEY, "0" * 16)])
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "not computed its numerics fingerprint yet" in (caught.value.details() or "")
+            process.wait_serving()
+            assert stub.RoundTrip(request, timeout=30).orig_sum  # known now: no check asked
+    finally:
+        process.kill()
+
+
+LANES_DISAGREE = """
+import asyncio, sys
+from roundtrip.server import app, warmup
+from roundtrip.server.config import WorkerConfig
+
+warmup.fingerprint = lambda engine: str(engine.device)  # as if each lane gave other bits
+
+async def main():
+    worker = await app.start(WorkerConfig.from_sources(
+        ["--port", "0", "--metrics-port", "0", "--http-port", "-1", "--warmup-shapes", "3:4"],
+        {}))
+    try:
+        await worker.warm_up()
+    except warmup.SelfCheckFailed as error:
+        print(error)
+        sys.exit(3)
+    sys.exit(0)
+
+asyncio.run(main())
+"""
+
+
+def test_lanes_that_disagree_never_serve() -> None:
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", LANES_DISAGREE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "the compute lanes give different bits" in done.stdout
