@@ -48,6 +48,7 @@ METRIC_NAMES = (
     "roundtrip_queue_wait_seconds",
     "roundtrip_admitted_bytes",
     "roundtrip_admitted_bytes_limit",
+    "roundtrip_numerics_info",
     "roundtrip_batch_size",
     "roundtrip_batch_compute_seconds",
     "roundtrip_compilations_total",
