@@ -461,3 +461,41 @@ def test_a_body_over_max_message_bytes_is_413_and_counted() -> None:
         assert process.metric(sample) == 1
         small = json_infer([0], np.arange(1, 4, dtype=np.float32), [4])
         assert http(process, "/v2/models/roundtrip/infer", small)[0] == 200
+
+
+def test_json_decoding_is_held_against_the_byte_budget() -> None:
+    """A JSON body reserves JSON_EXPANSION x its size before it is decoded; the same tensor as
+    binary data needs no such reservation."""
+    budget = 4 * 1024 * 1024
+    with serving_worker("--max-inflight-bytes", str(budget), "--warmup-shapes", "3:4") as process:
+        x = np.random.default_rng(8).normal(size=(2000, 25)).astype(np.float32)
+        body = json.dumps(json_infer([3], x, [1])).encode()
+        assert 32 * len(body) > budget
+        status, _, answer = http(process, "/v2/models/roundtrip/infer", body)
+        assert status == 429
+        message = json.loads(answer)["error"]
+        assert "bytes of JSON" in message
+        assert "binary" in message
+        head = json.dumps(
+            {
+                "inputs": [
+                    {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]},
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [2000, 25],
+                        "parameters": {"binary_data_size": x.nbytes},
+                    },
+                    {"name": "features", "datatype": "INT64", "shape": [1], "data": [1]},
+                ]
+            }
+        ).encode()
+        status, _, answer = http(
+            process,
+            "/v2/models/roundtrip/infer",
+            head + x.tobytes(),
+            {"Inference-Header-Content-Length": str(len(head))},
+        )
+        assert status == 200, answer
+        [result] = json.loads(answer)["outputs"]
+        assert same_bits(np.asarray(result["data"], np.float32), reference(3, x, 1))
