@@ -296,3 +296,20 @@ def test_lanes_that_disagree_never_serve() -> None:
     )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "the compute lanes give different bits" in done.stdout
+
+
+def test_the_async_client_insists_the_same_way(worker: WorkerProcess) -> None:
+    import asyncio
+
+    from roundtrip.client import AsyncRoundTripClient
+
+    actual = identity(worker)["fingerprint"]
+
+    async def calls() -> None:
+        async with AsyncRoundTripClient(worker.target, expect_fingerprint=actual) as client:
+            assert (await client.round_trip(0, [1.0, 2.0, 3.0], 4)).max_abs_diff == 0.0
+        async with AsyncRoundTripClient(worker.target, expect_fingerprint="f" * 16) as client:
+            with pytest.raises(FailedPreconditionError):
+                await client.round_trip(0, [1.0, 2.0, 3.0], 4)
+
+    asyncio.run(calls())
