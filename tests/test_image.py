@@ -93,7 +93,26 @@ def test_the_image_answers_exactly(container: tuple[WorkerProcess, str]) -> None
         ]
 
 
+def test_the_image_serves_v2_rest(container: tuple[WorkerProcess, str]) -> None:
+    worker, _ = container
+    body = {
+        "inputs": [
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [0]},
+            {"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2, 3]},
+            {"name": "features", "datatype": "INT64", "shape": [1], "data": [4]},
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{worker.http_port}/v2/models/roundtrip/infer",
+        data=json.dumps(body).encode(),
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        [result] = json.loads(response.read())["outputs"]
+    assert result["data"] == [-4.221933364868164, -4.221933364868164, 0.0]
+
+
 def test_podman_stop_under_load_loses_nothing(container: tuple[WorkerProcess, str]) -> None:
+    """Last in this file: it stops the container the tests above share."""
     worker, name = container
     expected = reference(*CASE)
     outcomes: Counter[str] = Counter()
@@ -128,21 +147,3 @@ def test_podman_stop_under_load_loses_nothing(container: tuple[WorkerProcess, st
     answered: dict[str, int] = event["answered_by_code"]  # type: ignore[assignment]
     assert answered["OK"] - answered_before == outcomes["ok"], (answered, outcomes)
     assert set(answered) <= {"OK", "UNAVAILABLE"}, answered
-
-
-def test_the_image_serves_v2_rest(container: tuple[WorkerProcess, str]) -> None:
-    worker, _ = container
-    body = {
-        "inputs": [
-            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [0]},
-            {"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2, 3]},
-            {"name": "features", "datatype": "INT64", "shape": [1], "data": [4]},
-        ]
-    }
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{worker.http_port}/v2/models/roundtrip/infer",
-        data=json.dumps(body).encode(),
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        [result] = json.loads(response.read())["outputs"]
-    assert result["data"] == [-4.221933364868164, -4.221933364868164, 0.0]
