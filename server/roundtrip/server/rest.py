@@ -34,7 +34,7 @@ from aiohttp import web
 
 from roundtrip.server import numerics, v2
 from roundtrip.server.admission import Reservation
-from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
+from roundtrip.server.errors import InvalidArgument, LimitExceeded
 from roundtrip.server.service import Failure, counted, failure_of
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.v2service import InferenceServicer
@@ -274,7 +274,7 @@ class Endpoint:
             return await handler(request)
         except web.HTTPException as error:  # aiohttp's own: unknown route, body too large...
             return web.json_response({"error": error.reason}, status=error.status)
-        except RequestError as error:
+        except Exception as error:  # a RequestError's own status; anything else: INTERNAL, logged
             return error_response(failure_of(error))
 
     async def live(self, request: web.Request) -> web.Response:
