@@ -309,17 +309,12 @@ async def serve_http(
     )
     endpoint = rest.Endpoint(
         inference,
+        max_body_bytes=config.max_message_bytes,
         token=config.auth_token(),
         health_exempt="health" in config.auth_exempt_services(),
     )
     try:
-        return await rest.start(
-            endpoint,
-            config.host,
-            config.http_port,
-            max_body_bytes=config.max_message_bytes,
-            tls=tls,
-        )
+        return await rest.start(endpoint, config.host, config.http_port, tls=tls)
     except OSError as error:
         raise PortUnavailable(
             f"cannot serve HTTP on {config.host}:{config.http_port}: {error.strerror}; "
@@ -387,9 +382,7 @@ async def start(config: WorkerConfig) -> Worker:
     def ready() -> bool:  # V2's ServerReady: serving (self-checked) and not draining
         return worker is not None and worker.serving
 
-    inference = InferenceServicer(
-        servicer, batcher, auditor, limits, max_items=config.max_batch_items, ready=ready
-    )
+    inference = InferenceServicer(servicer, ready=ready)
     add_to_server(inference, server, V2_SERVICE)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # names only: the metrics layer imports neither JAX nor the e
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+#: The numerics identity's fields that label roundtrip_numerics_info (XLA_FLAGS is free text).
+NUMERICS_LABELS = ("backend", "device_kind", "xla_cpu_max_isa", "host_cpu_isa", "fingerprint")
+
 METRIC_NAMES = (
     "roundtrip_requests_total",
     "roundtrip_request_duration_seconds",
@@ -223,7 +226,7 @@ class WorkerMetrics:
             "roundtrip_numerics_info",
             "1, labelled with the worker's numerics identity (set once its self-check has "
             "run): workers with the same fingerprint give the same bits.",
-            ["backend", "device_kind", "xla_cpu_max_isa", "host_cpu_isa", "fingerprint"],
+            NUMERICS_LABELS,
             registry=self.registry,
         )
         self.unauthenticated = Counter(

@@ -35,7 +35,7 @@ from aiohttp import web
 from roundtrip.server import numerics, v2
 from roundtrip.server.admission import Reservation
 from roundtrip.server.errors import InvalidArgument, LimitExceeded
-from roundtrip.server.service import Failure, counted, failure_of
+from roundtrip.server.service import Failure, check_new_call, counted, failure_of
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.v2service import InferenceServicer
 
@@ -228,16 +228,20 @@ class Endpoint:
     route needs (health routes too unless ``health_exempt``)."""
 
     def __init__(
-        self, servicer: InferenceServicer, *, token: str = "", health_exempt: bool = False
+        self,
+        servicer: InferenceServicer,
+        *,
+        max_body_bytes: int,
+        token: str = "",
+        health_exempt: bool = False,
     ) -> None:
         self._servicer = servicer
+        self._max_body_bytes = max_body_bytes
         self._expected = f"Bearer {token}".encode() if token else None
         self._health_exempt = health_exempt
-        self._max_body_bytes = 0
 
-    def application(self, max_body_bytes: int) -> web.Application:
-        self._max_body_bytes = max_body_bytes
-        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._errors])
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
         app.add_routes(
@@ -366,9 +370,7 @@ class Endpoint:
         servicer = self._servicer
         received = servicer.budget.received(len(body))
         try:
-            servicer.calls.check_accepting()
-            expected = request.headers.get(numerics.FINGERPRINT_KEY)
-            numerics.check_fingerprint(expected, servicer.fingerprint())
+            check_new_call(servicer, request.headers.get(numerics.FINGERPRINT_KEY))
             v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
             split = json_length(body, request.headers.get(HEADER_LENGTH))
             decoding = self._reserve_decoding(split)
@@ -410,7 +412,6 @@ async def start(
     host: str,
     port: int,
     *,
-    max_body_bytes: int,
     tls: ssl.SSLContext | None,
 ) -> tuple[web.AppRunner, int]:
     """Serve ``endpoint`` on ``host:port`` (0 picks a free port); the runner and bound port.
@@ -419,9 +420,7 @@ async def start(
     """
     # the drain has already waited for open calls (they count in OpenCalls) when the runner
     # is cleaned up, so its own wait is short
-    runner = web.AppRunner(
-        endpoint.application(max_body_bytes), access_log=None, shutdown_timeout=1.0
-    )
+    runner = web.AppRunner(endpoint.application(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024)
     try:

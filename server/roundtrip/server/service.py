@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -37,7 +37,7 @@ from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Ticket
 from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError, ShuttingDown
-from roundtrip.server.metrics import WorkerMetrics
+from roundtrip.server.metrics import NUMERICS_LABELS, WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -259,6 +259,14 @@ class Servicer(Protocol):
     def fingerprint(self) -> str: ...
 
 
+def check_new_call(servicer: Servicer, expected_fingerprint: str | None) -> None:
+    """What every call asking for work passes first, whichever its door (unary, stream, V2
+    gRPC, REST): the worker still takes new calls, and it has the numerics fingerprint the
+    call insists on (if any)."""
+    servicer.calls.check_accepting()
+    numerics.check_fingerprint(expected_fingerprint, servicer.fingerprint())
+
+
 def rpc_errors(method: UnaryMethod[Received, Response]) -> UnaryMethod[Received, Response]:
     """A unary method answered through :func:`counted`: a failure aborts with its status."""
     return _answered(method, count_ok=True)
@@ -288,9 +296,8 @@ def _answered(
             if isinstance(received.message, Unparseable):
                 raise received.message.error()
             if not about_the_worker:
-                self.calls.check_accepting()
-                expected = numerics.expected_fingerprint(context.invocation_metadata())
-                numerics.check_fingerprint(expected, self.fingerprint())
+                metadata = context.invocation_metadata()
+                check_new_call(self, numerics.expected_fingerprint(metadata))
             return await method(self, received, context)
 
         self.calls.enter()
@@ -362,7 +369,7 @@ class RoundTripServicer:
         self.budget = budget
         self._auditor = auditor
         self._batcher = batcher
-        self._limits = limits
+        self.limits = limits
         self._server_info = server_info
         self.max_stream_inflight = max_stream_inflight
         self.max_batch_items = max_batch_items
@@ -375,15 +382,13 @@ class RoundTripServicer:
 
         The caller releases the returned reservation once the answer is written.
         """
-        size = weigh(request, self._limits, message_bytes=message_bytes)
+        size = weigh(request, self.limits, message_bytes=message_bytes)
         held = self.budget.reserve(working_set_bytes(size))
         try:
             item = decode(request)
             result = await self._batcher.submit(item, deadline=deadline)
-            self._auditor.offer(item, result)
             response = encode_result(result)
-            outputs = result.orig_out.nbytes if result.orig_out is not None else 0
-            held.shrink(answer_bytes(outputs))
+            self.settle(item, result, held)
             return response, held
         except BaseException:
             held.release()
@@ -431,9 +436,7 @@ class RoundTripServicer:
                 await asyncio.wait([ticket.future for *_, ticket in queued])
         except asyncio.CancelledError:
             code = dropped_code(context).name
-            for _, _, held, ticket in queued:
-                self._batcher.forget(ticket)
-                held.release()
+            self.abandon((held, ticket) for _, _, held, ticket in queued)
             self.metrics.observe_rpcs("RoundTripBatch", [code] * count, started)
             raise
         finally:
@@ -455,7 +458,7 @@ class RoundTripServicer:
         """The outcomes in order; each item counted by its code; answers' bytes held until
         sent."""
         response = pb.RoundTripBatchResponse()
-        held_answers: list[Reservation] = []
+        answered: list[tuple[RoundTripInput, RoundTripAnswer, Reservation]] = []
         for index, item, held, ticket in queued:
             failed = ticket.future.exception()
             if isinstance(failed, Exception):
@@ -463,9 +466,8 @@ class RoundTripServicer:
                 held.release()
                 continue
             answer: RoundTripAnswer = ticket.future.result()
-            self._auditor.offer(item, answer)
             outcomes[index] = answer
-            held_answers.append(held)
+            answered.append((item, answer, held))
         codes = []
         for outcome in outcomes:
             slot = response.outcomes.add()
@@ -475,19 +477,17 @@ class RoundTripServicer:
             elif outcome is not None:
                 encode_result(outcome, slot.response)
                 codes.append("OK")
-        answered = (outcome for outcome in outcomes if isinstance(outcome, RoundTripAnswer))
-        for held, answer in zip(held_answers, answered, strict=True):
-            outputs = answer.orig_out.nbytes if answer.orig_out is not None else 0
-            held.shrink(answer_bytes(outputs))
+        for item, answer, held in answered:
+            self.settle(item, answer, held)
         self.metrics.observe_rpcs("RoundTripBatch", codes, started)
-        self.release_when_sent(context, held_answers)
+        self.release_when_sent(context, [held for _, _, held in answered])
         return response
 
     def _enqueue(
         self, request: pb.RoundTripRequest, message_bytes: int, deadline: float | None
     ) -> tuple[RoundTripInput, Reservation, Ticket]:
         """Weigh, admit by bytes, decode and queue one request without waiting for it."""
-        size = weigh(request, self._limits, message_bytes=message_bytes)
+        size = weigh(request, self.limits, message_bytes=message_bytes)
         held = self.budget.reserve(working_set_bytes(size))
         try:
             item = decode(request)
@@ -507,6 +507,20 @@ class RoundTripServicer:
             held.release()
             raise
 
+    def abandon(self, queued: Iterable[tuple[Reservation, Ticket]]) -> None:
+        """The caller of queued requests went away: take them out of the queue, free their
+        bytes."""
+        for held, ticket in queued:
+            self._batcher.forget(ticket)
+            held.release()
+
+    def settle(self, item: RoundTripInput, answer: RoundTripAnswer, held: Reservation) -> None:
+        """An answered request: offer it to the audit, and keep holding only its answer's
+        bytes (until it is sent)."""
+        self._auditor.offer(item, answer)
+        outputs = answer.orig_out.nbytes if answer.orig_out is not None else 0
+        held.shrink(answer_bytes(outputs))
+
     def release_when_sent(
         self, context: grpc.aio.ServicerContext[Any, Any], held: Sequence[Reservation]
     ) -> None:
@@ -524,13 +538,7 @@ class RoundTripServicer:
         """Publish the self-check's fingerprint (GetServerInfo); the identity as a dict."""
         identity = self._server_info.numerics
         identity.fingerprint = fingerprint
-        return {
-            "backend": identity.backend,
-            "device_kind": identity.device_kind,
-            "xla_cpu_max_isa": identity.xla_cpu_max_isa,
-            "host_cpu_isa": identity.host_cpu_isa,
-            "fingerprint": identity.fingerprint,
-        }
+        return {name: getattr(identity, name) for name in NUMERICS_LABELS}
 
     @status_errors
     async def GetServerInfo(  # noqa: N802
@@ -558,9 +566,7 @@ class RoundTripServicer:
         self.calls.enter()
         unwatch = self.calls.watch_stream(stream.end_for_drain)
         try:
-            self.calls.check_accepting()
-            expected = numerics.expected_fingerprint(context.invocation_metadata())
-            numerics.check_fingerprint(expected, self.fingerprint())
+            check_new_call(self, numerics.expected_fingerprint(context.invocation_metadata()))
             reader = stream.start_reading(request_iterator)
             while (answer := await stream.answers.get()) is not None:
                 yield answer.response

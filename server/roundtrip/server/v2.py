@@ -121,10 +121,19 @@ class Call:
     batched: bool
 
     def about(self, index: int, error: RequestError) -> RequestError:
-        """``error`` for request ``index`` of a batched call, saying which request it was."""
-        if not self.batched:
-            return error
-        return type(error)(f"request {index} (row {index} of seed and x): {error.message}")
+        """``error`` for request ``index`` of this call (:func:`naming_the_request`)."""
+        return naming_the_request(self.batched, index, error)
+
+
+def naming_the_request(batched: bool, index: int, error: RequestError) -> RequestError:
+    """``error`` for request ``index`` of a call; in a batched call it says which one it was.
+
+    >>> naming_the_request(True, 1, InvalidArgument("features must be >= 1 (got 0)")).message
+    'request 1 (row 1 of seed and x): features must be >= 1 (got 0)'
+    """
+    if not batched:
+        return error
+    return type(error)(f"request {index} (row {index} of seed and x): {error.message}")
 
 
 def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int) -> Call:
@@ -173,7 +182,6 @@ def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items:
             "asks for them needs one features value for all (give features one element)"
         )
     per_item = features * count if shared else features
-    call = Call((), outputs, batched)
     sizes: dict[int, WorkingSet] = {}
     for index, value in enumerate(per_item):
         if value not in sizes:
@@ -182,7 +190,7 @@ def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items:
                     row_shape, dtype, value, limits, with_outputs=with_outputs
                 )
             except RequestError as error:
-                raise (error if shared else call.about(index, error)) from None
+                raise (error if shared else naming_the_request(batched, index, error)) from None
     x = _x_elements(x_tensor, x_raw, dtype, shape)
     rows: Sequence[npt.NDArray[Any]] = list(x) if batched else [x]
     items = [
@@ -203,22 +211,20 @@ def pack(
         model_name=MODEL_NAME, model_version=MODEL_VERSION, id=request.id
     )
     for name in call.outputs:
-        if name == "result":  # the common case, without numpy: a few floats
-            response.outputs.add(name=name, datatype="FP32", shape=(len(answers), 3))
-            response.raw_output_contents.append(
-                b"".join(RESULT_ROW.pack(*answer.as_list()) for answer in answers)
-            )
-            continue
-        data = output_array(name, call, answers)
-        response.outputs.add(name=name, datatype=DATATYPE_OF[data.dtype.name], shape=data.shape)
-        response.raw_output_contents.append(data.tobytes())
+        if name == "result":  # [B, 3] float32: a few floats, packed without numpy
+            datatype, shape = "FP32", (len(answers), 3)
+            raw = b"".join(RESULT_ROW.pack(*answer.as_list()) for answer in answers)
+        else:
+            data = _stacked_output(name, call, answers)
+            datatype, shape, raw = DATATYPE_OF[data.dtype.name], data.shape, data.tobytes()
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(raw)
     return response
 
 
-def output_array(name: str, call: Call, answers: Sequence[RoundTripAnswer]) -> npt.NDArray[Any]:
-    """Output ``name`` as one little-endian array: result is [B, 3] float32."""
-    if name == "result":
-        return np.array([answer.as_list() for answer in answers], dtype="<f4")
+def _stacked_output(name: str, call: Call, answers: Sequence[RoundTripAnswer]) -> npt.NDArray[Any]:
+    """``orig_out`` or ``merged_out`` as one little-endian array (a leading axis B when
+    batched)."""
     parts = [getattr(answer, name) for answer in answers]
     data = np.stack(parts) if call.batched else parts[0]
     return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))

@@ -17,9 +17,8 @@ from typing import Any
 import grpc
 
 from roundtrip.server import v2
-from roundtrip.server.admission import Reservation, answer_bytes
-from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher, Ticket
+from roundtrip.server.admission import Reservation
+from roundtrip.server.batcher import Ticket
 from roundtrip.server.engine import RoundTripAnswer
 from roundtrip.server.errors import RequestError
 from roundtrip.server.service import (
@@ -30,7 +29,6 @@ from roundtrip.server.service import (
     status_errors,
 )
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
-from roundtrip.server.validation import RequestLimits
 
 SERVICE = v2pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
@@ -44,24 +42,11 @@ class InferenceServicer:
     draining): what ServerReady and ModelReady answer, and grpc.health.v1 says too.
     """
 
-    def __init__(
-        self,
-        core: RoundTripServicer,
-        batcher: Batcher,
-        auditor: Auditor,
-        limits: RequestLimits,
-        *,
-        max_items: int,
-        ready: Callable[[], bool],
-    ) -> None:
+    def __init__(self, core: RoundTripServicer, *, ready: Callable[[], bool]) -> None:
         self.metrics = core.metrics
         self.calls = core.calls
         self.budget = core.budget
         self._core = core
-        self._batcher = batcher
-        self._auditor = auditor
-        self._limits = limits
-        self._max_items = max_items
         self.ready = ready
 
     def fingerprint(self) -> str:
@@ -75,12 +60,13 @@ class InferenceServicer:
         Returns the response and the answers' reservations, which the transport releases once
         the response is written.
         """
-        call = v2.unpack(request, self._limits, max_items=self._max_items)
+        core = self._core
+        call = v2.unpack(request, core.limits, max_items=core.max_batch_items)
         queued: list[tuple[Reservation, Ticket]] = []
         try:
             for index, (item, size) in enumerate(call.items):
                 try:
-                    queued.append(self._core.admit(item, size, deadline))
+                    queued.append(core.admit(item, size, deadline))
                 except RequestError as error:
                     raise call.about(index, error) from None
             if len(queued) == 1:  # the common case: await the one future, no waiter
@@ -90,16 +76,11 @@ class InferenceServicer:
                 await asyncio.wait([ticket.future for _, ticket in queued])
             answers = self._answers(call, queued)
         except BaseException:
-            for held, ticket in queued:
-                self._batcher.forget(ticket)
-                held.release()
+            core.abandon(queued)
             raise
-        for (item, _), answer in zip(call.items, answers, strict=True):
-            self._auditor.offer(item, answer)
         response = v2.pack(request, call, answers)
-        for (held, _), answer in zip(queued, answers, strict=True):
-            outputs = answer.orig_out.nbytes if answer.orig_out is not None else 0
-            held.shrink(answer_bytes(outputs))
+        for (item, _), answer, (held, _) in zip(call.items, answers, queued, strict=True):
+            core.settle(item, answer, held)
         return response, [held for held, _ in queued]
 
     @staticmethod

@@ -140,14 +140,14 @@ def warm_up(
     started = time.perf_counter()
     compiled = compile_shapes(engine, pairs, stop)
     checked = self_check(engine)
-    print_ = fingerprint(engine)
+    bits = fingerprint(engine)
     log.info(
         "warm-up done",
         extra={
             "compiled": compiled,
             "self_checked": checked,
-            "fingerprint": print_,
+            "fingerprint": bits,
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
-    return print_
+    return bits
