@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -93,6 +93,20 @@ class AsyncRoundTripClient:
         self.timeout = timeout
         self._metadata = call_metadata(metadata, token, expect_fingerprint)
 
+    async def _unary(
+        self, method: Callable[..., Any], request: Any, timeout: Timeout, metadata: Metadata
+    ) -> Any:
+        """One unary call with the client's deadline and metadata (plus the call's own); a
+        failure is raised as its :class:`~roundtrip.client.errors.RoundTripError`."""
+        try:
+            return await method(
+                request,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
+            )
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+
     async def round_trip(
         self,
         seed: Integer,
@@ -113,14 +127,7 @@ class AsyncRoundTripClient:
                 (``InvalidArgumentError``, ``ResourceExhaustedError``, ...).
         """
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
-        try:
-            response = await self._stub.RoundTrip(
-                request,
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        response = await self._unary(self._stub.RoundTrip, request, timeout, metadata)
         return parse_response(response)
 
     async def round_trip_many(
@@ -140,14 +147,7 @@ class AsyncRoundTripClient:
             RoundTripError: the call itself failed (its subclass names the status).
         """
         batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
-        try:
-            response = await self._stub.RoundTripBatch(
-                batch,
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        response = await self._unary(self._stub.RoundTripBatch, batch, timeout, metadata)
         return [parse_outcome(outcome) for outcome in response.outcomes]
 
     async def stream(
@@ -200,14 +200,10 @@ class AsyncRoundTripClient:
         Raises:
             RoundTripError: the call failed (its subclass names the status).
         """
-        try:
-            response: pb.GetServerInfoResponse = await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(),
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        request = pb.GetServerInfoRequest()
+        response: pb.GetServerInfoResponse = await self._unary(
+            self._stub.GetServerInfo, request, timeout, metadata
+        )
         return response
 
     async def is_serving(self, *, timeout: Timeout = None) -> bool:

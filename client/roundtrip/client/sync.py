@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -112,6 +112,20 @@ class RoundTripClient:
         self.timeout = timeout
         self._metadata = call_metadata(metadata, token, expect_fingerprint)
 
+    def _unary(
+        self, method: Callable[..., Any], request: Any, timeout: Timeout, metadata: Metadata
+    ) -> Any:
+        """One unary call with the client's deadline and metadata (plus the call's own); a
+        failure is raised as its :class:`~roundtrip.client.errors.RoundTripError`."""
+        try:
+            return method(
+                request,
+                timeout=call_timeout(self.timeout, timeout),
+                metadata=(*self._metadata, *metadata),
+            )
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+
     def round_trip(
         self,
         seed: Integer,
@@ -147,14 +161,7 @@ class RoundTripClient:
             RoundTripError: any other status, with its ``code``.
         """
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
-        try:
-            response = self._stub.RoundTrip(
-                request,
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        response = self._unary(self._stub.RoundTrip, request, timeout, metadata)
         return parse_response(response)
 
     def round_trip_many(
@@ -181,14 +188,7 @@ class RoundTripClient:
                 serving worker, the deadline.
         """
         batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
-        try:
-            response = self._stub.RoundTripBatch(
-                batch,
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        response = self._unary(self._stub.RoundTripBatch, batch, timeout, metadata)
         return [parse_outcome(outcome) for outcome in response.outcomes]
 
     def stream(
@@ -242,14 +242,10 @@ class RoundTripClient:
         Raises:
             RoundTripError: the call failed (its subclass names the status).
         """
-        try:
-            response: pb.GetServerInfoResponse = self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(),
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+        request = pb.GetServerInfoRequest()
+        response: pb.GetServerInfoResponse = self._unary(
+            self._stub.GetServerInfo, request, timeout, metadata
+        )
         return response
 
     def is_serving(self, *, timeout: Timeout = None) -> bool:
