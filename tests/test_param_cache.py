@@ -128,9 +128,9 @@ def test_the_self_check_covers_the_cached_path() -> None:
 
 def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None:
     """32 MiB holds 8 sets of 4 MiB; 24 seeds pass through it four times (the first time
-    from their seeds, then drawn and cached). The cache holds at most its bound; RSS grows
-    by a small multiple of it and then stays level (the allocator keeps freed 4 MiB
-    blocks: measured 1.1 to 2.1 x the bound, docs/operations.md)."""
+    from their seeds, then drawn and cached). The cache holds at most its bound, and so does
+    RSS, within 10%: the worker gives the memory of evicted sets back to the OS (without
+    that RSS grew by 1.3 to 1.6 x the bound: docs/operations.md)."""
     flags = (
         *("--warmup-shapes", f"{WIDE}:1024", "--max-batch-size", "1"),
         *("--max-param-cache-bytes", str(32 * MIB), "--audit-fraction", "0"),
@@ -154,8 +154,8 @@ def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None
         assert worker.metric("roundtrip_param_cache_evictions_total") >= 2 * 24 - 8
         assert worker.metric("roundtrip_param_cache_hits_total") >= 1
     # the first round only ran from seeds: what the cache costs is measured against it
-    assert max(grown) - grown[0] < 3 * 32, f"RSS grew {grown} MiB for a 32 MiB cache"
-    assert grown[3] - grown[1] < 24, f"RSS kept growing once the cache was full: {grown} MiB"
+    assert max(grown) - grown[0] <= 1.1 * 32, f"RSS grew {grown} MiB for a 32 MiB cache"
+    assert grown[3] - grown[1] < 16, f"RSS kept growing once the cache was full: {grown} MiB"
 
 
 def test_the_audit_rechecks_answers_served_from_cached_parameters() -> None:

@@ -66,6 +66,7 @@ import numpy as np
 import numpy.typing as npt
 from flax import nnx
 
+from roundtrip.server import allocator
 from roundtrip.server.param_cache import ParamCache
 
 T = TypeVar("T")
@@ -623,7 +624,9 @@ class Engine:
         self.buckets = batch_buckets(max_batch_size)
         self.stats = EngineStats()
         # device arrays (shared tier) or host copies (rows tier): both are read as arrays
-        self.params: ParamCache[tuple[Any, ...]] = ParamCache(max_param_cache_bytes)
+        self.params: ParamCache[tuple[Any, ...]] = ParamCache(
+            max_param_cache_bytes, on_evict=allocator.release_freed
+        )
         self._cache: collections.OrderedDict[
             tuple[ShapeSignature, int, ParamSource, bool], CompiledRoundTrip
         ] = collections.OrderedDict()

@@ -21,12 +21,16 @@ engine's compute thread is the only one that calls it.
 >>> cache.put(("seed", 2), "params-2", nbytes=60)  # over 100 bytes: the oldest goes
 >>> cache.get(("seed", 1)), cache.nbytes, (cache.hits, cache.misses, cache.evictions)
 (None, 60, (1, 2, 1))
+
+``on_evict`` runs once after a put that evicted, when the evicted sets are gone: the
+worker gives their memory back to the OS there
+(:func:`~roundtrip.server.allocator.release_freed`).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -38,10 +42,11 @@ SEEN_KEYS = 16384
 class ParamCache(Generic[V]):
     """An LRU map bounded by the bytes of its values; ``max_bytes=0`` keeps nothing."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, on_evict: Callable[[], object] | None = None) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
+        self._on_evict = on_evict
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -85,9 +90,11 @@ class ParamCache(Generic[V]):
         cannot fit at all)."""
         if not self.fits(nbytes) or key in self._entries:
             return
+        evictions = self.evictions
         while self.nbytes + nbytes > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.nbytes -= evicted
+            self.nbytes -= self._entries.popitem(last=False)[1][1]  # no reference kept
             self.evictions += 1
         self._entries[key] = (value, nbytes)
         self.nbytes += nbytes
+        if self.evictions != evictions and self._on_evict is not None:
+            self._on_evict()
