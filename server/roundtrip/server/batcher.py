@@ -56,6 +56,47 @@ from roundtrip.server.errors import (
 
 log = logging.getLogger(__name__)
 
+Outcome = RoundTripAnswer | RequestError
+
+
+class Gathering:
+    """The requests one call queued together (a RoundTripBatch, a V2 call of many), awaited
+    as one: the batcher counts the gathering down as it answers them.
+
+    ``asyncio.wait`` on their futures would add a callback to every one and run each as it
+    is answered: 165 us more per 64-item message than this, on the event loop.
+
+    >>> async def three() -> int:
+    ...     gathering = Gathering()
+    ...     for _ in range(3):
+    ...         gathering.add()
+    ...     asyncio.get_running_loop().call_soon(lambda: [gathering.answered() for _ in range(3)])
+    ...     await gathering.wait()
+    ...     return gathering.pending
+    >>> asyncio.run(three())
+    0
+    """
+
+    __slots__ = ("_done", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self._done: asyncio.Future[None] | None = None
+
+    def add(self) -> None:
+        self.pending += 1
+
+    def answered(self) -> None:
+        self.pending -= 1
+        if not self.pending and self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def wait(self) -> None:
+        """Until every request added is answered (or failed); at once if none is left."""
+        if self.pending:
+            self._done = asyncio.get_running_loop().create_future()
+            await self._done
+
 
 @dataclass(slots=True)
 class Ticket:
@@ -65,6 +106,16 @@ class Ticket:
     future: asyncio.Future[RoundTripAnswer]
     arrived: float
     deadline: float | None
+    gathering: Gathering | None = None
+
+    def settle(self, outcome: Outcome) -> None:
+        """Hand the request its answer or error (and count it down in its gathering)."""
+        if isinstance(outcome, RequestError):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+        if self.gathering is not None:
+            self.gathering.answered()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +127,6 @@ class BatchRecord:
     queue_seconds: Sequence[float]
     compute_seconds: float
     lane: str = "0"
-
-
-Outcome = RoundTripAnswer | RequestError
 
 
 def _as_request_error(error: Exception) -> RequestError:
@@ -149,11 +197,18 @@ class Batcher:
             self.forget(pending)
             raise
 
-    def enqueue(self, item: RoundTripInput, *, deadline: float | None = None) -> Ticket:
+    def enqueue(
+        self,
+        item: RoundTripInput,
+        *,
+        deadline: float | None = None,
+        gathering: Gathering | None = None,
+    ) -> Ticket:
         """Queue ``item`` without waiting; its answer (or error) arrives on ``.future``.
 
         For callers that queue many requests at once (a RoundTripBatch): no task or
-        coroutine per request. A caller that goes away calls :meth:`forget`.
+        coroutine per request, and with a ``gathering`` one wait for all of them. A caller
+        that goes away calls :meth:`forget`.
         """
         if not self._accepting:
             raise ShuttingDown("the worker is draining; retry on another worker")
@@ -163,10 +218,12 @@ class Batcher:
                 "max_queue_size); retry with backoff"
             )
         future: asyncio.Future[RoundTripAnswer] = asyncio.get_running_loop().create_future()
-        pending = Ticket(item, future, time.monotonic(), deadline)
+        pending = Ticket(item, future, time.monotonic(), deadline, gathering)
         queue = self._queues.setdefault(item.signature, collections.deque())
         queue.append(pending)
         self._queued += 1
+        if gathering is not None:
+            gathering.add()
         self._arrival.set()
         return pending
 
@@ -251,9 +308,7 @@ class Batcher:
             if pending.future.done():
                 continue  # cancelled: the caller went away
             if pending.deadline is not None and pending.deadline <= now:
-                pending.future.set_exception(
-                    DeadlineExpired("the deadline passed while the request was queued")
-                )
+                pending.settle(DeadlineExpired("the deadline passed while the request was queued"))
                 continue
             batch.append(pending)
         if not queue:
@@ -271,12 +326,8 @@ class Batcher:
             self._idle.put_nowait(lane)
             self._arrival.set()  # the runner may be waiting for a lane, not for requests
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, RequestError):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+            if not pending.future.done():  # done: cancelled, its caller went away
+                pending.settle(outcome)
         if self._on_batch is not None:
             self._on_batch(
                 BatchRecord(

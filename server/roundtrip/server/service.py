@@ -34,7 +34,7 @@ from roundtrip.server.admission import (
     working_set_bytes,
 )
 from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher, Ticket
+from roundtrip.server.batcher import Batcher, Gathering, Ticket
 from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError, ShuttingDown
 from roundtrip.server.metrics import NUMERICS_LABELS, WorkerMetrics
@@ -425,15 +425,16 @@ class RoundTripServicer:
         deadline = deadline_of(context)
         outcomes: list[Failure | RoundTripAnswer | None] = [None] * count
         queued: list[tuple[int, RoundTripInput, Reservation, Ticket]] = []
+        gathering = Gathering()
         self.metrics.inflight.inc(count)
         try:
             for index, request in enumerate(batch.requests):
                 try:
-                    queued.append((index, *self._enqueue(request, received.held.nbytes, deadline)))
+                    enqueued = self._enqueue(request, received.held.nbytes, deadline, gathering)
+                    queued.append((index, *enqueued))
                 except Exception as error:
                     outcomes[index] = failure_of(error)
-            if queued:
-                await asyncio.wait([ticket.future for *_, ticket in queued])
+            await gathering.wait()
         except asyncio.CancelledError:
             code = dropped_code(context).name
             self.abandon((held, ticket) for _, _, held, ticket in queued)
@@ -484,25 +485,34 @@ class RoundTripServicer:
         return response
 
     def _enqueue(
-        self, request: pb.RoundTripRequest, message_bytes: int, deadline: float | None
+        self,
+        request: pb.RoundTripRequest,
+        message_bytes: int,
+        deadline: float | None,
+        gathering: Gathering,
     ) -> tuple[RoundTripInput, Reservation, Ticket]:
         """Weigh, admit by bytes, decode and queue one request without waiting for it."""
         size = weigh(request, self.limits, message_bytes=message_bytes)
         held = self.budget.reserve(working_set_bytes(size))
         try:
             item = decode(request)
-            return item, held, self._batcher.enqueue(item, deadline=deadline)
+            ticket = self._batcher.enqueue(item, deadline=deadline, gathering=gathering)
+            return item, held, ticket
         except BaseException:
             held.release()
             raise
 
     def admit(
-        self, item: RoundTripInput, size: WorkingSet, deadline: float | None
+        self,
+        item: RoundTripInput,
+        size: WorkingSet,
+        deadline: float | None,
+        gathering: Gathering | None = None,
     ) -> tuple[Reservation, Ticket]:
         """Admit by bytes and queue a request decoded elsewhere (V2's tensors), no waiting."""
         held = self.budget.reserve(working_set_bytes(size))
         try:
-            return held, self._batcher.enqueue(item, deadline=deadline)
+            return held, self._batcher.enqueue(item, deadline=deadline, gathering=gathering)
         except BaseException:
             held.release()
             raise

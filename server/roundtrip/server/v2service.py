@@ -9,7 +9,6 @@ a whole with the status of its first failing request, which the message names.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +17,7 @@ import grpc
 
 from roundtrip.server import v2
 from roundtrip.server.admission import Reservation
-from roundtrip.server.batcher import Ticket
+from roundtrip.server.batcher import Gathering, Ticket
 from roundtrip.server.engine import RoundTripAnswer
 from roundtrip.server.errors import RequestError
 from roundtrip.server.service import (
@@ -63,17 +62,18 @@ class InferenceServicer:
         core = self._core
         call = v2.unpack(request, core.limits, max_items=core.max_batch_items)
         queued: list[tuple[Reservation, Ticket]] = []
+        gathering = Gathering() if len(call.items) > 1 else None
         try:
             for index, (item, size) in enumerate(call.items):
                 try:
-                    queued.append(core.admit(item, size, deadline))
+                    queued.append(core.admit(item, size, deadline, gathering))
                 except RequestError as error:
                     raise call.about(index, error) from None
-            if len(queued) == 1:  # the common case: await the one future, no waiter
+            if gathering is None:  # the common case: await the one future, no waiter
                 with contextlib.suppress(RequestError):  # read back by _answers
                     await queued[0][1].future
             else:
-                await asyncio.wait([ticket.future for _, ticket in queued])
+                await gathering.wait()
             answers = self._answers(call, queued)
         except BaseException:
             core.abandon(queued)
