@@ -101,7 +101,7 @@ class RoundTripInput:
     def __post_init__(self) -> None:
         signature = ShapeSignature(
             tuple(self.x.shape),
-            canonical_dtype(self.x.dtype).name,
+            canonical_name(self.x.dtype),
             self.features,
             self.with_outputs,
         )
@@ -160,6 +160,13 @@ def canonical_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     Cached: it runs per request, and JAX's 64-bit mode is fixed when the worker starts.
     """
     return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+@functools.cache
+def canonical_name(dtype: np.dtype[Any]) -> str:
+    """:func:`canonical_dtype`'s name (``"float32"``), cached: numpy works a dtype's name
+    out in Python on every read, and a signature needs it per request."""
+    return canonical_dtype(dtype).name
 
 
 def x64_enabled() -> bool:
