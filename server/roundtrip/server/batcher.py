@@ -60,7 +60,7 @@ Outcome = RoundTripAnswer | RequestError
 
 
 class Gathering:
-    """The requests one call queued together (a RoundTripBatch, a V2 call of many), awaited
+    """The requests one call queued together (a RoundTripBatch, a V2 call), awaited
     as one: the batcher counts the gathering down as it answers them.
 
     ``asyncio.wait`` on their futures would add a callback to every one and run each as it

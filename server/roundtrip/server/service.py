@@ -507,7 +507,7 @@ class RoundTripServicer:
         item: RoundTripInput,
         size: WorkingSet,
         deadline: float | None,
-        gathering: Gathering | None = None,
+        gathering: Gathering,
     ) -> tuple[Reservation, Ticket]:
         """Admit by bytes and queue a request decoded elsewhere (V2's tensors), no waiting."""
         held = self.budget.reserve(working_set_bytes(size))

@@ -9,7 +9,6 @@ a whole with the status of its first failing request, which the message names.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,18 +61,14 @@ class InferenceServicer:
         core = self._core
         call = v2.unpack(request, core.limits, max_items=core.max_batch_items)
         queued: list[tuple[Reservation, Ticket]] = []
-        gathering = Gathering() if len(call.items) > 1 else None
+        gathering = Gathering()  # outcomes, errors included, are read back by _answers
         try:
             for index, (item, size) in enumerate(call.items):
                 try:
                     queued.append(core.admit(item, size, deadline, gathering))
                 except RequestError as error:
                     raise call.about(index, error) from None
-            if gathering is None:  # the common case: await the one future, no waiter
-                with contextlib.suppress(RequestError):  # read back by _answers
-                    await queued[0][1].future
-            else:
-                await gathering.wait()
+            await gathering.wait()
             answers = self._answers(call, queued)
         except BaseException:
             core.abandon(queued)
