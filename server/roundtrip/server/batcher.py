@@ -108,7 +108,7 @@ class Ticket:
     deadline: float | None
     gathering: Gathering | None = None
 
-    def settle(self, outcome: Outcome) -> None:
+    def resolve(self, outcome: Outcome) -> None:
         """Hand the request its answer or error (and count it down in its gathering)."""
         if isinstance(outcome, RequestError):
             self.future.set_exception(outcome)
@@ -308,7 +308,7 @@ class Batcher:
             if pending.future.done():
                 continue  # cancelled: the caller went away
             if pending.deadline is not None and pending.deadline <= now:
-                pending.settle(DeadlineExpired("the deadline passed while the request was queued"))
+                pending.resolve(DeadlineExpired("the deadline passed while the request was queued"))
                 continue
             batch.append(pending)
         if not queue:
@@ -327,7 +327,7 @@ class Batcher:
             self._arrival.set()  # the runner may be waiting for a lane, not for requests
         for pending, outcome in zip(batch, outcomes, strict=True):
             if not pending.future.done():  # done: cancelled, its caller went away
-                pending.settle(outcome)
+                pending.resolve(outcome)
         if self._on_batch is not None:
             self._on_batch(
                 BatchRecord(
