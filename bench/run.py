@@ -101,7 +101,7 @@ def server(kind: str, *flags: str) -> Iterator[int]:
             *flags,
         ]
     else:
-        command = [sys.executable, "-m", "bench.servers", kind]
+        command = [sys.executable, "-m", "bench.servers", kind, *flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     port_found = threading.Event()
     port = [0]

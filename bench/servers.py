@@ -6,6 +6,7 @@
   as the worker's predecessors did.
 
     python -m bench.servers empty --port 50061
+    python -m bench.servers empty --event-loop uvloop   # the same handler on the worker's loop
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from roundtrip.server.eventloop import EVENT_LOOPS, loop_factory
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
@@ -72,8 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["empty", "naive"])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
     args = parser.parse_args()
-    asyncio.run(serve(args.kind, args.port))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        runner.run(serve(args.kind, args.port))
 
 
 if __name__ == "__main__":

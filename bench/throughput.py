@@ -5,7 +5,9 @@
 Every round starts each server afresh, in an order that flips every round, and measures:
 
 * W2 (64 -> 64) unary under h2load (8 connections x 16 streams, one body replayed): the
-  worker and the empty grpc.aio handler (the RPC ceiling);
+  worker and the empty grpc.aio handler (the RPC ceiling, on asyncio's standard loop); for
+  reference, the worker on ``--event-loop asyncio`` (what uvloop, its default, buys) and
+  the empty handler on uvloop (the ceiling of the worker's own loop);
 * W2 through RoundTripBatch: h2load replays one message of 64 requests with 64 different
   seeds (8 x 4 streams); results per second are its req/s x 64;
 * W3 (1024 -> 1024) with a repeated seed (h2load, one body): the worker with its parameter
@@ -134,7 +136,7 @@ def main() -> None:
 
     fresh = 10**9
     for round_ in range(args.rounds):
-        order = ["worker", "nocache", "empty", "naive"]
+        order = ["worker", "nocache", "asyncio", "empty", "empty-uvloop", "naive"]
         for kind in order if round_ % 2 == 0 else order[::-1]:
             if kind in ("worker", "nocache"):
                 flags = WORKER_FLAGS + (
@@ -157,9 +159,19 @@ def main() -> None:
                     audited, mismatched = audit(port)
                     checks["audited"] += audited
                     checks["audit_mismatches"] += mismatched
+            elif kind == "asyncio":
+                with server("worker", *WORKER_FLAGS, "--event-loop", "asyncio") as port:
+                    check_body(port, w2)
+                    record("W2 unary, worker on asyncio", h2(port, w2.request))
+                    check_batch(port, batch, batch_expected)
+                    items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
+                    record("W2 RoundTripBatch x64 results/s, worker on asyncio", items)
             elif kind == "empty":
                 with server("empty") as port:
                     record("W2 unary, empty handler", h2(port, w2.request))
+            elif kind == "empty-uvloop":
+                with server("empty", "--event-loop", "uvloop") as port:
+                    record("W2 unary, empty handler on uvloop", h2(port, w2.request))
             else:
                 with server("naive") as port:
                     check_body(port, w3)
@@ -172,6 +184,14 @@ def main() -> None:
             "W2 RoundTripBatch x64 results/s, worker"
         ]
         / medians["W2 unary, empty handler"],
+        "W2 unary: worker / empty handler on uvloop": medians["W2 unary, worker"]
+        / medians["W2 unary, empty handler on uvloop"],
+        "W2 unary: worker on uvloop / on asyncio": medians["W2 unary, worker"]
+        / medians["W2 unary, worker on asyncio"],
+        "W2 RoundTripBatch x64: worker on uvloop / on asyncio": medians[
+            "W2 RoundTripBatch x64 results/s, worker"
+        ]
+        / medians["W2 RoundTripBatch x64 results/s, worker on asyncio"],
         "W3 repeated seed: worker / naive": medians["W3 repeated seed, worker"]
         / medians["W3 repeated seed, naive"],
         "W3 repeated seed: cache on / off": medians["W3 repeated seed, worker"]

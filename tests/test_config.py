@@ -54,6 +54,7 @@ def file_with(tmp_path: Path, text: str) -> str:
         (["--auth-token-file", "/nonexistent/token"], "auth_token_file: cannot read"),
         (["--auth-exempt", "health,metrics"], "auth_exempt: unknown service 'metrics'"),
         (["--audit-fraction", "1.5"], "audit_fraction must be within [0, 1]"),
+        (["--event-loop", "trio"], "event_loop must be one of uvloop, asyncio (got trio)"),
         (["--config-file", "/nonexistent.toml"], "config_file: cannot read"),
         (["--config-file", "{tmp}/worker.toml"], "unknown setting 'max_batch'"),
     ],

@@ -11,14 +11,18 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from reference import reference
 
-from conftest import WorkerProcess
+from conftest import WorkerProcess, serving_worker
 from roundtrip.client import RoundTripClient
+from roundtrip.server import eventloop
+from roundtrip.server.__main__ import main as server_main
 from roundtrip.server.admission import container_memory_limit, default_inflight_bytes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -61,6 +65,31 @@ def test_startup_logs_backend_devices_and_config(worker: WorkerProcess) -> None:
     assert starting["backend"] == "cpu"
     assert starting["devices"]
     assert starting["config"]["max_queue_delay_us"] == 500  # type: ignore[index]
+
+
+def test_the_worker_runs_on_uvloop_by_default(worker: WorkerProcess) -> None:
+    starting = next(e for e in worker.events if e["event"] == "starting")
+    assert starting["event_loop"] == "uvloop"
+
+
+def test_event_loop_asyncio_serves_the_same_bits_and_stops_cleanly() -> None:
+    # Each test module's workers run on the default (uvloop); this one on the fallback.
+    with serving_worker("--event-loop", "asyncio", "--warmup-shapes", "3:4") as worker:
+        starting = next(e for e in worker.events if e["event"] == "starting")
+        assert starting["event_loop"] == "asyncio"
+        x = np.float32([1.0, 2.0, 3.0])
+        with RoundTripClient(worker.target, timeout=60) as client:
+            answers = client.round_trip_many([(seed, x, 4) for seed in range(4)])
+        for seed, answer in enumerate(answers):
+            assert np.array_equal(np.float64(answer.as_list()), reference(seed, x, 4))
+
+
+def test_without_uvloop_the_worker_stops_with_status_two_and_names_the_fallback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(eventloop, "available", lambda name: name == "asyncio")
+    assert server_main(["--port", "0"]) == 2
+    assert "set event_loop = asyncio" in capsys.readouterr().err
 
 
 def test_reflection_lists_the_services(worker: WorkerProcess) -> None:

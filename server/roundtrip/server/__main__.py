@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from roundtrip.server import logs, numerics
+from roundtrip.server import eventloop, logs, numerics
 from roundtrip.server.config import WorkerConfig, config_table
 
 #: Import names the worker needs beyond the thin client: the ``server`` extra.
@@ -45,12 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     except numerics.PinRefused as error:
         print(f"roundtrip-server: {error}", file=sys.stderr)
         return 2
+    try:
+        loop_factory = eventloop.loop_factory(config.event_loop)
+    except eventloop.LoopUnavailable as error:
+        print(f"roundtrip-server: {error}", file=sys.stderr)
+        return 2
     logs.configure(config.log_level)
     from roundtrip.server import app  # imports JAX: after the flags are known good
     from roundtrip.server.warmup import SelfCheckFailed
 
     try:
-        asyncio.run(app.serve(config))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(app.serve(config))
     except app.PortUnavailable as error:
         logging.getLogger("roundtrip.server").error("cannot start: %s", error)
         return 2

@@ -36,6 +36,7 @@ from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Lane
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine import Engine, EngineStats, x64_enabled
+from roundtrip.server.eventloop import loop_name
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.service import RoundTripServicer, add_to_server
 from roundtrip.server.v2service import SERVICE as V2_SERVICE
@@ -334,6 +335,7 @@ async def start(config: WorkerConfig) -> Worker:
             "backend": jax.default_backend(),
             "devices": [str(device) for device in jax.devices()],
             "lanes": [lane.name for lane in lanes],
+            "event_loop": loop_name(asyncio.get_running_loop()),
             "config": config.as_dict(),
             "max_inflight_bytes": budget.limit,
             "container_memory_limit": admission.container_memory_limit(),

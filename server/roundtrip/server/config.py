@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from roundtrip.server.eventloop import EVENT_LOOPS
+
 ENV_PREFIX = "ROUNDTRIP_"
 AUTH_EXEMPTABLE = frozenset({"health", "reflection"})
 MIB = 1024 * 1024
@@ -205,6 +207,12 @@ class WorkerConfig:
         "the same bits on any CPU that supports it; empty: XLA targets the host. Applied to "
         "XLA_FLAGS before JAX starts; a level this CPU cannot run stops the worker (exit 2).",
     )
+    event_loop: str = _knob(
+        "uvloop",
+        "The asyncio event loop every RPC runs on: uvloop (libuv; more requests per second "
+        "per core, see docs/benchmarks.md) or asyncio (the standard library's). Answers are "
+        "the same bits on either.",
+    )
     log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR.")
 
     def __post_init__(self) -> None:
@@ -240,6 +248,10 @@ class WorkerConfig:
             )
         if not 0.0 <= self.audit_fraction <= 1.0:
             raise ValueError(f"audit_fraction must be within [0, 1] (got {self.audit_fraction})")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(
+                f"event_loop must be one of {', '.join(EVENT_LOOPS)} (got {self.event_loop})"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level})"
