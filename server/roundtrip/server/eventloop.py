@@ -2,11 +2,11 @@
 
 Every RPC's Python runs on this one loop, beside the compute lanes' threads, so its cost
 per wake-up bounds unary throughput: on the 2-core benchmark machine uvloop (libuv)
-measured +15% unary requests/s and +9% RoundTripBatch results/s over the standard
-library's selector loop (docs/benchmarks.md). Answers are computed on the lanes either
+measured 7-15% more unary requests/s and 7-9% more RoundTripBatch results/s than the
+standard library's selector loop (docs/benchmarks.md). Answers are computed on the lanes either
 way: the loop never changes a bit.
 
->>> loop = new_loop("asyncio")
+>>> loop = loop_factory("asyncio")()
 >>> loop_name(loop)
 'asyncio'
 >>> loop.close()
@@ -43,11 +43,6 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     import uvloop
 
     return uvloop.new_event_loop
-
-
-def new_loop(name: str) -> asyncio.AbstractEventLoop:
-    """A fresh loop of kind ``name``."""
-    return loop_factory(name)()
 
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
