@@ -94,6 +94,12 @@ def test_the_image_answers_exactly(container: tuple[WorkerProcess, str]) -> None
         ]
 
 
+def test_the_image_runs_the_worker_on_uvloop(container: tuple[WorkerProcess, str]) -> None:
+    worker, _ = container  # the image's lock installs uvloop: the default loop is there
+    [starting] = [e for e in worker.events if e.get("event") == "starting"]
+    assert starting["event_loop"] == "uvloop"
+
+
 def test_the_image_serves_v2_rest(container: tuple[WorkerProcess, str]) -> None:
     worker, _ = container
     body = {
