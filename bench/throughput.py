@@ -134,6 +134,14 @@ def main() -> None:
     def h2(port: int, body: Any, streams: int = 16, **kw: Any) -> float:
         return h2load(port, body, duration=args.duration, clients=8, streams=streams, **kw)["rps"]
 
+    def w2_runs(port: int, worker: str) -> None:
+        """W2 unary and RoundTripBatch x64 against one worker, each body checked first."""
+        check_body(port, w2)
+        record(f"W2 unary, {worker}", h2(port, w2.request))
+        check_batch(port, batch, batch_expected)
+        items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
+        record(f"W2 RoundTripBatch x64 results/s, {worker}", items)
+
     fresh = 10**9
     for round_ in range(args.rounds):
         order = ["worker", "nocache", "asyncio", "empty", "empty-uvloop", "naive"]
@@ -151,21 +159,13 @@ def main() -> None:
                     checks["fresh_seed_sample_mismatches"] += result["sample_mismatches"]
                     checks["fresh_seed_errors"] += result["errors"]
                     if kind == "worker":
-                        check_body(port, w2)
-                        record("W2 unary, worker", h2(port, w2.request))
-                        check_batch(port, batch, batch_expected)
-                        items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
-                        record("W2 RoundTripBatch x64 results/s, worker", items)
+                        w2_runs(port, "worker")
                     audited, mismatched = audit(port)
                     checks["audited"] += audited
                     checks["audit_mismatches"] += mismatched
             elif kind == "asyncio":
                 with server("worker", *WORKER_FLAGS, "--event-loop", "asyncio") as port:
-                    check_body(port, w2)
-                    record("W2 unary, worker on asyncio", h2(port, w2.request))
-                    check_batch(port, batch, batch_expected)
-                    items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
-                    record("W2 RoundTripBatch x64 results/s, worker on asyncio", items)
+                    w2_runs(port, "worker on asyncio")
             elif kind == "empty":
                 with server("empty") as port:
                     record("W2 unary, empty handler", h2(port, w2.request))
