@@ -106,7 +106,7 @@ async def serve(mode: str, child: Connection | None) -> None:
         runner.cancel()
 
 
-def measure(mode: str, event_loop: str, duration: int) -> float:
+def measure(mode: str, event_loop: str, body: pb.RoundTripRequest, duration: int) -> float:
     """Start one server (a subprocess), drive it with h2load, stop it: its req/s."""
     command = [sys.executable, "-m", "bench.handoff", "serve", mode, "--event-loop", event_loop]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -118,7 +118,6 @@ def measure(mode: str, event_loop: str, duration: int) -> float:
                 port = int(json.loads(line)["port"])
                 break
         threading.Thread(target=process.stderr.read, daemon=True).start()
-        body = cases(64, 64, 1, check=False)[0].request
         return h2load(port, body, duration=duration, clients=8, streams=16)["rps"]
     finally:
         process.kill()
@@ -143,11 +142,12 @@ def main() -> None:
         with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
             runner.run(serve(args.mode, child))
         return
+    body = cases(64, 64, 1, check=False)[0].request
     runs: dict[str, list[float]] = {}
     kinds = [(mode, loop) for loop in EVENT_LOOPS for mode in MODES]
     for round_ in range(args.rounds):
         for mode, loop in kinds if round_ % 2 == 0 else kinds[::-1]:
-            rps = measure(mode, loop, args.duration)
+            rps = measure(mode, loop, body, args.duration)
             runs.setdefault(f"{mode} on {loop}", []).append(rps)
             print(f"{mode} on {loop}", round(rps), flush=True)
     medians = {name: statistics.median(values) for name, values in runs.items()}
