@@ -42,10 +42,15 @@ MODES = ("loop", "thread", "process")
 CONSTANT = pb.RoundTripResponse(orig_sum=1.0, merged_sum=1.0, max_abs_diff=0.0)
 
 
-def _echo(connection: Connection) -> None:
-    """The child process: answers every batch with its size."""
-    while True:
-        connection.send_bytes(connection.recv_bytes())
+def _echo(connection: Connection, servers_end: Connection) -> None:
+    """The child process: answers every batch with its size, and exits when the server
+    does (its end of the pipe closed: killed servers leave no echo behind)."""
+    servers_end.close()  # the fork's copy: else the pipe never reads as closed
+    try:
+        while True:
+            connection.send_bytes(connection.recv_bytes())
+    except EOFError:
+        return
 
 
 class HandOffServicer(pb_grpc.RoundTripServiceServicer):
@@ -138,7 +143,8 @@ def main() -> None:
         if args.mode == "process":  # before gRPC starts its threads
             child, theirs = multiprocessing.Pipe()
             context = multiprocessing.get_context("fork")
-            context.Process(target=_echo, args=(theirs,), daemon=True).start()
+            context.Process(target=_echo, args=(theirs, child), daemon=True).start()
+            theirs.close()
         with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
             runner.run(serve(args.mode, child))
         return
