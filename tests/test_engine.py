@@ -117,16 +117,39 @@ def test_merged_sums_run_only_when_merged_bits_differ() -> None:
     orig = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
     same = orig.copy()
     other = orig + np.float32(0.5)
-    sums, abs_diff, same_bits = jax.device_get(
-        jax.jit(functools.partial(orig_reductions, batch_size=2))(orig, same)
-    )
-    assert [float(v) for v in sums] == [3.0, 7.0]
-    assert same_bits.tolist() == [True, True]
+    reductions = jax.jit(functools.partial(orig_reductions, batch_size=2))
+    sums, abs_diff, same_bits = np.asarray(reductions(orig, same))  # one array: one copy
+    assert sums.tolist() == [3.0, 7.0]
+    assert same_bits.tolist() == [1.0, 1.0]
     assert abs_diff.tolist() == [0.0, 0.0]
-    *_, abs_diff, same_bits = jax.device_get(
-        jax.jit(functools.partial(orig_reductions, batch_size=2))(orig, other)
-    )
-    assert same_bits.tolist() == [False, False]
+    _, abs_diff, same_bits = np.asarray(reductions(orig, other))
+    assert same_bits.tolist() == [0.0, 0.0]
     assert abs_diff.tolist() == [0.5, 0.5]
     merged = jax.device_get(jax.jit(functools.partial(merged_sums, batch_size=2))(other))
     assert [float(v) for v in merged] == [float(jax.numpy.sum(row)) for row in other]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_when_a_merged_output_differs_the_answer_says_so(batch_size: int) -> None:
+    """The contract's failure case, forced: the merged output is the original plus 0.5.
+    The answer carries the merged output's own sum and the difference, at batch sizes 1 and
+    more (the reductions come back as one array, so their rows must not be mixed up)."""
+    x = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    compiled = Engine(max_compiled=4, max_batch_size=4).executable(
+        RoundTripInput(7, x, 3).signature, batch_size
+    )
+    outputs = compiled._outputs
+
+    def merged_off_by_half(*operands: object) -> tuple[object, ...]:
+        orig_out, _, *drawn = outputs(*operands)
+        return (orig_out, orig_out + np.float32(0.5), *drawn)
+
+    compiled._outputs = merged_off_by_half
+    items = [RoundTripInput(seed, x, 3) for seed in range(batch_size)]
+    for item, got in zip(items, compiled(items), strict=True):
+        expected = reference_with_outputs(item.seed, x, 3)[0]
+        orig_out = reference_with_outputs(item.seed, x, 3)[1]
+        assert got.orig_sum == expected[0]
+        assert got.merged_sum == float(jax.numpy.sum(orig_out + np.float32(0.5)))
+        assert got.merged_sum != got.orig_sum
+        assert got.max_abs_diff == 0.5
