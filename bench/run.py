@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,13 +85,17 @@ def cases(width: int, features: int, count: int, *, check: bool) -> list[Case]:
 
 
 @contextmanager
-def server(kind: str, *flags: str) -> Iterator[int]:
-    """Start ``worker``, ``empty`` or ``naive`` on a free port; yield the port once it answers."""
+def server(
+    kind: str, *flags: str, launcher: Sequence[str] = ("-m", "roundtrip.server")
+) -> Iterator[int]:
+    """Start ``worker``, ``empty`` or ``naive`` on a free port; yield the port once it answers.
+
+    ``launcher``: how the worker is started (``bench.ladder`` starts it altered).
+    """
     if kind == "worker":
         command = [
             sys.executable,
-            "-m",
-            "roundtrip.server",
+            *launcher,
             "--port",
             "0",
             "--metrics-port",

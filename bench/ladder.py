@@ -1,0 +1,118 @@
+"""Where a W2 unary call's time goes in the worker: the worker with one part taken out.
+
+    python -m bench.ladder --rounds 3 --duration 8   # -> docs/bench/ladder.json
+
+Side by side, every server started afresh, the order flipped every round, h2load 8
+connections x 16 streams replaying W2's body (issue 10's unary target):
+
+* ``empty``: the plain grpc.aio handler answering a constant (the ceiling);
+* ``worker``: the worker as it ships;
+* ``no compute``: the worker, but the compute thread hands back the answer it computed
+  for the same request before, without JAX: the batcher and the hand-off to the
+  lane's thread and back run as shipped;
+* ``no batcher``: the worker, but a request seen before is answered from that memo on
+  the event loop, without the batcher or the compute thread: parsing, admission,
+  validation, metrics, the audit and encoding run as shipped (the handler path alone).
+
+Each altered worker computes a request's first answer through its engine, so the body's
+answer is checked against the eager reference on every server before its load. The
+memo is a bench device only: it is never in the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bench.run import OUT, cases, check_body, h2load, server
+from roundtrip.server.engine import RoundTripInput
+
+ALTERED = ("no compute", "no batcher")
+WORKER_FLAGS = ("--warmup-shapes", "64:64")
+
+
+def _key(item: RoundTripInput) -> tuple[Any, ...]:
+    return (item.seed, item.x.dtype.str, item.x.shape, item.x.tobytes(), item.features)
+
+
+def alter(part: str) -> None:
+    """Take ``part`` out of the worker this process is about to run."""
+    from roundtrip.server.batcher import Batcher
+
+    memo: dict[tuple[Any, ...], Any] = {}
+    if part == "no compute":
+        compute = Batcher._compute
+
+        def remembered(self: Batcher, engine: Any, items: list[RoundTripInput]) -> Any:
+            known = [memo.get(_key(item)) for item in items]
+            if all(answer is not None for answer in known):
+                return known
+            outcomes = compute(self, engine, items)
+            for item, outcome in zip(items, outcomes, strict=True):
+                if not isinstance(outcome, Exception):  # an error is never remembered
+                    memo[_key(item)] = outcome
+            return outcomes
+
+        Batcher._compute = remembered  # type: ignore[method-assign]
+    else:
+        submit = Batcher.submit
+
+        async def answered_before(self: Batcher, item: RoundTripInput, **kwargs: Any) -> Any:
+            answer = memo.get(_key(item))
+            if answer is None:
+                answer = memo[_key(item)] = await submit(self, item, **kwargs)
+            return answer
+
+        Batcher.submit = answered_before  # type: ignore[method-assign]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]:  # serve PART -- worker flags
+        from roundtrip.server.__main__ import main as worker
+
+        alter(args[1])
+        sys.exit(worker(args[3:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=8)
+    options = parser.parse_args(args)
+    w2 = cases(64, 64, 1, check=True)[0]
+    kinds = ["empty", "worker", *ALTERED]
+    runs: dict[str, list[float]] = {}
+    for round_ in range(options.rounds):
+        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+            if kind == "empty":
+                started = server("empty")
+            elif kind == "worker":
+                started = server("worker", *WORKER_FLAGS)
+            else:
+                launcher = ("-m", "bench.ladder", "serve", kind, "--")
+                started = server("worker", *WORKER_FLAGS, launcher=launcher)
+            with started as port:
+                if kind != "empty":
+                    check_body(port, w2)
+                rps = h2load(port, w2.request, duration=options.duration, clients=8, streams=16)
+            runs.setdefault(kind, []).append(rps["rps"])
+            print(kind, round(rps["rps"]), flush=True)
+    medians = {kind: statistics.median(values) for kind, values in runs.items()}
+    report = {
+        "runs": runs,
+        "medians": medians,
+        "of the empty handler": {
+            kind: round(rps / medians["empty"], 3) for kind, rps in medians.items()
+        },
+        "machine": "2 cores, 24 GiB, no GPU; h2load on the same cores",
+        "rounds": options.rounds,
+        "duration_s": options.duration,
+    }
+    (OUT / "ladder.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["of the empty handler"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
