@@ -2,9 +2,9 @@
 
 Every RPC's Python runs on this one loop, beside the compute lanes' threads, so its cost
 per wake-up bounds unary throughput: on the 2-core benchmark machine uvloop (libuv)
-measured 7-15% more unary requests/s and 7-9% more RoundTripBatch results/s than the
-standard library's selector loop (docs/benchmarks.md). Answers are computed on the lanes either
-way: the loop never changes a bit.
+measured 4-15% more unary requests/s than the standard library's selector loop, and
+RoundTripBatch between no gain and 9% (docs/benchmarks.md). Answers are computed on the
+lanes either way: the loop never changes a bit.
 
 >>> loop = loop_factory("asyncio")()
 >>> loop_name(loop)
