@@ -136,6 +136,24 @@ def _as_request_error(error: Exception) -> RequestError:
     return ComputeFailed(f"the engine failed on this request ({text})")
 
 
+def compute(engine: Engine, items: list[RoundTripInput]) -> list[Outcome]:
+    """A lane's work: one batch's outcomes, in order. Runs on the lane's compute thread.
+
+    A failed batch is retried request by request, so a request that fails the engine gets
+    its own error and its neighbours their answers.
+    """
+    try:
+        return list(engine.run(items))
+    except Exception as error:
+        if len(items) == 1:
+            log.warning("compute failed", extra={"error": repr(error)})
+            return [_as_request_error(error)]
+    outcomes: list[Outcome] = []
+    for item in items:
+        outcomes.extend(compute(engine, [item]))
+    return outcomes
+
+
 @dataclass(frozen=True)
 class Lane:
     """One compute lane: an engine (its executables and parameter cache, on one device) and
@@ -320,7 +338,7 @@ class Batcher:
             started = time.monotonic()
             items = [pending.item for pending in batch]
             loop = asyncio.get_running_loop()
-            outcomes = await loop.run_in_executor(lane.executor, self._compute, lane.engine, items)
+            outcomes = await loop.run_in_executor(lane.executor, compute, lane.engine, items)
             finished = time.monotonic()
         finally:
             self._idle.put_nowait(lane)
@@ -338,16 +356,3 @@ class Batcher:
                     lane=lane.name,
                 )
             )
-
-    def _compute(self, engine: Engine, items: list[RoundTripInput]) -> list[Outcome]:
-        """Runs on the lane's compute thread. A failed batch is retried request by request."""
-        try:
-            return list(engine.run(items))
-        except Exception as error:
-            if len(items) == 1:
-                log.warning("compute failed", extra={"error": repr(error)})
-                return [_as_request_error(error)]
-        outcomes: list[Outcome] = []
-        for item in items:
-            outcomes.extend(self._compute(engine, [item]))
-        return outcomes
