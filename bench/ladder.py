@@ -12,7 +12,11 @@ connections x 16 streams replaying W2's body (issue 10's unary target):
   lane's thread and back run as shipped;
 * ``no batcher``: the worker, but a request seen before is answered from that memo on
   the event loop, without the batcher or the compute thread: parsing, admission,
-  validation, metrics, the audit and encoding run as shipped (the handler path alone).
+  validation, metrics, the audit and encoding run as shipped (the handler path alone);
+* ``process lane``: the worker, but each batch is computed by an engine in a child
+  process (pickled over a pipe, its answer read by the event loop as one more file
+  descriptor) instead of on the lane's thread: the lead for the unary target, tried
+  before building it.
 
 Each altered worker computes a request's first answer through its engine, so the body's
 answer is checked against the eager reference on every server before its load. The
@@ -22,16 +26,26 @@ memo is a bench device only: it is never in the worker.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
+import functools
 import json
+import multiprocessing
+import pickle
 import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.run import OUT, cases, check_body, h2load, server
-from roundtrip.server.engine import RoundTripInput
+from roundtrip.server import batcher, warmup
+from roundtrip.server.batcher import Batcher, BatchRecord, Lane, Ticket
+from roundtrip.server.config import WorkerConfig
+from roundtrip.server.engine import Engine, RoundTripInput, ShapeSignature
 
-ALTERED = ("no compute", "no batcher")
+ALTERED = ("no compute", "no hand-off", "process lane", "no batcher")
 WORKER_FLAGS = ("--warmup-shapes", "64:64")
 
 
@@ -39,25 +53,117 @@ def _key(item: RoundTripInput) -> tuple[Any, ...]:
     return (item.seed, item.x.dtype.str, item.x.shape, item.x.tobytes(), item.features)
 
 
+def _remembered(
+    compute: Callable[[list[RoundTripInput]], list[Any]], memo: dict[tuple[Any, ...], Any]
+) -> Callable[[list[RoundTripInput]], list[Any]]:
+    """``compute`` for a batch with a request not seen before, else the answers remembered."""
+
+    def known_or_computed(items: list[RoundTripInput]) -> list[Any]:
+        known = [memo.get(_key(item)) for item in items]
+        if all(answer is not None for answer in known):
+            return known
+        outcomes = compute(items)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if not isinstance(outcome, Exception):  # an error is never remembered
+                memo[_key(item)] = outcome
+        return outcomes
+
+    return known_or_computed
+
+
+def _lane_process(connection: Connection) -> None:
+    """The child of ``process lane``: an engine warmed up for W2 with the worker's default
+    settings, answering pickled batches as the lane's thread would (``batcher.compute``),
+    until the worker goes away."""
+    config = WorkerConfig()
+    engine = Engine(
+        max_compiled=config.max_compiled,
+        max_batch_size=config.max_batch_size,
+        max_param_cache_bytes=config.max_param_cache_bytes,
+    )
+    warmup.warm_up(engine, [(64, 64)])
+    try:
+        while True:
+            items = pickle.loads(connection.recv_bytes())
+            connection.send_bytes(pickle.dumps(batcher.compute(engine, items)))
+    except EOFError:
+        return
+
+
+def _executed_by(
+    outcomes_of: Callable[[Batcher, Lane, list[Ticket]], Awaitable[list[Any]]],
+) -> None:
+    """The batcher's ``_execute`` with its hand-off to the lane's thread replaced by
+    ``outcomes_of``; all else (lanes, answering, the batch's metrics) as shipped."""
+
+    async def execute(
+        self: Batcher, lane: Lane, signature: ShapeSignature, batch: list[Ticket]
+    ) -> None:
+        try:
+            started = time.monotonic()
+            outcomes = await outcomes_of(self, lane, batch)
+            finished = time.monotonic()
+        finally:
+            self._idle.put_nowait(lane)
+            self._arrival.set()
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if not pending.future.done():
+                pending.resolve(outcome)
+        if self._on_batch is not None:
+            self._on_batch(
+                BatchRecord(
+                    signature=signature,
+                    size=len(batch),
+                    queue_seconds=[started - pending.arrived for pending in batch],
+                    compute_seconds=finished - started,
+                    lane=lane.name,
+                )
+            )
+
+    Batcher._execute = execute  # type: ignore[method-assign]
+
+
+def _in_a_process() -> None:
+    """``process lane``: each batch goes to :func:`_lane_process` and back over a pipe."""
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    spawn.Process(target=_lane_process, args=(theirs,), daemon=True).start()
+    replies: collections.deque[asyncio.Future[bytes]] = collections.deque()
+
+    def replied() -> None:
+        replies.popleft().set_result(ours.recv_bytes())
+
+    async def in_child(self: Batcher, lane: Lane, batch: list[Ticket]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if not replies:  # one batch at a time: (re)install the reader for this loop
+            loop.add_reader(ours.fileno(), replied)
+        reply: asyncio.Future[bytes] = loop.create_future()
+        replies.append(reply)
+        ours.send_bytes(pickle.dumps([pending.item for pending in batch]))
+        return pickle.loads(await reply)  # type: ignore[no-any-return]
+
+    _executed_by(in_child)
+
+
 def alter(part: str) -> None:
     """Take ``part`` out of the worker this process is about to run."""
-    from roundtrip.server.batcher import Batcher
-
     memo: dict[tuple[Any, ...], Any] = {}
-    if part == "no compute":
-        compute = Batcher._compute
+    if part == "process lane":
+        _in_a_process()
+    elif part == "no hand-off":
 
-        def remembered(self: Batcher, engine: Any, items: list[RoundTripInput]) -> Any:
-            known = [memo.get(_key(item)) for item in items]
-            if all(answer is not None for answer in known):
-                return known
-            outcomes = compute(self, engine, items)
-            for item, outcome in zip(items, outcomes, strict=True):
-                if not isinstance(outcome, Exception):  # an error is never remembered
-                    memo[_key(item)] = outcome
-            return outcomes
+        async def on_the_loop(self: Batcher, lane: Lane, batch: list[Ticket]) -> list[Any]:
+            compute = functools.partial(batcher.compute, lane.engine)
+            return _remembered(compute, memo)([pending.item for pending in batch])
 
-        Batcher._compute = remembered  # type: ignore[method-assign]
+        _executed_by(on_the_loop)
+    elif part == "no compute":
+        compute = batcher.compute
+
+        def remembered(engine: Any, items: list[RoundTripInput]) -> Any:
+            return _remembered(functools.partial(compute, engine), memo)(items)
+
+        batcher.compute = remembered
     else:
         submit = Batcher.submit
 
