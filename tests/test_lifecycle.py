@@ -72,6 +72,20 @@ def test_the_worker_runs_on_uvloop_by_default(worker: WorkerProcess) -> None:
     assert starting["event_loop"] == "uvloop"
 
 
+def test_once_warm_the_start_up_heap_is_frozen_out_of_the_collector(
+    worker: WorkerProcess,
+) -> None:
+    serving = next(e for e in worker.events if e["event"] == "serving")
+    assert serving["gc"]["threshold"] == 10_000  # type: ignore[index]
+    assert serving["gc"]["frozen"] > 10_000  # type: ignore[index]  # JAX alone is more
+
+
+def test_gc_threshold_zero_leaves_the_collector_as_python_set_it() -> None:
+    with serving_worker("--gc-threshold", "0", "--warmup-shapes", "3:4") as worker:
+        serving = next(e for e in worker.events if e["event"] == "serving")
+        assert serving["gc"] == {"threshold": 700, "frozen": 0}
+
+
 def test_event_loop_asyncio_serves_the_same_bits_and_stops_cleanly() -> None:
     # Each test module's workers run on the default (uvloop); this one on the fallback.
     with serving_worker("--event-loop", "asyncio", "--warmup-shapes", "3:4") as worker:

@@ -59,6 +59,13 @@ def test_engine_and_batching_are_visible(worker: WorkerProcess, traffic: None) -
     assert metric_value(text, "roundtrip_queued_requests") == 0
 
 
+def test_the_garbage_collectors_time_is_exported(worker: WorkerProcess, traffic: None) -> None:
+    # at least the full collection that freezes the start-up heap once warm-up is done
+    text = worker.scrape()
+    assert metric_value(text, 'roundtrip_gc_collections_total{generation="2"}') >= 1
+    assert metric_value(text, 'roundtrip_gc_seconds_total{generation="2"}') > 0
+
+
 def test_every_documented_metric_is_exported(worker: WorkerProcess, traffic: None) -> None:
     text = worker.scrape()
     for name in METRIC_NAMES:

@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from roundtrip.client.version import __version__
-from roundtrip.server import admission, numerics, rest, security, warmup
+from roundtrip.server import admission, heap, numerics, rest, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Lane
 from roundtrip.server.config import WorkerConfig
@@ -124,6 +124,7 @@ class Worker:
     metrics: WorkerMetrics
     auditor: Auditor
     servicer: RoundTripServicer
+    pauses: heap.Pauses
     health_server: grpc.aio.Server | None = None
     http: web.AppRunner | None = None
     http_port: int | None = None
@@ -162,8 +163,9 @@ class Worker:
             raise warmup.SelfCheckFailed(f"the compute lanes give different bits: {by_lane}")
         identity = self.servicer.set_fingerprint(fingerprints[0])
         self.metrics.observe_numerics(identity)
+        collector = heap.settle(self.config.gc_threshold)  # what start-up built stays
         await self.set_serving(True)
-        log.info("serving", extra={"port": self.port, "numerics": identity})
+        log.info("serving", extra={"port": self.port, "numerics": identity, "gc": collector})
 
     async def stop(self) -> None:
         """Drain in two steps, then release: nothing a handler accepted is cut off.
@@ -212,6 +214,7 @@ class Worker:
         for lane in self.batcher.lanes:
             lane.executor.shutdown(wait=True)
         self.auditor.stop()
+        self.pauses.unwatch()
         stats = EngineStats.total(lane.engine.stats for lane in self.batcher.lanes)
         log.info(
             "stopped",
@@ -350,6 +353,9 @@ async def start(config: WorkerConfig) -> Worker:
         on_batch=metrics.observe_batch,
     )
     metrics.watch_lanes({lane.name: lane.engine for lane in lanes})
+    pauses = heap.Pauses()
+    pauses.watch()
+    metrics.watch_collector(pauses)
     metrics.watch_queue(lambda: batcher.queued)
     metrics.watch_budget(lambda: budget.in_use, budget.limit)
     limits = RequestLimits(
@@ -394,7 +400,9 @@ async def start(config: WorkerConfig) -> Worker:
     address = f"{config.host}:{config.port}"
     credentials = security.server_credentials(config)
     port = listen(server, address, credentials, knob="--port")
-    worker = Worker(config, server, port, health_servicer, batcher, metrics, auditor, servicer)
+    worker = Worker(
+        config, server, port, health_servicer, batcher, metrics, auditor, servicer, pauses
+    )
     await worker.set_serving(False)
     if config.plaintext_health_port:
         worker.health_server = await health_only_server(

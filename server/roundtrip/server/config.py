@@ -213,6 +213,14 @@ class WorkerConfig:
         "per core, see docs/benchmarks.md) or asyncio (the standard library's). Answers are "
         "the same bits on either.",
     )
+    gc_threshold: int = _knob(
+        10_000,
+        "Once warm-up is done, the start-up heap is frozen out of Python's garbage collector "
+        "and its young generation is collected every this many allocations (Python's "
+        "default: 700), so collections stop walking JAX's objects on the event loop; 0 "
+        "leaves the collector as Python set it.",
+        minimum=0,
+    )
     log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR.")
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # names only: the metrics layer imports neither JAX nor the e
     from roundtrip.server.audit import AuditOutcome
     from roundtrip.server.batcher import BatchRecord
     from roundtrip.server.engine import Engine
+    from roundtrip.server.heap import Pauses
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -70,6 +71,8 @@ METRIC_NAMES = (
     "roundtrip_audit_mismatches_total",
     "roundtrip_audit_skipped_total",
     "roundtrip_unauthenticated_total",
+    "roundtrip_gc_seconds_total",
+    "roundtrip_gc_collections_total",
 )
 
 
@@ -143,6 +146,33 @@ class _EngineCollector(Collector):
             requests.add_metric([lane], engine.stats.requests)
         yield batches
         yield requests
+
+
+class _CollectorPauses(Collector):
+    """Reads :class:`Pauses` when Prometheus scrapes (the collector writes it in any thread)."""
+
+    def __init__(self, pauses: Pauses) -> None:
+        self._pauses = pauses
+
+    def collect(self) -> Iterator[Any]:
+        seconds = CounterMetricFamily(
+            "roundtrip_gc_seconds",
+            "Seconds Python's garbage collector ran, by generation: every thread waits for "
+            "it, the event loop's calls included (gc_threshold).",
+            labels=["generation"],
+        )
+        passes = CounterMetricFamily(
+            "roundtrip_gc_collections",
+            "Collections Python's garbage collector ran, by generation.",
+            labels=["generation"],
+        )
+        for generation, (spent, count) in enumerate(
+            zip(self._pauses.seconds, self._pauses.passes, strict=True)
+        ):
+            seconds.add_metric([str(generation)], spent)
+            passes.add_metric([str(generation)], count)
+        yield seconds
+        yield passes
 
 
 class WorkerMetrics:
@@ -250,6 +280,10 @@ class WorkerMetrics:
     def watch_lanes(self, engines: Mapping[str, Engine]) -> None:
         """Export the lanes' engine counters (by lane name: its device) at scrape time."""
         self.registry.register(_EngineCollector(engines))
+
+    def watch_collector(self, pauses: Pauses) -> None:
+        """Export the garbage collector's time and passes by generation at scrape time."""
+        self.registry.register(_CollectorPauses(pauses))
 
     def watch_queue(self, queued: Callable[[], int]) -> None:
         self.queued.set_function(queued)
