@@ -4,10 +4,11 @@ CPython's cyclic collector runs a young-generation pass every 700 net allocation
 container objects and, now and then, a full pass over every object alive. After warm-up
 the worker holds a few hundred thousand objects it keeps until it stops (JAX, its
 modules, the compiled executables), while a call allocates a few dozen that reference
-counting frees as soon as it is answered. Under h2load (W2, 8 s) the collector took about
-0.8 s on Python's defaults, mostly 7 full passes of 85 ms each on the event loop, and
-about 0.05 s once the start-up heap was frozen and the young generation's threshold was
-10,000 (docs/benchmarks.md, Throughput II's fifth pass).
+counting frees as soon as it is answered. Under h2load (W2, 10 s) the collector took
+0.81 s on Python's defaults, most of it in full passes of about 85 ms each on the event
+loop, and 0.07 s once the start-up heap was frozen and the young generation's threshold
+was 10,000: 1.18 x the requests per second (docs/benchmarks.md, Throughput II's fifth
+pass).
 
 :func:`settle` collects once, freezes what survived (``gc.freeze``: the collector never
 walks it again; reference counting still frees what is dropped) and raises the young
