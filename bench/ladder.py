@@ -10,6 +10,9 @@ connections x 16 streams replaying W2's body (issue 10's unary target):
 * ``no compute``: the worker, but the compute thread hands back the answer it computed
   for the same request before, without JAX: the batcher and the hand-off to the
   lane's thread and back run as shipped;
+* ``no hand-off``: the worker, but each batch is answered from that memo in its own task
+  on the event loop: the batcher as shipped, no lane's thread, no compute (its batches
+  hold one request: each is answered before the next request is queued);
 * ``no batcher``: the worker, but a request seen before is answered from that memo on
   the event loop, without the batcher or the compute thread: parsing, admission,
   validation, metrics, the audit and encoding run as shipped (the handler path alone);
@@ -34,16 +37,15 @@ import multiprocessing
 import pickle
 import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.run import OUT, cases, check_body, h2load, server
 from roundtrip.server import batcher, warmup
-from roundtrip.server.batcher import Batcher, BatchRecord, Lane, Ticket
+from roundtrip.server.batcher import Batcher, Lane, Ticket
 from roundtrip.server.config import WorkerConfig
-from roundtrip.server.engine import Engine, RoundTripInput, ShapeSignature
+from roundtrip.server.engine import Engine, RoundTripInput
 
 ALTERED = ("no compute", "no hand-off", "process lane", "no batcher")
 WORKER_FLAGS = ("--warmup-shapes", "64:64")
@@ -90,39 +92,6 @@ def _lane_process(connection: Connection) -> None:
         return
 
 
-def _executed_by(
-    outcomes_of: Callable[[Batcher, Lane, list[Ticket]], Awaitable[list[Any]]],
-) -> None:
-    """The batcher's ``_execute`` with its hand-off to the lane's thread replaced by
-    ``outcomes_of``; all else (lanes, answering, the batch's metrics) as shipped."""
-
-    async def execute(
-        self: Batcher, lane: Lane, signature: ShapeSignature, batch: list[Ticket]
-    ) -> None:
-        try:
-            started = time.monotonic()
-            outcomes = await outcomes_of(self, lane, batch)
-            finished = time.monotonic()
-        finally:
-            self._idle.put_nowait(lane)
-            self._arrival.set()
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if not pending.future.done():
-                pending.resolve(outcome)
-        if self._on_batch is not None:
-            self._on_batch(
-                BatchRecord(
-                    signature=signature,
-                    size=len(batch),
-                    queue_seconds=[started - pending.arrived for pending in batch],
-                    compute_seconds=finished - started,
-                    lane=lane.name,
-                )
-            )
-
-    Batcher._execute = execute  # type: ignore[method-assign]
-
-
 def _in_a_process() -> None:
     """``process lane``: each batch goes to :func:`_lane_process` and back over a pipe."""
     spawn = multiprocessing.get_context("spawn")
@@ -142,7 +111,7 @@ def _in_a_process() -> None:
         ours.send_bytes(pickle.dumps([pending.item for pending in batch]))
         return pickle.loads(await reply)  # type: ignore[no-any-return]
 
-    _executed_by(in_child)
+    Batcher._outcomes = in_child  # type: ignore[method-assign]
 
 
 def alter(part: str) -> None:
@@ -156,7 +125,7 @@ def alter(part: str) -> None:
             compute = functools.partial(batcher.compute, lane.engine)
             return _remembered(compute, memo)([pending.item for pending in batch])
 
-        _executed_by(on_the_loop)
+        Batcher._outcomes = on_the_loop  # type: ignore[method-assign]
     elif part == "no compute":
         compute = batcher.compute
 

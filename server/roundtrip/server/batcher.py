@@ -333,12 +333,16 @@ class Batcher:
             del self._queues[signature]
         return batch
 
+    async def _outcomes(self, lane: Lane, batch: list[Ticket]) -> list[Outcome]:
+        """The hand-off: ``batch`` computed on the lane's thread, its outcomes in order."""
+        items = [pending.item for pending in batch]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(lane.executor, compute, lane.engine, items)
+
     async def _execute(self, lane: Lane, signature: ShapeSignature, batch: list[Ticket]) -> None:
         try:
             started = time.monotonic()
-            items = [pending.item for pending in batch]
-            loop = asyncio.get_running_loop()
-            outcomes = await loop.run_in_executor(lane.executor, compute, lane.engine, items)
+            outcomes = await self._outcomes(lane, batch)
             finished = time.monotonic()
         finally:
             self._idle.put_nowait(lane)
