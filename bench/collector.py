@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import urllib.request
 
-from bench.run import METRICS_PORTS, OUT, cases, check_body, h2load, server
+from bench.run import OUT, cases, check_body, h2load, scrape, server
+from conftest import metric_value
+from roundtrip.server.heap import GENERATIONS
 
 SETTINGS = {"shipped": (), "gc_threshold 0": ("--gc-threshold", "0")}
 
 
 def collector(port: int) -> dict[str, float]:
     """The worker's collector seconds and passes so far, summed over generations."""
-    url = f"http://127.0.0.1:{METRICS_PORTS[port]}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    totals = {"seconds": 0.0, "collections": 0.0}
-    for name in totals:
-        pattern = rf"^roundtrip_gc_{name}_total\{{generation=\"\d\"\}} (\S+)$"
-        totals[name] = sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
-    return totals
+    text = scrape(port)
+    return {
+        name: sum(
+            metric_value(text, f'roundtrip_gc_{name}_total{{generation="{generation}"}}')
+            for generation in GENERATIONS
+        )
+        for name in ("seconds", "collections")
+    }
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,6 +83,13 @@ def cases(width: int, features: int, count: int, *, check: bool) -> list[Case]:
             expected = (r.orig_sum, r.merged_sum, r.max_abs_diff)
         made.append(Case(build_request(seed, x, features), expected))
     return made
+
+
+def scrape(port: int) -> str:
+    """The /metrics page of the worker serving gRPC on ``port`` (started by :func:`server`)."""
+    url = f"http://127.0.0.1:{METRICS_PORTS[port]}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
 
 
 @contextmanager

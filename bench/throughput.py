@@ -31,13 +31,12 @@ import json
 import random
 import statistics
 import time
-import urllib.request
 from typing import Any
 
 import grpc
 import numpy as np
 
-from bench.run import METRICS_PORTS, OUT, _same, cases, check_body, h2load, server
+from bench.run import OUT, _same, cases, check_body, h2load, scrape, server
 from conftest import metric_value
 from roundtrip.client.messages import build_request
 from roundtrip.server.reference import eager_round_trip
@@ -103,9 +102,8 @@ async def _fresh_seeds(port: int, first_seed: int, duration: float) -> dict[str,
 
 def audit(port: int) -> tuple[float, float]:
     """(answers audited, mismatches) from the worker's metrics, once its audit queue is done."""
-    url = f"http://127.0.0.1:{METRICS_PORTS[port]}/metrics"
     time.sleep(3)  # the audit re-runs answers in the background
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = scrape(port)
     return metric_value(text, "roundtrip_audit_checks_total", 0.0), metric_value(
         text, "roundtrip_audit_mismatches_total", 0.0
     )
