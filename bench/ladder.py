@@ -16,6 +16,9 @@ connections x 16 streams replaying W2's body (issue 10's unary target):
 * ``no batcher``: the worker, but a request seen before is answered from that memo on
   the event loop, without the batcher or the compute thread: parsing, admission,
   validation, metrics, the audit and encoding run as shipped (the handler path alone);
+* ``one suspension``: ``no batcher``, but the memo's answer comes back through a future
+  resolved on the loop's next turn, so the handler suspends once, as a queued request
+  does: the price of waiting at all, without a batcher or a thread;
 * ``process lane``: the worker, but each batch is computed by an engine in a child
   process (pickled over a pipe, its answer read by the event loop as one more file
   descriptor) instead of on the lane's thread: the lead for the unary target, tried
@@ -24,6 +27,14 @@ connections x 16 streams replaying W2's body (issue 10's unary target):
 Each altered worker computes a request's first answer through its engine, so the body's
 answer is checked against the eager reference on every server before its load. The
 memo is a bench device only: it is never in the worker.
+
+For every server that runs batches, the report also reads the worker's own metrics
+around each load (``lane``): batches, requests per batch, and the lane's seconds per
+batch (``roundtrip_batch_compute_seconds``: from the hand-off to the lane until its
+answers are back on the loop), and how much of the load the lane was busy
+(``occupancy``: those seconds over the load's). ``alone`` is the same W2 batch, of the
+worker's median size, run through a warmed engine in this process with nothing else
+running: the lane's own work, without the event loop beside it.
 """
 
 from __future__ import annotations
@@ -37,17 +48,21 @@ import multiprocessing
 import pickle
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.run import OUT, cases, check_body, h2load, server
+from bench.run import OUT, cases, check_body, h2load, scrape, server
+from conftest import metric_value
 from roundtrip.server import batcher, warmup
 from roundtrip.server.batcher import Batcher, Lane, Ticket
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine import Engine, RoundTripInput
+from roundtrip.server.validation import decode
+from roundtrip.v1 import roundtrip_pb2 as pb
 
-ALTERED = ("no compute", "no hand-off", "process lane", "no batcher")
+ALTERED = ("no compute", "no hand-off", "process lane", "no batcher", "one suspension")
 WORKER_FLAGS = ("--warmup-shapes", "64:64")
 
 
@@ -135,14 +150,61 @@ def alter(part: str) -> None:
         batcher.compute = remembered
     else:
         submit = Batcher.submit
+        suspend = part == "one suspension"
 
         async def answered_before(self: Batcher, item: RoundTripInput, **kwargs: Any) -> Any:
             answer = memo.get(_key(item))
             if answer is None:
                 answer = memo[_key(item)] = await submit(self, item, **kwargs)
+            elif suspend:
+                later: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                later.get_loop().call_soon(later.set_result, answer)
+                answer = await later
             return answer
 
         Batcher.submit = answered_before  # type: ignore[method-assign]
+
+
+LANE_SAMPLES = {
+    "batches": "roundtrip_batch_size_count",
+    "requests": "roundtrip_batch_size_sum",
+    "lane_seconds": "roundtrip_batch_compute_seconds_sum",
+}
+
+
+def lane_reading(before: str, after: str, seconds: float) -> dict[str, float] | None:
+    """What the lane did between two scrapes of a load ``seconds`` long (None: no batch ran)."""
+    done = {
+        name: metric_value(after, sample, 0.0) - metric_value(before, sample, 0.0)
+        for name, sample in LANE_SAMPLES.items()
+    }
+    if not done["batches"]:
+        return None
+    return {
+        "batches": done["batches"],
+        "requests_per_batch": round(done["requests"] / done["batches"], 2),
+        "ms_per_batch": round(done["lane_seconds"] / done["batches"] * 1e3, 3),
+        "occupancy": round(done["lane_seconds"] / seconds, 3),
+    }
+
+
+def alone(request: pb.RoundTripRequest, size: int, repeats: int = 300) -> float:
+    """Milliseconds one W2 batch of ``size`` takes through a warmed engine with the worker's
+    default settings, in this process with nothing else running (the median of ``repeats``)."""
+    config = WorkerConfig()
+    engine = Engine(
+        max_compiled=config.max_compiled,
+        max_batch_size=config.max_batch_size,
+        max_param_cache_bytes=config.max_param_cache_bytes,
+    )
+    warmup.warm_up(engine, [(64, 64)])
+    items = [decode(request)] * size
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        batcher.compute(engine, items)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times[repeats // 10 :]) * 1e3, 3)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -159,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     w2 = cases(64, 64, 1, check=True)[0]
     kinds = ["empty", "worker", *ALTERED]
     runs: dict[str, list[float]] = {}
+    lanes: dict[str, list[dict[str, float]]] = {}
     for round_ in range(options.rounds):
         for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
             if kind == "empty":
@@ -171,16 +234,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             with started as port:
                 if kind != "empty":
                     check_body(port, w2)
+                    before = scrape(port)
                 rps = h2load(port, w2.request, duration=options.duration, clients=8, streams=16)
+                if kind != "empty":
+                    reading = lane_reading(before, scrape(port), options.duration)
+                    if reading is not None:
+                        lanes.setdefault(kind, []).append(reading)
             runs.setdefault(kind, []).append(rps["rps"])
-            print(kind, round(rps["rps"]), flush=True)
+            print(kind, round(rps["rps"]), lanes.get(kind, [None])[-1], flush=True)
     medians = {kind: statistics.median(values) for kind, values in runs.items()}
+    sizes = [reading["requests_per_batch"] for reading in lanes["worker"]]
     report = {
         "runs": runs,
         "medians": medians,
         "of the empty handler": {
             kind: round(rps / medians["empty"], 3) for kind, rps in medians.items()
         },
+        "lane": lanes,
+        "worker batch alone, ms": alone(w2.request, round(statistics.median(sizes))),
+        "worker median requests per batch": statistics.median(sizes),
         "machine": "2 cores, 24 GiB, no GPU; h2load on the same cores",
         "rounds": options.rounds,
         "duration_s": options.duration,
