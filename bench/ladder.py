@@ -88,10 +88,8 @@ def _remembered(
     return known_or_computed
 
 
-def _lane_process(connection: Connection) -> None:
-    """The child of ``process lane``: an engine warmed up for W2 with the worker's default
-    settings, answering pickled batches as the lane's thread would (``batcher.compute``),
-    until the worker goes away."""
+def w2_engine() -> Engine:
+    """An engine with the worker's default settings, warmed up for W2."""
     config = WorkerConfig()
     engine = Engine(
         max_compiled=config.max_compiled,
@@ -99,6 +97,13 @@ def _lane_process(connection: Connection) -> None:
         max_param_cache_bytes=config.max_param_cache_bytes,
     )
     warmup.warm_up(engine, [(64, 64)])
+    return engine
+
+
+def _lane_process(connection: Connection) -> None:
+    """The child of ``process lane``: :func:`w2_engine` answering pickled batches as the
+    lane's thread would (``batcher.compute``), until the worker goes away."""
+    engine = w2_engine()
     try:
         while True:
             items = pickle.loads(connection.recv_bytes())
@@ -189,15 +194,9 @@ def lane_reading(before: str, after: str, seconds: float) -> dict[str, float] | 
 
 
 def alone(request: pb.RoundTripRequest, size: int, repeats: int = 300) -> float:
-    """Milliseconds one W2 batch of ``size`` takes through a warmed engine with the worker's
-    default settings, in this process with nothing else running (the median of ``repeats``)."""
-    config = WorkerConfig()
-    engine = Engine(
-        max_compiled=config.max_compiled,
-        max_batch_size=config.max_batch_size,
-        max_param_cache_bytes=config.max_param_cache_bytes,
-    )
-    warmup.warm_up(engine, [(64, 64)])
+    """Milliseconds one W2 batch of ``size`` takes through :func:`w2_engine`, in this process
+    with nothing else running (the median of ``repeats``, the first tenth left out)."""
+    engine = w2_engine()
     items = [decode(request)] * size
     times = []
     for _ in range(repeats):
