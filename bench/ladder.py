@@ -230,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 launcher = ("-m", "bench.ladder", "serve", kind, "--")
                 started = server("worker", *WORKER_FLAGS, launcher=launcher)
+            reading = None
             with started as port:
                 if kind != "empty":
                     check_body(port, w2)
@@ -237,10 +238,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rps = h2load(port, w2.request, duration=options.duration, clients=8, streams=16)
                 if kind != "empty":
                     reading = lane_reading(before, scrape(port), options.duration)
-                    if reading is not None:
-                        lanes.setdefault(kind, []).append(reading)
+            if reading is not None:
+                lanes.setdefault(kind, []).append(reading)
             runs.setdefault(kind, []).append(rps["rps"])
-            print(kind, round(rps["rps"]), lanes.get(kind, [None])[-1], flush=True)
+            print(kind, round(rps["rps"]), reading or "", flush=True)
     medians = {kind: statistics.median(values) for kind, values in runs.items()}
     sizes = [reading["requests_per_batch"] for reading in lanes["worker"]]
     report = {
