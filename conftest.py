@@ -116,9 +116,7 @@ class WorkerProcess:
 
     def scrape(self) -> str:
         """The worker's /metrics page."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return str(response.read().decode())
+        return metrics_page(self.metrics_port)
 
     def metric(self, sample: str) -> float:
         """One sample's value from a fresh scrape (0 when the series does not exist yet)."""
@@ -160,6 +158,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def metrics_page(metrics_port: int) -> str:
+    """The /metrics page a local worker serves on ``metrics_port``."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
 
 
 def metric_value(text: str, sample: str, missing: float | None = None) -> float:

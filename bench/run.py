@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from conftest import metrics_page
 from roundtrip.client import RoundTripClient
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -87,9 +87,7 @@ def cases(width: int, features: int, count: int, *, check: bool) -> list[Case]:
 
 def scrape(port: int) -> str:
     """The /metrics page of the worker serving gRPC on ``port`` (started by :func:`server`)."""
-    url = f"http://127.0.0.1:{METRICS_PORTS[port]}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return str(response.read().decode())
+    return metrics_page(METRICS_PORTS[port])
 
 
 @contextmanager
