@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import grpc
 import numpy as np
+import pytest
 from reference import reference
 
 from conftest import WorkerProcess
@@ -54,8 +55,11 @@ def answered_ok(worker: WorkerProcess) -> int:
 
 
 @contextmanager
-def steady_load(call: Callable[[], list[float]], callers: int) -> Iterator[Counter[str]]:
-    """``callers`` threads calling in a loop; yields the outcome counts (live)."""
+def steady_load(
+    call: Callable[[], list[float]], callers: int, pause_s: float = 0.0
+) -> Iterator[Counter[str]]:
+    """``callers`` threads calling in a loop, each waiting ``pause_s`` after every call;
+    yields the outcome counts (live)."""
     expected = reference(*CASE)
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
@@ -71,6 +75,7 @@ def steady_load(call: Callable[[], list[float]], callers: int) -> Iterator[Count
                 outcome = error.code().name  # type: ignore[attr-defined]
             with lock:
                 outcomes[outcome] += 1
+            stop.wait(pause_s)
 
     threads = [threading.Thread(target=loop) for _ in range(callers)]
     for thread in threads:
@@ -83,13 +88,22 @@ def steady_load(call: Callable[[], list[float]], callers: int) -> Iterator[Count
             thread.join(60)
 
 
+@pytest.mark.timeout(600)  # six worker starts, three of them beside the load
 def test_rolling_restart_under_load_ends_every_call_ok() -> None:
     workers = start_workers(0, 0, 0)
     target = "ipv4:" + ",".join(w.target for w in workers)
     retired: list[WorkerProcess] = []
     try:
         client = RoundTripClient(target, timeout=60)
-        with client, steady_load(lambda: client.round_trip(*CASE).as_list(), 12) as outcomes:
+
+        # Paced: unpaced, the callers kept both of CI's cores so busy that each restarted
+        # worker's warm-up took over a minute (281 s in all, near the 300 s timeout).
+        # Paced, about 800 calls a second still arrive, and a worker that refused them
+        # without announcing first is still caught (seen: one call CANCELLED).
+        def call() -> list[float]:
+            return client.round_trip(*CASE).as_list()
+
+        with client, steady_load(call, 12, pause_s=0.01) as outcomes:
             time.sleep(2)
             for index, worker in enumerate(workers):
                 retired.append(worker)
