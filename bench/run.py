@@ -34,7 +34,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +93,15 @@ def scrape(port: int) -> str:
 
 @contextmanager
 def server(
-    kind: str, *flags: str, launcher: Sequence[str] = ("-m", "roundtrip.server")
+    kind: str,
+    *flags: str,
+    launcher: Sequence[str] = ("-m", "roundtrip.server"),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[int]:
     """Start ``worker``, ``empty`` or ``naive`` on a free port; yield the port once it answers.
 
-    ``launcher``: how the worker is started (``bench.ladder`` starts it altered).
+    ``launcher``: how the worker is started (``bench.ladder`` starts it altered); ``env``:
+    variables added to this process's environment (``bench.accelerator`` picks the backend).
     """
     if kind == "worker":
         command = [
@@ -112,13 +117,17 @@ def server(
         ]
     else:
         command = [sys.executable, "-m", "bench.servers", kind, *flags]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
     port_found = threading.Event()
     port = [0]
+    last_lines: deque[str] = deque(maxlen=20)  # what it said last, should it fail to start
 
     def read() -> None:
         assert process.stderr is not None
         for line in process.stderr:
+            last_lines.append(line.rstrip()[:1000])
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
@@ -132,11 +141,17 @@ def server(
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        if not port_found.wait(120):
-            raise RuntimeError(f"{kind} server did not report its port")
-        if kind == "worker":
-            _wait_serving(port[0])
-        _wait_answering(port[0])
+        try:
+            deadline = time.monotonic() + 120
+            while not port_found.wait(0.2):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{kind} server did not report its port")
+            if kind == "worker":
+                _wait_serving(port[0])
+            _wait_answering(port[0])
+        except Exception as error:
+            said = "\n".join(last_lines)
+            raise RuntimeError(f"{kind} server did not start; it said last:\n{said}") from error
         yield port[0]
     finally:
         process.terminate()

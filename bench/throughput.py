@@ -69,7 +69,7 @@ def check_batch(port: int, body: pb.RoundTripBatchRequest, expected: list[Any]) 
             raise AssertionError("a batch outcome differs from the reference")
 
 
-async def _fresh_seeds(port: int, first_seed: int, duration: float) -> dict[str, Any]:
+async def fresh_seed_load(port: int, first_seed: int, duration: float) -> dict[str, Any]:
     """16 callers, W3, every request a seed never used before; a sample checked after."""
     x = np.random.default_rng(3).standard_normal(1024).astype(np.float32)
     next_seed = first_seed
@@ -151,7 +151,7 @@ def main() -> None:
                 with server("worker", *flags) as port:
                     check_body(port, w3)
                     record(f"W3 repeated seed, {kind}", h2(port, w3.request, streams=4))
-                    result = asyncio.run(_fresh_seeds(port, fresh, args.duration))
+                    result = asyncio.run(fresh_seed_load(port, fresh, args.duration))
                     fresh += 100_000
                     record(f"W3 fresh seeds, {kind}", result["rps"])
                     checks["fresh_seed_sample_mismatches"] += result["sample_mismatches"]
