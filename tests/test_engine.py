@@ -10,6 +10,7 @@ import pytest
 from reference import reference_with_outputs
 
 from roundtrip.server.engine import (
+    CompiledInit,
     Engine,
     RoundTripInput,
     ShapeSignature,
@@ -65,6 +66,16 @@ def test_isolate_primitives_keeps_values() -> None:
     f = isolate_primitives(lambda a, b: ((a * 2.0 + b) / 3.0).sum())
     x = np.arange(6, dtype=np.float32)
     assert float(jax.jit(f)(x, x)) == float(((x * 2 + x) / 3).sum(dtype=np.float32))
+
+
+def test_constant_operands_are_computed_at_run_time_as_eager_computes_them() -> None:
+    """Eager hands every operand, Python numbers included, to its executable at run time.
+    So the initializer's bounds, erf(-2 / sqrt 2) and erf(2 / sqrt 2), are computed on the
+    device. If the engine let XLA fold them on the host at compile time, a device whose erf
+    differs from the host's in the last bit would draw other kernels: on an H200 every
+    answer moved, and the worker refused to start."""
+    drawn = CompiledInit(3, 4)
+    assert drawn._init.as_text().count(" erf(") == 2
 
 
 def test_batch_padding_never_changes_an_answer() -> None:

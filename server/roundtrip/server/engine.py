@@ -15,7 +15,10 @@ Three things keep it bit-identical to the eager reference:
   initializer's ``sqrt(1 / fan_in) / 0.8796...`` gets folded into the
   multiply). :func:`isolate_primitives` replays the traced steps inside the
   jit with an optimization barrier on every floating-point intermediate, so
-  no rewrite crosses a primitive boundary.
+  no rewrite crosses a primitive boundary, and on every literal and constant
+  of any dtype, so none is folded on the host at compile time (eager computes
+  with them on the device: on an H200 the host's ``erf`` of the initializer's
+  bounds moved every drawn kernel by an ulp).
 * Reductions are where fusion changes answers: a sum fused into a bigger XLA
   kernel accumulates in another order than eager's standalone reduce (seen on
   CPU for a (3, 1) x, features 4: one ulp). So the first executable stops at
@@ -198,10 +201,27 @@ def _barrier(value: Any) -> Any:
     return value
 
 
+def _opaque_constant(value: Any, aval: Any) -> Any:
+    """A literal or constant operand made opaque to XLA, whatever its dtype.
+
+    Eager dispatch hands every operand to its executable at run time, so XLA
+    never computes with one at compile time. Under ``jit`` a constant, even an
+    integer one, is folded into what follows it, on the host: on a GPU the
+    initializer's ``erf(-2 / sqrt(2))`` (from the integer bounds -2 and 2) came
+    out of the host's erf one ulp away from the device's, and moved every
+    drawn kernel. Key-typed values are left as they are (no arithmetic).
+    """
+    dtype = getattr(aval, "dtype", None)
+    if dtype is None or jnp.issubdtype(dtype, jax.dtypes.extended):
+        return value
+    return jax.lax.optimization_barrier(jnp.asarray(value, dtype))
+
+
 def _eval_isolated(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     """Evaluate ``jaxpr`` primitive by primitive, as eager dispatch would.
 
-    Each primitive's floating-point inputs and outputs pass through a barrier.
+    Each primitive's floating-point inputs and outputs pass through a barrier,
+    and so does every literal and constant, of any dtype (:func:`_opaque_constant`).
     A nested ``jit`` stays whole (eager runs it as one executable); a
     ``custom_jvp_call`` / ``custom_vjp_call`` is opened up (eager runs its body
     op by op).
@@ -209,10 +229,12 @@ def _eval_isolated(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any])
     env: dict[jex.Var, Any] = {}
 
     def read(atom: Any) -> Any:
-        return _barrier(atom.val) if isinstance(atom, jex.Literal) else env[atom]
+        if isinstance(atom, jex.Literal):
+            return _opaque_constant(atom.val, atom.aval)
+        return env[atom]
 
     for var, const in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = _barrier(const)
+        env[var] = _opaque_constant(const, var.aval)
     for var, arg in zip(jaxpr.invars, args, strict=True):
         env[var] = arg
     for eqn in jaxpr.eqns:
