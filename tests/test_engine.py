@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from reference import reference_with_outputs
@@ -76,6 +78,22 @@ def test_constant_operands_are_computed_at_run_time_as_eager_computes_them() -> 
     answer moved, and the worker refused to start."""
     drawn = CompiledInit(3, 4)
     assert drawn._init.as_text().count(" erf(") == 2
+
+
+def _scalar_reduce_dimensions(hlo: str) -> list[str]:
+    return re.findall(r"f32\[\] reduce\(.*?dimensions=\{([\d,]*)\}", hlo)
+
+
+@pytest.mark.parametrize("output_shape", [(7,), (4, 64)])
+def test_each_request_sum_is_the_reduce_eager_runs(output_shape: tuple[int, ...]) -> None:
+    """A batch's sums are reduced one request at a time, each over its own output as eager
+    reduces it. A row sliced out of the batch and reduced in place is a reduce over one more
+    dimension, which a GPU runs in another order (an H200 gave other bits for 7 features)."""
+    eager = jax.jit(jnp.sum).lower(jax.ShapeDtypeStruct(output_shape, jnp.float32))
+    [wanted] = _scalar_reduce_dimensions(eager.compile().as_text())
+    batch = jax.ShapeDtypeStruct((2, *output_shape), jnp.float32)
+    reductions = jax.jit(functools.partial(orig_reductions, batch_size=2)).lower(batch, batch)
+    assert _scalar_reduce_dimensions(reductions.compile().as_text()) == [wanted, wanted]
 
 
 def test_batch_padding_never_changes_an_answer() -> None:

@@ -23,8 +23,10 @@ Three things keep it bit-identical to the eager reference:
   kernel accumulates in another order than eager's standalone reduce (seen on
   CPU for a (3, 1) x, features 4: one ulp). So the first executable stops at
   steps 1-4 (both outputs), and a second one (:func:`orig_reductions`) runs steps
-  5-6 on those materialized outputs, each sum a standalone reduce as eager's
-  ``jnp.sum`` is.
+  5-6 on those materialized outputs, each sum a standalone reduce over its own
+  request's output, of the shape eager's ``jnp.sum`` reduces (a row reduced in
+  place in the batch is a reduce over one more dimension, which an H200 ran in
+  another order).
 * A batch runs as a ``lax.fori_loop`` over its requests inside one executable,
   the trip count an operand so padding rows cost nothing: each request is
   computed on its own, in the reference's order.
@@ -357,8 +359,11 @@ def merged_sums(merged_out: jax.Array, *, batch_size: int) -> jax.Array:
 
 def _stacked_sums(outputs: jax.Array, batch_size: int) -> jax.Array:
     """One standalone reduce per request, fenced off, then gathered into one array: a
-    single transfer to the host instead of one per request, and no fusion into the sums."""
-    sums = jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in _rows(outputs, batch_size)))
+    single transfer to the host instead of one per request, and no fusion into the sums.
+    Each row is fenced before its sum, so the reduce runs over that request's output in
+    eager's shape rather than over a slice of the batch with one more dimension."""
+    rows = jax.lax.optimization_barrier(tuple(_rows(outputs, batch_size)))
+    sums = jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in rows))
     return jnp.stack(sums)
 
 
