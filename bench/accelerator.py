@@ -2,7 +2,8 @@
 
     python -m bench.accelerator --rounds 3 --duration 10   # -> docs/bench/accelerator.json
 
-Run it on a GPU (or TPU) node before sizing pods for it. It needs h2load and a JAX that
+Run it on a GPU (or TPU) node before sizing pods for it, with the ``XLA_FLAGS`` the pods
+get (the ``gpu`` overlay's: ``--xla_gpu_autotune_level=0``). It needs h2load and a JAX that
 sees the accelerator (the image's ``cuda`` target has one). Every process it starts
 shares the device, so it turns off XLA's preallocation of most of a GPU's memory
 (``XLA_PYTHON_CLIENT_PREALLOCATE=false``) unless the environment already sets it.
@@ -104,12 +105,15 @@ def sweep(port: int) -> dict[str, Any]:
     got = asyncio.run(_sweep_calls(port, [build_request(s, x, f) for s, x, f in sent]))
     after = scrape(port)
     errors = mismatches = 0
+    differing: set[str] = set()
     for (seed, x, features), answer in zip([*sent, *sent], got, strict=True):
         if not isinstance(answer, pb.RoundTripResponse):
             errors += 1
             continue
         mine = RoundTripAnswer(answer.orig_sum, answer.merged_sum, answer.max_abs_diff)
-        mismatches += not same_answer(mine, want[(seed, x.tobytes(), features)])
+        if not same_answer(mine, want[(seed, x.tobytes(), features)]):
+            mismatches += 1
+            differing.add(f"{list(x.shape)}->{features}")
 
     def grew(sample: str) -> float:
         return metric_value(after, sample, 0.0) - metric_value(before, sample, 0.0)
@@ -119,6 +123,7 @@ def sweep(port: int) -> dict[str, Any]:
         "answers": len(got),
         "errors": errors,
         "mismatches": mismatches,
+        "differing_shapes": sorted(differing),
         "mean_batch_size": round(grew("roundtrip_batch_size_sum") / batches, 2) if batches else 0,
     }
 
@@ -228,6 +233,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "jax": jax.__version__,
             "flax": importlib.metadata.version("flax"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
         "rounds": args.rounds,
         "duration_s": args.duration,
