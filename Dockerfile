@@ -60,7 +60,9 @@ ENTRYPOINT ["/app/.venv/bin/roundtrip-server"]
 
 FROM runtime AS cuda
 COPY --from=build-cuda /app/.venv /app/.venv
+# No timing-based kernel choice: the same bits from every process (docs/operations.md#numerics).
 ENV JAX_PLATFORMS=cuda \
+    XLA_FLAGS=--xla_gpu_autotune_level=0 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 

@@ -225,6 +225,17 @@ def test_the_gpu_overlay_runs_the_cuda_image_on_a_gpu() -> None:
     assert not container("base")["image"].endswith("-cuda")
 
 
+def test_gpu_pods_choose_kernels_without_timing_them() -> None:
+    """XLA's autotuner times candidate GPU kernels and keeps the fastest, so two processes
+    can answer one request with different bits; off, one GPU model gives one fingerprint.
+    The cuda image sets the same, for pods run from it without these manifests."""
+    env = {item["name"]: item["value"] for item in container("overlays/gpu")["env"]}
+    assert "--xla_gpu_autotune_level=0" in env["XLA_FLAGS"].split()
+    assert "XLA_FLAGS" not in {item["name"] for item in container("base")["env"]}
+    cuda_stage = (ROOT / "Dockerfile").read_text().split("FROM runtime AS cuda")[1]
+    assert "XLA_FLAGS=--xla_gpu_autotune_level=0" in cuda_stage.split("FROM ")[0]
+
+
 def test_the_image_carries_the_distributions_name_and_version() -> None:
     """One version: the package's, the manifests' tag and the image's labels agree."""
     assert container("base")["image"] == f"registry.example.com/roundtrip-worker:{__version__}"
