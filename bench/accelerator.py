@@ -47,7 +47,7 @@ from bench.throughput import (
     WORKER_FLAGS,
     batch_body,
     check_batch,
-    fresh_seed_load,
+    w3_loads,
 )
 from conftest import metric_value
 from roundtrip.client.messages import build_request
@@ -190,11 +190,10 @@ def main() -> None:
                     check_batch(port, batch, batch_expected)
                     items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
                     record(f"W2 RoundTripBatch x64 results/s, {kind}", items)
-                    check_body(port, w3)
-                    record(f"W3 repeated seed, {kind}", h2(port, w3.request, streams=4))
-                    result = asyncio.run(fresh_seed_load(port, fresh, args.duration))
+                    result = w3_loads(
+                        port, w3, fresh, label=kind, duration=args.duration, h2=h2, record=record
+                    )
                     fresh += 100_000
-                    record(f"W3 fresh seeds, {kind}", result["rps"])
                     report["fresh_seed_mismatches"] += result["sample_mismatches"]
             elif kind == "naive":
                 w2, w3 = bodies["accelerator"][:2]

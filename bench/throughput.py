@@ -31,12 +31,13 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import numpy as np
 
-from bench.run import OUT, _same, cases, check_body, h2load, scrape, server
+from bench.run import OUT, Case, _same, cases, check_body, h2load, scrape, server
 from conftest import metric_value
 from roundtrip.client.messages import build_request
 from roundtrip.server.reference import eager_round_trip
@@ -100,6 +101,25 @@ async def fresh_seed_load(port: int, first_seed: int, duration: float) -> dict[s
     return {"rps": len(answers) / elapsed, "errors": errors, "sample_mismatches": mismatches}
 
 
+def w3_loads(
+    port: int,
+    body: Case,
+    first_seed: int,
+    *,
+    label: str,
+    duration: int,
+    h2: Callable[..., float],
+    record: Callable[[str, float], None],
+) -> dict[str, Any]:
+    """W3 from one body's repeated seed (h2load, 8 x 4; the body checked first), then with
+    a fresh seed on every request from ``first_seed`` on: :func:`fresh_seed_load`'s result."""
+    check_body(port, body)
+    record(f"W3 repeated seed, {label}", h2(port, body.request, streams=4))
+    result = asyncio.run(fresh_seed_load(port, first_seed, duration))
+    record(f"W3 fresh seeds, {label}", result["rps"])
+    return result
+
+
 def audit(port: int) -> tuple[float, float]:
     """(answers audited, mismatches) from the worker's metrics, once its audit queue is done."""
     time.sleep(3)  # the audit re-runs answers in the background
@@ -149,11 +169,10 @@ def main() -> None:
                     ("--max-param-cache-bytes", "0") if kind == "nocache" else ()
                 )
                 with server("worker", *flags) as port:
-                    check_body(port, w3)
-                    record(f"W3 repeated seed, {kind}", h2(port, w3.request, streams=4))
-                    result = asyncio.run(fresh_seed_load(port, fresh, args.duration))
+                    result = w3_loads(
+                        port, w3, fresh, label=kind, duration=args.duration, h2=h2, record=record
+                    )
                     fresh += 100_000
-                    record(f"W3 fresh seeds, {kind}", result["rps"])
                     checks["fresh_seed_sample_mismatches"] += result["sample_mismatches"]
                     checks["fresh_seed_errors"] += result["errors"]
                     if kind == "worker":
