@@ -289,7 +289,15 @@ async def _client_load(
 
 
 def _same(got: tuple[float, ...], want: tuple[float, ...]) -> bool:
-    return all(a == b or (np.isnan(a) and np.isnan(b)) for a, b in zip(got, want, strict=True))
+    """Bit for bit, as the contract asks (0.0 is not -0.0); any NaN matches any NaN.
+
+    >>> _same((0.0, 1.5), (0.0, 1.5)), _same((0.0,), (-0.0,)), _same((float("nan"),), (np.nan,))
+    (True, False, True)
+    """
+    return all(
+        (np.isnan(a) and np.isnan(b)) or np.float64(a).tobytes() == np.float64(b).tobytes()
+        for a, b in zip(got, want, strict=True)
+    )
 
 
 def client_load(
