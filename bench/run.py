@@ -289,15 +289,16 @@ async def _client_load(
 
 
 def _same(got: tuple[float, ...], want: tuple[float, ...]) -> bool:
-    """Bit for bit, as the contract asks (0.0 is not -0.0); any NaN matches any NaN.
+    """The three numbers bit for bit (0.0 is not -0.0; any NaN matches any NaN): the
+    worker's own check, which its self-check and audit use.
 
-    >>> _same((0.0, 1.5), (0.0, 1.5)), _same((0.0,), (-0.0,)), _same((float("nan"),), (np.nan,))
-    (True, False, True)
+    >>> _same((0.0, 0.0, 1.5), (0.0, 0.0, 1.5)), _same((0.0, 0.0, 0.0), (-0.0, 0.0, 0.0))
+    (True, False)
     """
-    return all(
-        (np.isnan(a) and np.isnan(b)) or np.float64(a).tobytes() == np.float64(b).tobytes()
-        for a, b in zip(got, want, strict=True)
-    )
+    from roundtrip.server.engine import RoundTripAnswer
+    from roundtrip.server.reference import same_answer
+
+    return same_answer(RoundTripAnswer(*got), RoundTripAnswer(*want))
 
 
 def client_load(
