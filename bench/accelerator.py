@@ -33,8 +33,6 @@ import importlib.metadata
 import json
 import os
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -42,13 +40,7 @@ import jax
 import numpy as np
 
 from bench.run import OUT, cases, check_body, h2load, scrape, server
-from bench.throughput import (
-    BATCH_METHOD,
-    WORKER_FLAGS,
-    batch_body,
-    check_batch,
-    w3_loads,
-)
+from bench.throughput import WORKER_FLAGS, batch_body, w2_loads, w3_loads
 from conftest import metric_value
 from roundtrip.client.messages import build_request
 from roundtrip.server.engine import RoundTripAnswer
@@ -59,13 +51,6 @@ from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 #: (shape of x, features): the worked example, W2, W3, width 1, wide, narrow, rows of x.
 SWEEP = [((3,), 4), ((64,), 64), ((1024,), 1024), ((1,), 1), ((7,), 300), ((300,), 7)]
 SWEEP += [((4, 64), 64), ((2, 3), 5)]
-
-
-@contextmanager
-def on(device: Any) -> Iterator[None]:
-    """Run this process's eager reference on ``device`` (the worker's backend)."""
-    with jax.default_device(device):
-        yield
 
 
 def sweep_requests() -> list[tuple[int, np.ndarray, int]]:
@@ -157,7 +142,7 @@ def main() -> None:
     targets = {"accelerator": (accelerator, {}), "cpu": (cpu, {"JAX_PLATFORMS": "cpu"})}
     bodies = {}
     for name, (device, _) in targets.items():
-        with on(device):
+        with jax.default_device(device):  # the references on the worker's own backend
             bodies[name] = (
                 cases(64, 64, 1, check=True)[0],
                 cases(1024, 1024, 1, check=True)[0],
@@ -180,16 +165,12 @@ def main() -> None:
             if kind in targets:
                 device, env = targets[kind]
                 w2, w3, batch, batch_expected = bodies[kind]
-                with server("worker", *WORKER_FLAGS, env=env) as port, on(device):
+                with server("worker", *WORKER_FLAGS, env=env) as port, jax.default_device(device):
                     if round_ == 0:
                         report["workers"][kind] = server_info(port)
                         report["exactness"][kind] = sweep(port)
                         print(kind, report["workers"][kind], report["exactness"][kind])
-                    check_body(port, w2)
-                    record(f"W2 unary, {kind}", h2(port, w2.request))
-                    check_batch(port, batch, batch_expected)
-                    items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
-                    record(f"W2 RoundTripBatch x64 results/s, {kind}", items)
+                    w2_loads(port, w2, batch, batch_expected, label=kind, h2=h2, record=record)
                     result = w3_loads(
                         port, w3, fresh, label=kind, duration=args.duration, h2=h2, record=record
                     )

@@ -101,6 +101,24 @@ async def fresh_seed_load(port: int, first_seed: int, duration: float) -> dict[s
     return {"rps": len(answers) / elapsed, "errors": errors, "sample_mismatches": mismatches}
 
 
+def w2_loads(
+    port: int,
+    body: Case,
+    batch: pb.RoundTripBatchRequest,
+    batch_expected: list[Any],
+    *,
+    label: str,
+    h2: Callable[..., float],
+    record: Callable[[str, float], None],
+) -> None:
+    """W2 unary and RoundTripBatch x64 against one worker, each body checked first."""
+    check_body(port, body)
+    record(f"W2 unary, {label}", h2(port, body.request))
+    check_batch(port, batch, batch_expected)
+    items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
+    record(f"W2 RoundTripBatch x64 results/s, {label}", items)
+
+
 def w3_loads(
     port: int,
     body: Case,
@@ -153,12 +171,7 @@ def main() -> None:
         return h2load(port, body, duration=args.duration, clients=8, streams=streams, **kw)["rps"]
 
     def w2_runs(port: int, worker: str) -> None:
-        """W2 unary and RoundTripBatch x64 against one worker, each body checked first."""
-        check_body(port, w2)
-        record(f"W2 unary, {worker}", h2(port, w2.request))
-        check_batch(port, batch, batch_expected)
-        items = 64 * h2(port, batch, streams=4, method=BATCH_METHOD)
-        record(f"W2 RoundTripBatch x64 results/s, {worker}", items)
+        w2_loads(port, w2, batch, batch_expected, label=worker, h2=h2, record=record)
 
     fresh = 10**9
     for round_ in range(args.rounds):
