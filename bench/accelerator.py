@@ -39,7 +39,7 @@ import grpc
 import jax
 import numpy as np
 
-from bench.run import OUT, cases, check_body, h2load, scrape, server
+from bench.run import OUT, cases, check_body, h2load, machine, scrape, server
 from bench.throughput import WORKER_FLAGS, batch_body, w2_loads, w3_loads
 from conftest import metric_value
 from roundtrip.client.messages import build_request
@@ -208,9 +208,9 @@ def main() -> None:
         "runs": runs,
         "medians": medians,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "machine": {
+        "machine": machine("h2load and every server on the same cores")
+        | {
             "accelerator": accelerator.device_kind,
-            "cpus": os.cpu_count(),
             "jax": jax.__version__,
             "flax": importlib.metadata.version("flax"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 
-from bench.run import OUT, cases, check_body, h2load, scrape, server
+from bench.run import OUT, cases, check_body, h2load, machine, scrape, server
 from conftest import metric_value
 from roundtrip.server.heap import GENERATIONS
 
@@ -65,7 +65,7 @@ def main() -> None:
     report = {
         "runs": runs,
         "medians": medians,
-        "machine": "2 cores, 24 GiB, no GPU; h2load on the same cores",
+        "machine": machine("h2load on the same cores"),
         "load_s": options.duration + 2,  # h2load's warm-up time counts for the collector
         "rounds": options.rounds,
     }

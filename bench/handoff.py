@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from bench.run import OUT, cases, h2load
+from bench.run import OUT, cases, h2load, machine
 from roundtrip.server.eventloop import EVENT_LOOPS, loop_factory
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -160,7 +160,7 @@ def main() -> None:
     report = {
         "runs": runs,
         "medians": medians,
-        "machine": "2 cores, 24 GiB, no GPU; h2load on the same cores",
+        "machine": machine("h2load on the same cores"),
         "rounds": args.rounds,
         "duration_s": args.duration,
     }

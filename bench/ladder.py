@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.run import OUT, cases, check_body, h2load, scrape, server
+from bench.run import OUT, cases, check_body, h2load, machine, scrape, server
 from conftest import metric_value
 from roundtrip.server import batcher, warmup
 from roundtrip.server.batcher import Batcher, Lane, Ticket
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "lane": lanes,
         "worker batch alone, ms": alone(w2.request, round(statistics.median(sizes))),
         "worker median requests per batch": statistics.median(sizes),
-        "machine": "2 cores, 24 GiB, no GPU; h2load on the same cores",
+        "machine": machine("h2load on the same cores"),
         "rounds": options.rounds,
         "duration_s": options.duration,
     }

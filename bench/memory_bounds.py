@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench.run import machine  # noqa: E402
 from conftest import WorkerProcess  # noqa: E402 (the tests' worker launcher)
 from roundtrip.client.channel import channel_options  # noqa: E402
 from roundtrip.client.messages import build_request, parse_response  # noqa: E402
@@ -251,7 +252,7 @@ def main() -> None:
                 print(json.dumps({name: report[name]}), flush=True)
             finally:
                 worker.terminate(120)
-    report["machine"] = "2 cores, 24 GiB, no GPU; client and worker on the same cores"
+    report["machine"] = machine("client and worker on the same cores")
     out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.run import OUT, ROOT, WORKLOADS, cases, check_body, h2load, server
+from bench.run import OUT, ROOT, WORKLOADS, cases, check_body, h2load, machine, server
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
         "ratio_now_to_base": {
             n: round(medians["now"][n] / medians["base"][n], 3) for n in workloads
         },
-        "machine": "2 cores, 24 GiB, no GPU; h2load on the same cores",
+        "machine": machine("h2load on the same cores"),
     }
     (OUT / "side_by_side.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["ratio_now_to_base"]))

@@ -37,7 +37,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.run import OUT, Case, _same, cases, check_body, h2load, scrape, server
+from bench.ladder import alone
+from bench.run import OUT, Case, _same, cases, check_body, h2load, machine, scrape, server
 from conftest import metric_value
 from roundtrip.client.messages import build_request
 from roundtrip.server.reference import eager_round_trip
@@ -234,7 +235,8 @@ def main() -> None:
         "medians": medians,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "checks": checks,
-        "machine": "2 cores, 24 GiB, no GPU; load generators on the same cores",
+        # how fast this machine computes, beside how fast it answers: runs compare only if both do
+        "machine": machine() | {"W2 batch of 16 alone, ms": alone(w2.request, 16)},
         "rounds": args.rounds,
         "duration_s": args.duration,
     }

@@ -37,7 +37,18 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.run import HTTP_PORTS, OUT, ROOT, _same, cases, check_body, h2load, h2load_body, server
+from bench.run import (
+    HTTP_PORTS,
+    OUT,
+    ROOT,
+    _same,
+    cases,
+    check_body,
+    h2load,
+    h2load_body,
+    machine,
+    server,
+)
 from conftest import free_port
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 
@@ -253,7 +264,7 @@ def main() -> None:
         "checks": "every body's answer (worker RoundTrip, V2 gRPC, V2 REST; MLServer V2 gRPC "
         "and REST) equal to the eager reference before its load",
         "mlserver": "1.7.1, jitted runtime (bench/mlserver/runtime.py), parallel_workers 0",
-        "machine": "2 cores, 24 GiB, no GPU; load generators on the same cores",
+        "machine": machine(),
         "rounds": args.rounds,
         "duration_s": args.duration,
     }
