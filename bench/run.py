@@ -96,15 +96,24 @@ def machine(load: str = "load generators on the same cores") -> dict[str, Any]:
     >>> described["cpus"] == os.cpu_count(), described["load"]
     (True, 'h2load on the same cores')
     >>> sorted(described)
-    ['cpu_model', 'cpus', 'load', 'memory_gib']
+    ['container_memory_gib', 'cpu_isa', 'cpu_model', 'cpus', 'load', 'memory_gib']
+
+    The worker's own readings supply the rest: the newest instruction set the CPU runs (what
+    XLA's CPU kernels are chosen for) and the container's memory limit (None: no limit).
     """
+    from roundtrip.server.admission import container_memory_limit
+    from roundtrip.server.numerics import cpu_flags, host_isa
+
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = container_memory_limit()
     return {
         "cpus": os.cpu_count(),
         "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cpu_isa": host_isa(cpu_flags()),
         "memory_gib": round(memory / 2**30, 1),
+        "container_memory_gib": None if limit is None else round(limit / 2**30, 1),
         "load": load,
     }
 
