@@ -19,7 +19,7 @@ V2_GEN_DIR := server/roundtrip/server/v2proto
 
 DIST ?= dist
 
-.PHONY: setup wheel serve test lint typecheck protolint protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
+.PHONY: setup wheel serve test check lint typecheck protolint protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
 
 setup: $(VENV)/.synced
 
@@ -43,6 +43,10 @@ serve: setup
 	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: lint typecheck protolint check-protos deploy-check pytest image-test
+
+# The edit-test loop: lint, types and the tests not marked slow or external (pyproject.toml).
+check: lint typecheck
+	$(BIN)/pytest -n 2 --dist loadfile -m "not slow and not external" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check --no-cache .
@@ -137,15 +141,17 @@ $(TRITON)/.synced: tests/tritonclient/requirements.txt | $(UV)
 
 # tests/test_manifests.py renders the overlays with the same kubectl.
 # tests/test_kserve.py validates the KServe predictor's pod with kubernetes-validate.
+# Two test processes, a test file each at a time: most tests wait on a worker's compilations
+# or its network, and a file's workers are shared by its tests.
 pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
-# Run by hand, not in CI: figures go to docs/bench/. Needs h2load (Debian nghttp2-client).
+# Run by hand, not in CI: every scenario of bench/scenarios.py, figures to docs/bench/results.json
+# and docs/benchmarks.md. Needs h2load (Debian nghttp2-client); BENCH_ARGS=--baseline COMMIT
+# compares this tree's worker with COMMIT's instead.
 bench: setup
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
-	$(BIN)/python -m bench.throughput
-	$(BIN)/python -m bench.v2
 
 # Ten minutes of mixed valid and invalid traffic (docs/bench/soak.json), and ten
 # times the sustained load (docs/bench/overload.json); see docs/operations.md.
@@ -161,4 +167,4 @@ memory-bounds: setup
 	$(BIN)/python -m bench.memory_bounds $(MEMORY_BOUNDS_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .gen-check .rendered .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .gen-check .rendered .mypy_cache .ruff_cache .pytest_cache .bench

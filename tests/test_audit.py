@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from conftest import WorkerProcess, metric_value, serving_worker
 from roundtrip.client import RoundTripClient
 from roundtrip.server.audit import Auditor, AuditOutcome
 from roundtrip.server.engine import RoundTripInput
 from roundtrip.server.reference import eager_round_trip
+from support.workers import InProcessWorker, metric_value, serving_worker
 
 ITEM = RoundTripInput(seed=7, x=np.array([[1.0, -2.0], [0.5, 4.0]], np.float32), features=3)
 
@@ -72,13 +72,13 @@ def test_the_background_thread_reports_each_outcome() -> None:
 
 
 @pytest.fixture(scope="module")
-def audited_worker() -> Iterator[WorkerProcess]:
+def audited_worker() -> Iterator[InProcessWorker]:
     with serving_worker("--warmup-shapes", "3:4", "--audit-fraction", "1") as process:
         yield process
 
 
 def test_a_worker_auditing_everything_finds_its_answers_exact(
-    audited_worker: WorkerProcess,
+    audited_worker: InProcessWorker,
 ) -> None:
     rng = np.random.default_rng(4)
     requests = [

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from reference import reference, reference_with_outputs
 
-from conftest import WorkerProcess, console_script, serving_worker
 from roundtrip.client import (
     AsyncRoundTripClient,
     DeadlineExceededError,
@@ -24,6 +23,7 @@ from roundtrip.client import (
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import WorkerProcess, console_script, serving_worker
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 

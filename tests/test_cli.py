@@ -8,8 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import WorkerProcess, console_script, free_port
 from roundtrip.client import RoundTripClient
+from support.workers import WorkerProcess, console_script, free_port
 
 CLI = console_script("roundtrip")
 WORKED_EXAMPLE = '{"orig_sum": -4.2219334, "merged_sum": -4.2219334, "max_abs_diff": 0.0}'

@@ -15,7 +15,6 @@ import pytest
 from grpc_health.v1 import health_pb2
 from reference import reference
 
-from conftest import WorkerProcess, free_port, serving_worker
 from roundtrip.client import (
     NO_DEADLINE,
     AsyncRoundTripClient,
@@ -26,6 +25,7 @@ from roundtrip.client import (
 )
 from roundtrip.client.messages import as_int64, build_request
 from roundtrip.client.streams import STREAM_RESUMES, InOrder, resumable
+from support.workers import InProcessWorker, WorkerProcess, free_port, serving_worker
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ TOKEN = "per-call-token"
 
 
 @pytest.fixture(scope="module")
-def token_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def token_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessWorker]:
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(TOKEN)
     with serving_worker("--warmup-shapes", "3:4", "--auth-token-file", str(token_file)) as process:
@@ -117,7 +117,7 @@ def test_per_call_metadata_is_added_to_the_clients(worker: WorkerProcess) -> Non
     assert second == {"x-team": "search"}
 
 
-def test_per_call_metadata_reaches_the_worker(token_worker: WorkerProcess) -> None:
+def test_per_call_metadata_reaches_the_worker(token_worker: InProcessWorker) -> None:
     """The worker refuses a call without its token: the token sent per call gets through."""
     with RoundTripClient(token_worker.target) as client:
         with pytest.raises(errors.UnauthenticatedError):
@@ -154,6 +154,7 @@ def test_channel_and_channel_options_do_not_mix() -> None:
         RoundTripClient(channel=channel, channel_options=options)
 
 
+@pytest.mark.slow
 def test_readiness_follows_the_workers_health() -> None:
     """NOT_SERVING while it warms up (or cannot be reached), then SERVING."""
     process = WorkerProcess("--warmup-shapes", "3:4,64:64,128:128")

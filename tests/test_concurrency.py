@@ -6,12 +6,15 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import AsyncRoundTripClient, RoundTripClient
+from support.workers import WorkerProcess
 
 SHAPES = [((3,), 4), ((64,), 64), ((7,), 1), ((1,), 5), ((2, 5), 3), ((3, 1), 4)]
+
+pytestmark = pytest.mark.slow
 
 
 def case(index: int) -> tuple[int, np.ndarray, int]:

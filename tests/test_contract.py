@@ -53,6 +53,7 @@ def generated_cases() -> list[tuple[int, tuple[int, ...], int, str, bool]]:
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("seed", "shape", "features", "dtype", "use_values"), generated_cases())
 def test_generated_case_equals_reference(
     client: RoundTripClient,

@@ -12,17 +12,21 @@ import pytest
 from grpc_health.v1 import health_pb2
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient, RoundTripError
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import WorkerProcess
 
 CASE = (11, np.linspace(-1, 1, 64, dtype=np.float32), 64)
+
+pytestmark = pytest.mark.slow
 
 
 def test_sigterm_under_load_fails_no_accepted_request() -> None:
     expected = reference(*CASE)
-    worker = WorkerProcess("--warmup-shapes", "64:64", "--drain-grace-s", "20")
+    worker = WorkerProcess(
+        "--warmup-shapes", "64:64", "--drain-grace-s", "20", "--drain-announce-s", "1"
+    )
     outcomes: Counter[str] = Counter()
     wrong = [0]
     lock = threading.Lock()

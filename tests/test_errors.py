@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import WorkerProcess, serving_worker
 from roundtrip.client import InvalidArgumentError, ResourceExhaustedError, RoundTripClient
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import InProcessWorker, WorkerProcess, serving_process, serving_worker
 
 F32 = pb.DTYPE_FLOAT32
 
@@ -138,24 +138,12 @@ def test_oversize_message_is_refused_and_says_which_side(worker: WorkerProcess) 
 
 
 @pytest.fixture(scope="module")
-def small_limits() -> Iterator[WorkerProcess]:
-    worker = WorkerProcess(
-        "--max-x-elements",
-        "100",
-        "--max-output-elements",
-        "60",
-        "--max-param-bytes",
-        "4000",
-        "--warmup-shapes",
-        "3:4",
-        "--max-batch-size",
-        "2",
-    )
-    try:
-        worker.wait_serving()
+def small_limits() -> Iterator[InProcessWorker]:
+    with serving_worker(
+        *("--max-x-elements", "100", "--max-output-elements", "60"),
+        *("--max-param-bytes", "4000", "--warmup-shapes", "3:4", "--max-batch-size", "2"),
+    ) as worker:
         yield worker
-    finally:
-        worker.kill()
 
 
 @pytest.mark.parametrize(
@@ -167,7 +155,7 @@ def small_limits() -> Iterator[WorkerProcess]:
     ],
 )
 def test_each_configured_limit_is_enforced(
-    small_limits: WorkerProcess, shape: tuple[int, ...], features: int, limit: str
+    small_limits: InProcessWorker, shape: tuple[int, ...], features: int, limit: str
 ) -> None:
     with RoundTripClient(small_limits.target) as client:
         with pytest.raises(ResourceExhaustedError, match=limit):
@@ -185,12 +173,14 @@ def test_worker_keeps_serving_exactly_after_bad_requests(
     assert result.as_list() == [-4.221933364868164, -4.221933364868164, 0.0]
 
 
+@pytest.mark.slow
 def test_a_compressed_stream_refused_by_grpc_logs_no_error_and_hurts_nothing() -> None:
     """A message that decompresses past max_message_bytes is refused by gRPC core itself."""
     big = pb.RoundTripStreamRequest(
         id=0, request=pb.RoundTripRequest(x=pb.Array(raw=bytes(4 << 20)), features=4)
     )
-    with serving_worker("--warmup-shapes", "3:4", "--max-message-bytes", str(1 << 20)) as w:
+    # a process: what is checked is every line the worker writes, grpc's own included
+    with serving_process("--warmup-shapes", "3:4", "--max-message-bytes", str(1 << 20)) as w:
         with grpc.insecure_channel(w.target) as channel:
             stub = pb_grpc.RoundTripServiceStub(channel)
             for _ in range(8):  # grpc's late ERROR depends on timing: give it chances

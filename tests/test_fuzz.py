@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference import reference
 
-from conftest import WorkerProcess, serving_worker
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import WorkerProcess, serving_process
 
 T = TypeVar("T")
 DOCUMENTED = {
@@ -46,11 +46,13 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def fuzz_worker() -> Iterator[WorkerProcess]:
     """Small limits, so oversize work is cheap to ask for."""
-    with serving_worker(
+    with serving_process(
         "--warmup-shapes",
         "3:4",
         "--max-message-bytes",

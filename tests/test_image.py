@@ -22,12 +22,16 @@ import numpy as np
 import pytest
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient, RoundTripError
+from support.workers import WorkerProcess
 
 IMAGE = os.environ.get("ROUNDTRIP_IMAGE", "")
 PODMAN = ["podman", "--runtime", "runc"]
-pytestmark = pytest.mark.skipif(not IMAGE, reason="needs ROUNDTRIP_IMAGE: run make image-test")
+pytestmark = [
+    pytest.mark.skipif(not IMAGE, reason="needs ROUNDTRIP_IMAGE: run make image-test"),
+    pytest.mark.slow,
+    pytest.mark.external,
+]
 CASE = (11, np.linspace(-1, 1, 64, dtype=np.float32), 64)
 
 

@@ -16,11 +16,12 @@ import urllib.request
 from functools import cache
 from typing import Any
 
+import pytest
 import yaml
 from test_manifests import container as plain_container
 
-from conftest import ROOT, WorkerProcess, free_port
 from roundtrip.server.config import WorkerConfig
+from support.workers import ROOT, WorkerProcess, free_port
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
 VALIDATE = ROOT / ".tools" / "validate" / "bin" / "kubernetes-validate"
@@ -39,6 +40,8 @@ KSERVE_ONLY = {
     "annotations",
     "labels",
 }
+
+pytestmark = [pytest.mark.slow, pytest.mark.external]
 
 
 @cache

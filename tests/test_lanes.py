@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import AsyncRoundTripClient, RoundTripResult
+from support.workers import WorkerProcess
 
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_worker_runs_batches_on_every_device_and_each_answer_is_exact() -> None:

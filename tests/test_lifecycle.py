@@ -19,16 +19,17 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from reference import reference
 
-from conftest import WorkerProcess, serving_worker
 from roundtrip.client import RoundTripClient
 from roundtrip.server import eventloop
 from roundtrip.server.__main__ import main as server_main
 from roundtrip.server.admission import container_memory_limit, default_inflight_bytes
+from support.workers import WorkerProcess, serving_process, serving_worker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@pytest.mark.slow
 def test_health_is_not_serving_until_warm_up_then_serving() -> None:
     # Several warm-up shapes make the compile phase long enough to observe.
     worker = WorkerProcess("--warmup-shapes", "3:4,64:64,128:32,256:16", "--max-batch-size", "8")
@@ -46,6 +47,7 @@ def test_health_is_not_serving_until_warm_up_then_serving() -> None:
         worker.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_exit_zero(signum: signal.Signals) -> None:
     worker = WorkerProcess("--warmup-shapes", "3:4", "--max-batch-size", "2")
@@ -80,8 +82,9 @@ def test_once_warm_the_start_up_heap_is_frozen_out_of_the_collector(
     assert serving["gc"]["frozen"] > 10_000  # type: ignore[index]  # JAX alone is more
 
 
+@pytest.mark.slow
 def test_gc_threshold_zero_leaves_the_collector_as_python_set_it() -> None:
-    with serving_worker("--gc-threshold", "0", "--warmup-shapes", "3:4") as worker:
+    with serving_process("--gc-threshold", "0", "--warmup-shapes", "3:4") as worker:
         serving = next(e for e in worker.events if e["event"] == "serving")
         assert serving["gc"] == {"threshold": 700, "frozen": 0}
 
@@ -130,6 +133,7 @@ def test_server_info_reports_versions_backend_and_limits(client: RoundTripClient
     assert info.limits.max_inflight_bytes == expected
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> None:
     flags = (
         "--warmup-shapes",
@@ -154,6 +158,7 @@ def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> N
     assert entries[1] == entries[0]  # nothing new compiled: every executable came from the cache
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_warm_up_stops_promptly() -> None:
     many_shapes = ",".join(f"{width}:{width + 1}" for width in range(2, 40))
     worker = WorkerProcess("--warmup-shapes", many_shapes)  # about 450 compilations
@@ -168,6 +173,7 @@ def test_sigterm_during_a_long_warm_up_stops_promptly() -> None:
         worker.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("taken", ["--port", "--metrics-port"])
 def test_a_taken_port_stops_the_worker_with_status_two_and_says_which(taken: str) -> None:
     with socket.socket() as holder:

@@ -16,16 +16,18 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT
 from roundtrip.client import __version__
 from roundtrip.server.config import WorkerConfig
 from roundtrip.server.numerics import ISA_LEVELS
+from support.workers import ROOT
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
 OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring")
 NAMESPACE = "roundtrip"
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9464
 Labels = Mapping[str, str]
+
+pytestmark = pytest.mark.external
 
 
 @cache

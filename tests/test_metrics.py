@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ROOT, WorkerProcess, metric_value, serving_worker
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.client.messages import build_request
 from roundtrip.server.metrics import METRIC_NAMES
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import ROOT, WorkerProcess, metric_value, serving_process, serving_worker
 
 PROMTOOL = ROOT / ".tools" / "promtool"
 
@@ -72,6 +72,7 @@ def test_every_documented_metric_is_exported(worker: WorkerProcess, traffic: Non
         assert re.search(rf"^# TYPE {name} ", text, re.MULTILINE), name
 
 
+@pytest.mark.external
 def test_promtool_accepts_the_metrics(worker: WorkerProcess, traffic: None) -> None:
     done = subprocess.run(
         [str(PROMTOOL), "check", "metrics"], input=worker.scrape(), capture_output=True, text=True
@@ -90,9 +91,10 @@ def thread_count(worker: WorkerProcess) -> int:
     return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_idle_metrics_connections_are_bounded_and_time_out() -> None:
     flags = ("--warmup-shapes", "3:4", "--metrics-max-connections", "4", "--metrics-timeout-s", "1")
-    with serving_worker(*flags) as worker:
+    with serving_process(*flags) as worker:
         before = thread_count(worker)
         idle = [socket.create_connection(("127.0.0.1", worker.metrics_port)) for _ in range(16)]
         try:

@@ -18,10 +18,10 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ROOT, WorkerProcess
 from roundtrip.client import FailedPreconditionError, RoundTripClient, RoundTripResult
 from roundtrip.client.channel import FINGERPRINT_KEY
 from roundtrip.server import numerics
+from support.workers import ROOT, WorkerProcess
 
 #: The issue's case: seed 5, x of shape (3, 2, 4) from a normal, features 2. This x gives
 #: different bits under AVX and AVX2 (the test checks that it does).
@@ -29,6 +29,8 @@ SEED, FEATURES = 5, 2
 X = np.random.default_rng(1).normal(size=(3, 2, 4)).astype(np.float32)
 HOST_LEVELS = numerics.supported_levels(numerics.cpu_flags() or frozenset())
 needs_avx2 = pytest.mark.skipif("AVX2" not in HOST_LEVELS, reason="needs an AVX2 x86 CPU")
+
+pytestmark = pytest.mark.slow
 
 
 def reference_bits(isa: str) -> list[int]:

@@ -16,15 +16,15 @@ import pytest
 from grpc_health.v1 import health_pb2
 from reference import reference
 
-from conftest import WorkerProcess, metric_value, serving_worker
 from roundtrip.client import AsyncRoundTripClient, ResourceExhaustedError, RoundTripResult
+from support.workers import InProcessWorker, metric_value, serving_worker
 
 QUEUE = 4
 CALLS = 4000  # well past gRPC core's default of 1000 pending calls, which it would cancel
 
 
 @pytest.fixture(scope="module")
-def small_queue_worker() -> Iterator[WorkerProcess]:
+def small_queue_worker() -> Iterator[InProcessWorker]:
     with serving_worker(
         "--warmup-shapes",
         "256:256",
@@ -39,7 +39,7 @@ def small_queue_worker() -> Iterator[WorkerProcess]:
 
 
 def test_beyond_the_queue_calls_are_refused_and_accepted_ones_stay_exact(
-    small_queue_worker: WorkerProcess,
+    small_queue_worker: InProcessWorker,
 ) -> None:
     rng = np.random.default_rng(11)
     inputs = [(seed, rng.standard_normal((64, 256)).astype(np.float32)) for seed in range(8)]

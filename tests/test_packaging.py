@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WorkerProcess, console_script
 from roundtrip.client import __version__
+from support.workers import ROOT, WorkerProcess, console_script
 
 UV = ROOT / ".tools" / "bin" / "uv"
+pytestmark = [pytest.mark.slow, pytest.mark.external]
 
 GOOD_CALLER = """
 import sys

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from reference import reference
 
-from conftest import serving_worker
 from roundtrip.client import RoundTripClient
 from roundtrip.server.engine import (
     PARAM_CACHE_MIN_ELEMENTS,
@@ -24,6 +23,7 @@ from roundtrip.server.engine import (
 )
 from roundtrip.server.param_cache import ParamCache
 from roundtrip.server.warmup import self_check
+from support.workers import serving_process, serving_worker
 
 MIB = 1024 * 1024
 WIDE = 1023  # (1023 + 1) x 1024 float32 parameters: 4 MiB a set
@@ -126,6 +126,7 @@ def test_the_self_check_covers_the_cached_path() -> None:
     assert cached == plain + 12  # a shape of each tier, twice, alone and in a batch of two
 
 
+@pytest.mark.slow
 def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None:
     """32 MiB holds 8 sets of 4 MiB; 24 seeds pass through it four times (the first time
     from their seeds, then drawn and cached). The cache holds at most its bound, and so does
@@ -136,7 +137,7 @@ def test_a_worker_keeps_its_cache_within_its_bound_in_bytes_and_in_rss() -> None
         *("--max-param-cache-bytes", str(32 * MIB), "--audit-fraction", "0"),
     )
     x = np.linspace(-1, 1, WIDE, dtype=np.float32)
-    with serving_worker(*flags) as worker, RoundTripClient(worker.target, timeout=120) as client:
+    with serving_process(*flags) as worker, RoundTripClient(worker.target, timeout=120) as client:
         assert client.server_info().limits.max_param_cache_bytes == 32 * MIB
         client.round_trip(1000, x, 1024)  # the first requests' own allocations
         client.round_trip(1001, x, 1024)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, WorkerProcess, console_script
+from support.workers import ROOT, WorkerProcess, console_script
 
 README = (ROOT / "README.md").read_text()
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -65,6 +65,7 @@ def test_readme_piped_cli_command_runs(worker: WorkerProcess, line: str) -> None
     assert "-4.2219334" in done.stdout
 
 
+@pytest.mark.external
 def test_readme_tritonclient_example_runs(worker: WorkerProcess) -> None:
     """The ```py blocks run where tritonclient is installed (tests/test_tritonclient.py)."""
     [source] = blocks("py")
@@ -78,6 +79,7 @@ def test_readme_tritonclient_example_runs(worker: WorkerProcess) -> None:
     assert done.stdout == "[[-4.221933364868164, -4.221933364868164, 0.0]]\n"
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("line", shell_lines("curl "))
 def test_readme_curl_command_prints_what_it_says(worker: WorkerProcess, line: str) -> None:
     address = f"127.0.0.1:{worker.http_port}"
@@ -105,6 +107,7 @@ def test_readme_names_the_two_commands() -> None:
     assert "make test" in ci
 
 
+@pytest.mark.slow
 def test_make_serve_starts_a_worker_that_answers() -> None:
     worker = WorkerProcess(
         command=["make", "--no-print-directory", "serve", "PORT=0", "METRICS_PORT=0"],

@@ -22,14 +22,16 @@ import numpy as np
 import pytest
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import AsyncRoundTripClient, RoundTripClient, RoundTripError
 from roundtrip.client.channel import SERVICE
 from roundtrip.client.messages import build_request, parse_response
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import WorkerProcess
 
 CASE = (7, np.linspace(-1, 1, 64, dtype=np.float32), 64)
 FLAGS = ("--warmup-shapes", "64:64", "--max-batch-size", "8", "--drain-announce-s", "2")
+
+pytestmark = pytest.mark.slow
 
 
 def start_workers(*ports: int) -> list[WorkerProcess]:

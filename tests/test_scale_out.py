@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import RoundTripClient
+from support.workers import WorkerProcess
 
 CASES = [(seed, np.float32([1.0, 2.0, 3.0]) * (seed % 5 + 1), 4) for seed in range(40)]
 EXPECTED = [reference(*case) for case in CASES]
+
+pytestmark = pytest.mark.slow
 
 
 def served(worker: WorkerProcess) -> int:

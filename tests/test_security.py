@@ -19,9 +19,9 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import WorkerProcess, free_port, metric_value, serving_worker
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
 from roundtrip.client.channel import tls_credentials
+from support.workers import InProcessWorker, free_port, metric_value, serving_worker
 
 TOKEN = "s3cret-token-for-tests"
 WORKED = (0, [1.0, 2.0, 3.0], 4)
@@ -61,13 +61,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
-def start(*flags: str, credentials: grpc.ChannelCredentials) -> Iterator[WorkerProcess]:
+def start(*flags: str, credentials: grpc.ChannelCredentials) -> Iterator[InProcessWorker]:
     with serving_worker("--warmup-shapes", "3:4", *flags, credentials=credentials) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
-def mtls_worker(pki: Pki) -> Iterator[WorkerProcess]:
+def mtls_worker(pki: Pki) -> Iterator[InProcessWorker]:
     """Mutual TLS plus a bearer token; health exempt from the token (the default)."""
     yield from start(
         "--tls-cert-file",
@@ -83,27 +83,27 @@ def mtls_worker(pki: Pki) -> Iterator[WorkerProcess]:
 
 
 def call(
-    worker: WorkerProcess, credentials: grpc.ChannelCredentials | None, token: str | None
+    worker: InProcessWorker, credentials: grpc.ChannelCredentials | None, token: str | None
 ) -> list[float]:
     with RoundTripClient(worker.target, credentials=credentials, token=token, timeout=30) as c:
         return c.round_trip(*WORKED).as_list()
 
 
 def test_a_caller_with_its_certificate_and_the_token_gets_the_exact_answer(
-    mtls_worker: WorkerProcess, pki: Pki
+    mtls_worker: InProcessWorker, pki: Pki
 ) -> None:
     assert call(mtls_worker, pki.credentials(), TOKEN) == WORKED_ANSWER
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x", ""])
 def test_a_call_without_the_right_token_is_unauthenticated(
-    mtls_worker: WorkerProcess, pki: Pki, token: str | None
+    mtls_worker: InProcessWorker, pki: Pki, token: str | None
 ) -> None:
     with pytest.raises(UnauthenticatedError, match="bearer token"):
         call(mtls_worker, pki.credentials(), token)
 
 
-def test_every_method_needs_the_token(mtls_worker: WorkerProcess, pki: Pki) -> None:
+def test_every_method_needs_the_token(mtls_worker: InProcessWorker, pki: Pki) -> None:
     with RoundTripClient(mtls_worker.target, credentials=pki.credentials(), timeout=30) as c:
         with pytest.raises(UnauthenticatedError):
             c.server_info()
@@ -111,7 +111,7 @@ def test_every_method_needs_the_token(mtls_worker: WorkerProcess, pki: Pki) -> N
             list(c.stream([WORKED]))
 
 
-def test_health_needs_no_token_but_reflection_does(mtls_worker: WorkerProcess, pki: Pki) -> None:
+def test_health_needs_no_token_but_reflection_does(mtls_worker: InProcessWorker, pki: Pki) -> None:
     with grpc.secure_channel(mtls_worker.target, pki.credentials()) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -127,19 +127,19 @@ def test_health_needs_no_token_but_reflection_does(mtls_worker: WorkerProcess, p
     "client_cert", [None, "stranger"], ids=["no-client-certificate", "certificate-of-another-ca"]
 )
 def test_mutual_tls_refuses_callers_without_a_trusted_certificate(
-    mtls_worker: WorkerProcess, pki: Pki, client_cert: str | None
+    mtls_worker: InProcessWorker, pki: Pki, client_cert: str | None
 ) -> None:
     with pytest.raises(UnavailableError):
         call(mtls_worker, pki.credentials(client_cert), TOKEN)
 
 
-def test_plaintext_callers_cannot_talk_to_a_tls_worker(mtls_worker: WorkerProcess) -> None:
+def test_plaintext_callers_cannot_talk_to_a_tls_worker(mtls_worker: InProcessWorker) -> None:
     with pytest.raises(UnavailableError):
         call(mtls_worker, None, TOKEN)
 
 
 def test_refusals_are_counted_and_the_worker_keeps_serving(
-    mtls_worker: WorkerProcess, pki: Pki
+    mtls_worker: InProcessWorker, pki: Pki
 ) -> None:
     with pytest.raises(RoundTripError):
         call(mtls_worker, pki.credentials(), "wrong")
@@ -191,7 +191,7 @@ def test_server_only_tls_with_reflection_exempt_and_plaintext_probes(pki: Pki) -
 
 
 def https(
-    worker: WorkerProcess, pki: Pki, path: str, *, client: str | None, token: str | None
+    worker: InProcessWorker, pki: Pki, path: str, *, client: str | None, token: str | None
 ) -> int:
     """A V2 REST call over HTTPS with ``client``'s certificate (None: none) and ``token``."""
     context = ssl.create_default_context(cafile=pki.path("server-ca.pem"))
@@ -207,7 +207,7 @@ def https(
         return error.code
 
 
-def test_v2_rest_has_the_same_tls_and_token(mtls_worker: WorkerProcess, pki: Pki) -> None:
+def test_v2_rest_has_the_same_tls_and_token(mtls_worker: InProcessWorker, pki: Pki) -> None:
     metadata = "/v2/models/roundtrip"
     assert https(mtls_worker, pki, metadata, client="client", token=TOKEN) == 200
     assert https(mtls_worker, pki, metadata, client="client", token=None) == 401

@@ -8,11 +8,11 @@ import grpc
 import numpy as np
 from reference import reference
 
-from conftest import WorkerProcess
 from roundtrip.client import AsyncRoundTripClient, InvalidArgumentError, RoundTripClient
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import WorkerProcess
 
 
 def test_stream_answers_in_request_order_and_exact(client: RoundTripClient) -> None:

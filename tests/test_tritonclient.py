@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from reference import reference
 
-from conftest import ROOT, WorkerProcess, serving_worker
+from support.workers import ROOT, InProcessWorker, serving_worker
 
 PYTHON = ROOT / ".tools" / "tritonclient" / "bin" / "python"
 CALLS = ROOT / "tests" / "tritonclient" / "calls.py"
@@ -30,6 +30,8 @@ DTYPES = {
 }
 EDGE_SEEDS = [0, 1, -1, 42, 2**31 - 1, 2**31, -(2**31), 2**32, 2**32 + 7, 2**63 - 1, -(2**63)]
 WAYS = ["grpc", "http", "http-json", "grpc-typed"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.external]
 
 
 def generated_cases() -> list[dict[str, Any]]:
@@ -74,14 +76,14 @@ def generated_cases() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def triton_worker() -> Iterator[WorkerProcess]:
+def triton_worker() -> Iterator[InProcessWorker]:
     if not PYTHON.exists():
         pytest.fail(f"{PYTHON} is missing: `make pytest` builds it (tests/tritonclient)")
     with serving_worker("--warmup-shapes", "3:4") as process:
         yield process
 
 
-def test_tritonclient_gets_the_reference_bits(triton_worker: WorkerProcess) -> None:
+def test_tritonclient_gets_the_reference_bits(triton_worker: InProcessWorker) -> None:
     cases = generated_cases()
     done = subprocess.run(
         [str(PYTHON), str(CALLS), triton_worker.target, f"127.0.0.1:{triton_worker.http_port}"],

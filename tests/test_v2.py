@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from reference import reference, reference_with_outputs
 
-from conftest import WorkerProcess, serving_worker
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from support.workers import InProcessWorker, Worker, WorkerProcess, serving_worker
 
 SERVICE = "/inference.GRPCInferenceService/"
 DTYPES = {
@@ -34,7 +34,7 @@ DTYPES = {
 }
 
 
-def v2_call(worker: WorkerProcess, method: str, request: Any, response_type: Any, **kw: Any) -> Any:
+def v2_call(worker: Worker, method: str, request: Any, response_type: Any, **kw: Any) -> Any:
     with worker.channel() as channel:
         call = channel.unary_unary(
             SERVICE + method,
@@ -44,7 +44,7 @@ def v2_call(worker: WorkerProcess, method: str, request: Any, response_type: Any
         return call(request, timeout=30, **kw)
 
 
-def infer(worker: WorkerProcess, request: v2pb.ModelInferRequest, **kw: Any) -> Any:
+def infer(worker: Worker, request: v2pb.ModelInferRequest, **kw: Any) -> Any:
     return v2_call(worker, "ModelInfer", request, v2pb.ModelInferResponse, **kw)
 
 
@@ -95,7 +95,7 @@ def same_bits(result_row: np.ndarray, expected: np.ndarray) -> bool:
 
 
 def http(
-    worker: WorkerProcess,
+    worker: Worker,
     path: str,
     body: bytes | dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
@@ -131,7 +131,7 @@ def json_infer(
 
 
 @pytest.fixture(scope="module")
-def v2_worker() -> Iterator[WorkerProcess]:
+def v2_worker() -> Iterator[InProcessWorker]:
     with serving_worker("--max-batch-items", "16", "--warmup-shapes", "3:4") as process:
         yield process
 
@@ -139,7 +139,7 @@ def v2_worker() -> Iterator[WorkerProcess]:
 # -- metadata, health ---------------------------------------------------------------------
 
 
-def test_grpc_metadata_and_readiness(v2_worker: WorkerProcess) -> None:
+def test_grpc_metadata_and_readiness(v2_worker: InProcessWorker) -> None:
     live = v2_call(v2_worker, "ServerLive", v2pb.ServerLiveRequest(), v2pb.ServerLiveResponse)
     ready = v2_call(v2_worker, "ServerReady", v2pb.ServerReadyRequest(), v2pb.ServerReadyResponse)
     model = v2_call(
@@ -169,7 +169,7 @@ def test_grpc_metadata_and_readiness(v2_worker: WorkerProcess) -> None:
     assert "binary_tensor_data" in server.extensions
 
 
-def test_an_unknown_model_or_version_is_not_found(v2_worker: WorkerProcess) -> None:
+def test_an_unknown_model_or_version_is_not_found(v2_worker: InProcessWorker) -> None:
     for name, version in (("resnet", ""), ("roundtrip", "2")):
         with pytest.raises(grpc.RpcError) as caught:
             v2_call(
@@ -184,7 +184,7 @@ def test_an_unknown_model_or_version_is_not_found(v2_worker: WorkerProcess) -> N
     assert json.loads(body) == {"error": "unknown model 'resnet': this worker serves 'roundtrip'"}
 
 
-def test_rest_metadata_and_health(v2_worker: WorkerProcess) -> None:
+def test_rest_metadata_and_health(v2_worker: InProcessWorker) -> None:
     assert http(v2_worker, "/v2/health/live")[0] == 200
     assert http(v2_worker, "/v2/health/ready")[0] == 200
     assert http(v2_worker, "/v2/models/roundtrip/ready")[0] == 200
@@ -203,7 +203,7 @@ def test_rest_metadata_and_health(v2_worker: WorkerProcess) -> None:
 @pytest.mark.parametrize("datatype", list(DTYPES))
 @pytest.mark.parametrize("shape", [(3,), (2, 5), (2, 1, 4)])
 def test_grpc_answers_are_the_reference_bits(
-    v2_worker: WorkerProcess, datatype: str, shape: tuple[int, ...]
+    v2_worker: InProcessWorker, datatype: str, shape: tuple[int, ...]
 ) -> None:
     rng = np.random.default_rng(len(shape) * 10 + len(datatype))
     x = rng.normal(size=shape).astype(DTYPES[datatype])
@@ -216,7 +216,7 @@ def test_grpc_answers_are_the_reference_bits(
         assert same_bits(result[0], reference(-7, x, 3)), (datatype, shape, raw)
 
 
-def test_many_requests_in_one_call_each_equal_to_itself_alone(v2_worker: WorkerProcess) -> None:
+def test_many_requests_in_one_call_each_equal_to_itself_alone(v2_worker: InProcessWorker) -> None:
     rng = np.random.default_rng(3)
     seeds = [0, 1, -1, 2**31, 2**40 + 5, 7, 8, 9]
     features = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -238,7 +238,9 @@ def test_many_requests_in_one_call_each_equal_to_itself_alone(v2_worker: WorkerP
 
 
 @pytest.mark.parametrize("datatype", list(DTYPES))
-def test_rest_json_answers_are_the_reference_bits(v2_worker: WorkerProcess, datatype: str) -> None:
+def test_rest_json_answers_are_the_reference_bits(
+    v2_worker: InProcessWorker, datatype: str
+) -> None:
     x = np.random.default_rng(5).normal(size=(3, 4)).astype(DTYPES[datatype])
     status, _, body = http(v2_worker, "/v2/models/roundtrip/infer", json_infer([11], x, [2]))
     assert status == 200, body
@@ -248,7 +250,7 @@ def test_rest_json_answers_are_the_reference_bits(v2_worker: WorkerProcess, data
     assert same_bits(np.asarray(result["data"], np.float32), reference(11, x, 2))
 
 
-def test_rest_binary_data_both_ways(v2_worker: WorkerProcess) -> None:
+def test_rest_binary_data_both_ways(v2_worker: InProcessWorker) -> None:
     x = np.random.default_rng(6).normal(size=(4, 3)).astype(ml_dtypes.bfloat16)
     seeds = np.array([5, 6, 7, 8], "<i8")
     header = {
@@ -333,7 +335,7 @@ def bad_requests() -> list[tuple[str, v2pb.ModelInferRequest, grpc.StatusCode, s
     ("case", "request_", "code", "message"), bad_requests(), ids=[c[0] for c in bad_requests()]
 )
 def test_bad_calls_get_roundtrips_codes_and_name_the_tensor(
-    v2_worker: WorkerProcess,
+    v2_worker: InProcessWorker,
     case: str,
     request_: v2pb.ModelInferRequest,
     code: grpc.StatusCode,
@@ -345,7 +347,7 @@ def test_bad_calls_get_roundtrips_codes_and_name_the_tensor(
     assert message in (caught.value.details() or "")
 
 
-def test_a_failing_request_of_a_batch_is_named(v2_worker: WorkerProcess) -> None:
+def test_a_failing_request_of_a_batch_is_named(v2_worker: InProcessWorker) -> None:
     x = np.ones((3, 4), np.float32)
     with pytest.raises(grpc.RpcError) as caught:
         infer(v2_worker, infer_request([1, 2, 3], x, [2, 0, 2]))
@@ -376,7 +378,7 @@ def test_a_failing_request_of_a_batch_is_named(v2_worker: WorkerProcess) -> None
     ids=["json", "missing", "features-0", "max-features", "max-items", "strings"],
 )
 def test_rest_errors_get_their_http_status_and_v2_body(
-    v2_worker: WorkerProcess, body: Any, status: int, message: str
+    v2_worker: InProcessWorker, body: Any, status: int, message: str
 ) -> None:
     got, _, answer = http(v2_worker, "/v2/models/roundtrip/infer", body)
     assert got == status, answer
@@ -385,7 +387,7 @@ def test_rest_errors_get_their_http_status_and_v2_body(
     assert message in error["error"]
 
 
-def test_bad_calls_never_hurt_the_worker(v2_worker: WorkerProcess) -> None:
+def test_bad_calls_never_hurt_the_worker(v2_worker: InProcessWorker) -> None:
     for _, request_, _, _ in bad_requests():
         with pytest.raises(grpc.RpcError):
             infer(v2_worker, request_)
@@ -403,6 +405,7 @@ def test_bad_calls_never_hurt_the_worker(v2_worker: WorkerProcess) -> None:
 # -- readiness, drain, token --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_v2_ready_follows_health_through_warm_up_and_drain() -> None:
     process = WorkerProcess("--warmup-shapes", "3:4,64:64,128:128", "--drain-announce-s", "3")
     try:

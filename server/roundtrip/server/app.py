@@ -128,6 +128,7 @@ class Worker:
     health_server: grpc.aio.Server | None = None
     http: web.AppRunner | None = None
     http_port: int | None = None
+    metrics_port: int = 0
     stopping: threading.Event = field(default_factory=threading.Event)
     serving: bool = False
 
@@ -215,6 +216,7 @@ class Worker:
             lane.executor.shutdown(wait=True)
         self.auditor.stop()
         self.pauses.unwatch()
+        self.metrics.close()
         stats = EngineStats.total(lane.engine.stats for lane in self.batcher.lanes)
         log.info(
             "stopped",
@@ -420,6 +422,7 @@ async def start(config: WorkerConfig) -> Worker:
             f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}; "
             "choose another --metrics-port (0 picks a free one)"
         ) from None
+    worker.metrics_port = metrics_port
     if config.http_port >= 0:
         worker.http, worker.http_port = await serve_http(config, inference)
     batcher.start()

@@ -180,6 +180,7 @@ class WorkerMetrics:
 
     def __init__(self, *, max_batch_size: int) -> None:
         disable_created_metrics()  # the *_created series carry nothing an operator uses here
+        self._server: WSGIServer | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "roundtrip_requests",
@@ -342,7 +343,15 @@ class WorkerMetrics:
             handler_class=_timed_handler_class(timeout_s),
         )
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        self._server = server
         return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop serving ``/metrics`` (the last thing a stopping worker does)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
 
 class _QuietHandler(WSGIRequestHandler):
