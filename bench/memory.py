@@ -17,31 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench.run import ROOT, server
+from bench.harness import OUT
 from roundtrip.client.messages import build_request
 from roundtrip.server.engine import Engine, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def worker_pid() -> int:
-    """The pid of the benchmark's worker (started by :func:`bench.run.server`)."""
-    found = subprocess.run(
-        ["pgrep", "-f", "roundtrip.server --port 0"], capture_output=True, text=True, check=True
-    )
-    return int(found.stdout.split()[0])
+from support.workers import serving_process
 
 
 def shapes(count: int) -> list[tuple[int, int]]:
@@ -105,15 +89,15 @@ def main() -> None:
     # The worker warms up the shapes it will serve, as an operator configures it to.
     warmup = ",".join(f"{width}:{features}" for width, features in pairs)
     flags = ("--warmup-shapes", warmup, "--max-compiled", str(args.max_compiled))
-    with server("worker", *flags) as port:
-        pid = worker_pid()
-        warm = rss_mib(pid)
+    with serving_process(*flags) as worker:
+        port = worker.port
+        warm = worker.rss_mib()
         wrong = asyncio.run(drive(port, [o[0] for o in first_pass], [o[1] for o in first_pass]))
-        traffic_warm = rss_mib(pid)
+        traffic_warm = worker.rss_mib()
         started = time.perf_counter()
         wrong += asyncio.run(drive(port, [o[0] for o in order], [o[1] for o in order]))
         seconds = time.perf_counter() - started
-        after = rss_mib(pid)
+        after = worker.rss_mib()
     result = {
         "requests": args.requests,
         "shapes": args.shapes,
@@ -127,7 +111,7 @@ def main() -> None:
         "seconds_for_requests": round(seconds, 1),
     }
     print(json.dumps(result))
-    (ROOT / "docs" / "bench" / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

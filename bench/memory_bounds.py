@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,27 +30,17 @@ from typing import Any
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench.run import machine  # noqa: E402
-from conftest import WorkerProcess  # noqa: E402 (the tests' worker launcher)
-from roundtrip.client.channel import channel_options  # noqa: E402
-from roundtrip.client.messages import build_request, parse_response  # noqa: E402
-from roundtrip.server.admission import working_set_bytes  # noqa: E402
-from roundtrip.server.engine import Engine, RoundTripInput  # noqa: E402
-from roundtrip.server.validation import RequestLimits, weigh  # noqa: E402
-from roundtrip.v1 import roundtrip_pb2 as pb  # noqa: E402
-from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc  # noqa: E402
+from bench.harness import OUT, machine
+from roundtrip.client.channel import channel_options
+from roundtrip.client.messages import build_request, parse_response
+from roundtrip.server.admission import working_set_bytes
+from roundtrip.server.engine import Engine, RoundTripInput
+from roundtrip.server.validation import RequestLimits, weigh
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import WorkerProcess
 
 MIB = 1024 * 1024
-
-
-def status_mib(worker: WorkerProcess, key: str) -> float:
-    for line in Path(f"/proc/{worker.process.pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key}")
 
 
 class PeakRss:
@@ -65,7 +54,7 @@ class PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, status_mib(self.worker, "VmRSS"))
+            self.peak = max(self.peak, self.worker.status_mib("VmRSS"))
             time.sleep(0.05)
 
     def __enter__(self) -> PeakRss:
@@ -91,7 +80,7 @@ def unread_stream(worker: WorkerProcess, count: int) -> dict[str, Any]:
         for i in range(count)
     )
     answered = 'roundtrip_requests_total{code="OK",method="RoundTripStream"}'
-    idle = status_mib(worker, "VmRSS")
+    idle = worker.status_mib("VmRSS")
     with (
         grpc.insecure_channel(worker.target, channel_options()) as channel,
         PeakRss(worker) as rss,
@@ -126,7 +115,7 @@ def burst(worker: WorkerProcess, concurrent: int, rounds: int) -> dict[str, Any]
     [want] = Engine(max_compiled=2).run([RoundTripInput(0, x, 1024)])
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
-    idle = status_mib(worker, "VmRSS")
+    idle = worker.status_mib("VmRSS")
     with (
         grpc.insecure_channel(worker.target, channel_options()) as channel,
         PeakRss(worker) as rss,
@@ -204,12 +193,12 @@ def calibrate() -> list[dict[str, Any]]:
                     ]
                     time.sleep(0.5)
                     Path(f"/proc/{worker.process.pid}/clear_refs").write_text("5")  # reset VmHWM
-                    before = status_mib(worker, "VmRSS")
+                    before = worker.status_mib("VmRSS")
                     for thread in threads:
                         thread.start()
                     for thread in threads:
                         thread.join()
-                    peak = status_mib(worker, "VmHWM") - before
+                    peak = worker.status_mib("VmHWM") - before
                     estimate = working_set_bytes(weigh(requests[0], unlimited())) / MIB
                     row = {
                         "x": list(shape),
@@ -236,7 +225,7 @@ def main() -> None:
     parser.add_argument("--out", help="default: docs/bench/memory_bounds.json (or _calibration)")
     args = parser.parse_args()
     name = "memory_calibration.json" if args.calibrate else "memory_bounds.json"
-    out = Path(args.out) if args.out else ROOT / "docs" / "bench" / name
+    out = Path(args.out) if args.out else OUT / name
     if args.calibrate:
         report: dict[str, Any] = {"calibration": calibrate()}
     else:

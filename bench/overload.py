@@ -28,27 +28,18 @@ from collections import Counter
 import grpc
 import numpy as np
 
-from bench.run import ROOT, server
+from bench.harness import OUT, ROUNDTRIP, percentiles
 from roundtrip.client.messages import build_request
+from support.workers import serving_process
 
-METHOD = "/roundtrip.v1.RoundTripService/RoundTrip"
 MAX_BATCH_SIZE = 32  # the worker's default, which this benchmark keeps
-
-
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {"p50_ms": 0.0, "p99_ms": 0.0}
-    return {
-        "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 1),
-        "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 1),
-    }
 
 
 async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> dict[str, float]:
     latencies: list[float] = []
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(ROUNDTRIP)
 
         async def caller() -> None:
             while time.monotonic() < stop_at:
@@ -65,7 +56,7 @@ async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> d
 async def open_loop(port: int, body: bytes, rate: float, seconds: float) -> dict[str, object]:
     outcomes: dict[str, list[float]] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(ROUNDTRIP)
 
         async def one() -> None:
             started = time.perf_counter()
@@ -122,7 +113,8 @@ def main() -> None:
         "--audit-fraction",
         "0",
     )
-    with server("worker", *flags) as port:
+    with serving_process(*flags) as worker:
+        port = worker.port
         asyncio.run(closed_loop(port, body, args.callers, 3.0))  # compiles the 2-D shapes
         sustained = asyncio.run(closed_loop(port, body, args.callers, args.seconds))
         rate = args.factor * sustained["requests_per_s"]
@@ -139,7 +131,7 @@ def main() -> None:
         ),
     }
     print(json.dumps(result, indent=2))
-    path = ROOT / "docs" / "bench" / "overload.json"
+    path = OUT / "overload.json"
     runs = json.loads(path.read_text()) if path.exists() else {}
     runs[args.name] = result
     path.write_text(json.dumps(runs, indent=2) + "\n")

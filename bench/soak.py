@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from bench.memory import rss_mib, worker_pid
-from bench.run import ROOT, server
+from bench.harness import OUT
 from roundtrip.client import arrays
 from roundtrip.client.messages import build_request
 from roundtrip.server.reference import eager_round_trip
 from roundtrip.v1 import roundtrip_pb2 as pb
+from support.workers import WorkerProcess, serving_process
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -121,7 +121,7 @@ async def drive(
     return outcomes, latencies
 
 
-async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, object]:
+async def soak(worker: WorkerProcess, args: argparse.Namespace) -> dict[str, object]:
     rng = np.random.default_rng(7)
     valid, invalid = valid_probes(120, rng), invalid_probes()
     pool = valid + invalid
@@ -134,13 +134,15 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, objec
     started = time.monotonic()
     while (elapsed := time.monotonic() - started) < args.minutes * 60:
         window = min(args.sample_s, args.minutes * 60 - elapsed)
-        outcomes, lats = await drive(port, pool, weights, seconds=window, callers=args.callers)
+        outcomes, lats = await drive(
+            worker.port, pool, weights, seconds=window, callers=args.callers
+        )
         totals.update(outcomes)
         latencies.extend(lats)
         samples.append(
             {
                 "t_s": round(time.monotonic() - started, 1),
-                "rss_mib": round(rss_mib(pid), 1),
+                "rss_mib": round(worker.rss_mib(), 1),
                 "requests": sum(outcomes.values()),
             }
         )
@@ -172,11 +174,11 @@ def main() -> None:
     parser.add_argument("--valid-share", type=float, default=0.7)
     parser.add_argument("--sample-s", type=float, default=20.0)
     args = parser.parse_args()
-    with server("worker", "--warmup-shapes", "3:4,64:64") as port:
-        result = asyncio.run(soak(port, worker_pid(), args))
+    with serving_process("--warmup-shapes", "3:4,64:64") as worker:
+        result = asyncio.run(soak(worker, args))
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary, indent=2))
-    (ROOT / "docs" / "bench" / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

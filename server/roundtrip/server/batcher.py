@@ -333,16 +333,13 @@ class Batcher:
             del self._queues[signature]
         return batch
 
-    async def _outcomes(self, lane: Lane, batch: list[Ticket]) -> list[Outcome]:
-        """The hand-off: ``batch`` computed on the lane's thread, its outcomes in order."""
+    async def _execute(self, lane: Lane, signature: ShapeSignature, batch: list[Ticket]) -> None:
+        """Hand ``batch`` to the lane's thread, then resolve each request with its outcome."""
         items = [pending.item for pending in batch]
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(lane.executor, compute, lane.engine, items)
-
-    async def _execute(self, lane: Lane, signature: ShapeSignature, batch: list[Ticket]) -> None:
         try:
             started = time.monotonic()
-            outcomes = await self._outcomes(lane, batch)
+            outcomes = await loop.run_in_executor(lane.executor, compute, lane.engine, items)
             finished = time.monotonic()
         finally:
             self._idle.put_nowait(lane)
