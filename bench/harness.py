@@ -82,8 +82,8 @@ def reference(seed: int, x: Any, features: int) -> Answer:
 def same(got: Sequence[float], want: Sequence[float]) -> bool:
     """The three numbers bit for bit (0.0 is not -0.0; NaN matches NaN): the worker's own
     comparison, which its self-check and audit use."""
-    from roundtrip.server.engine import RoundTripAnswer
     from roundtrip.server.reference import same_answer
+    from roundtrip.server.values import RoundTripAnswer
 
     return same_answer(RoundTripAnswer(*got), RoundTripAnswer(*want))
 
@@ -611,7 +611,8 @@ def machine(load: str = "load generators on the same cores") -> dict[str, Any]:
 def engine_batch_ms(workload: str = "W2", batch: int = 16, repeats: int = 300) -> float:
     """How fast this machine computes: the median milliseconds of one batch of ``batch``
     requests of ``workload`` through a warmed engine in this process, no RPC."""
-    from roundtrip.server.engine import Engine, RoundTripInput
+    from roundtrip.server.engine import Engine
+    from roundtrip.server.values import RoundTripInput
 
     width, features = WORKLOADS[workload]
     engine = Engine(max_compiled=8, max_batch_size=batch)

@@ -34,8 +34,9 @@ from bench.harness import OUT, machine
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request, parse_response
 from roundtrip.server.admission import working_set_bytes
-from roundtrip.server.engine import Engine, RoundTripInput
+from roundtrip.server.engine import Engine
 from roundtrip.server.validation import RequestLimits, weigh
+from roundtrip.server.values import RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.workers import WorkerProcess

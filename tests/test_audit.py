@@ -14,8 +14,8 @@ import pytest
 
 from roundtrip.client import RoundTripClient
 from roundtrip.server.audit import Auditor, AuditOutcome
-from roundtrip.server.engine import RoundTripInput
 from roundtrip.server.reference import eager_round_trip
+from roundtrip.server.values import RoundTripInput
 from support.workers import InProcessWorker, metric_value, serving_worker
 
 ITEM = RoundTripInput(seed=7, x=np.array([[1.0, -2.0], [0.5, 4.0]], np.float32), features=3)

@@ -12,8 +12,9 @@ import pytest
 from reference import reference
 
 from roundtrip.server.batcher import Batcher, BatchRecord, Lane
-from roundtrip.server.engine import Engine, RoundTripAnswer, RoundTripInput
+from roundtrip.server.engine import Engine
 from roundtrip.server.errors import ComputeFailed, DeadlineExpired, QueueFull, ShuttingDown
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
 
 class FaultyEngine(Engine):

@@ -11,18 +11,11 @@ import numpy as np
 import pytest
 from reference import reference_with_outputs
 
-from roundtrip.server.engine import (
-    CompiledInit,
-    Engine,
-    RoundTripInput,
-    ShapeSignature,
-    batch_buckets,
-    isolate_primitives,
-    merged_sums,
-    orig_reductions,
-    round_trip,
-    seed_operand,
-)
+from roundtrip.server.engine import Engine, batch_buckets
+from roundtrip.server.executables import CompiledInit
+from roundtrip.server.fencing import isolate_primitives
+from roundtrip.server.programs import merged_sums, orig_reductions, round_trip, seed_operand
+from roundtrip.server.values import RoundTripInput, ShapeSignature
 
 
 def answer(result: object) -> list[float]:

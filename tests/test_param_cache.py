@@ -15,13 +15,9 @@ import pytest
 from reference import reference
 
 from roundtrip.client import RoundTripClient
-from roundtrip.server.engine import (
-    PARAM_CACHE_MIN_ELEMENTS,
-    ROW_CACHE_MIN_ELEMENTS,
-    Engine,
-    RoundTripInput,
-)
+from roundtrip.server.engine import PARAM_CACHE_MIN_ELEMENTS, ROW_CACHE_MIN_ELEMENTS, Engine
 from roundtrip.server.param_cache import ParamCache
+from roundtrip.server.values import RoundTripInput
 from roundtrip.server.warmup import self_check
 from support.workers import serving_process, serving_worker
 

@@ -35,13 +35,14 @@ from roundtrip.server import admission, heap, numerics, rest, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Lane
 from roundtrip.server.config import WorkerConfig
-from roundtrip.server.engine import Engine, EngineStats, x64_enabled
+from roundtrip.server.engine import Engine, EngineStats
 from roundtrip.server.eventloop import loop_name
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.service import RoundTripServicer, add_to_server
 from roundtrip.server.v2service import SERVICE as V2_SERVICE
 from roundtrip.server.v2service import InferenceServicer
 from roundtrip.server.validation import RequestLimits
+from roundtrip.server.values import x64_enabled
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
 from roundtrip.server.reference import eager_round_trip, same_answer
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from roundtrip.server.engine import Engine, RoundTripAnswer, RoundTripInput, ShapeSignature
+from roundtrip.server.engine import Engine
 from roundtrip.server.errors import (
     ComputeFailed,
     ComputeOutOfMemory,
@@ -53,6 +53,7 @@ from roundtrip.server.errors import (
     RequestError,
     ShuttingDown,
 )
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from roundtrip.server.engine import RoundTripAnswer
+from roundtrip.server.values import RoundTripAnswer
 
 
 def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripAnswer:

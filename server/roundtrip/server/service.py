@@ -35,10 +35,10 @@ from roundtrip.server.admission import (
 )
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Gathering, Ticket
-from roundtrip.server.engine import RoundTripAnswer, RoundTripInput
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError, ShuttingDown
 from roundtrip.server.metrics import NUMERICS_LABELS, WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 log = logging.getLogger(__name__)

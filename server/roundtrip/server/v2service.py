@@ -17,7 +17,6 @@ import grpc
 from roundtrip.server import v2
 from roundtrip.server.admission import Reservation
 from roundtrip.server.batcher import Gathering, Ticket
-from roundtrip.server.engine import RoundTripAnswer
 from roundtrip.server.errors import RequestError
 from roundtrip.server.service import (
     Received,
@@ -27,6 +26,7 @@ from roundtrip.server.service import (
     status_errors,
 )
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from roundtrip.server.values import RoundTripAnswer
 
 SERVICE = v2pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 

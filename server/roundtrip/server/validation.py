@@ -17,8 +17,8 @@ import numpy as np
 
 from roundtrip.client import arrays
 from roundtrip.server.admission import WorkingSet
-from roundtrip.server.engine import RoundTripInput, canonical_dtype
 from roundtrip.server.errors import InvalidArgument, LimitExceeded
+from roundtrip.server.values import RoundTripInput, canonical_dtype
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 #: Bytes of one parameter: nnx.Linear keeps float32 parameters by default.

@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from roundtrip.server.engine import Engine, RoundTripInput, ShapeSignature
+from roundtrip.server.engine import Engine
 from roundtrip.server.reference import eager_round_trip, same_answer
+from roundtrip.server.values import RoundTripInput, ShapeSignature
 
 log = logging.getLogger(__name__)
 
