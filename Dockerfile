@@ -40,7 +40,7 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     && rm -rf .tools /root/.cache
 
 FROM ${PYTHON_IMAGE} AS runtime
-# The distribution's name and version (client/roundtrip/client/version.py; a test keeps them equal).
+# The distribution's name and version (client/roundtrip/wire/version.py; a test keeps them equal).
 LABEL org.opencontainers.image.title="roundtrip-worker" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -38,8 +38,8 @@ class NaiveServicer(pb_grpc.RoundTripServiceServicer):
 
     @staticmethod
     def _eager(request: pb.RoundTripRequest) -> pb.RoundTripResponse:
-        from roundtrip.client import arrays
         from roundtrip.server.reference import eager_round_trip
+        from roundtrip.wire import arrays
 
         result = eager_round_trip(
             request.seed, arrays.from_proto(request.x, field="x"), request.features

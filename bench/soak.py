@@ -26,10 +26,10 @@ import grpc
 import numpy as np
 
 from bench.harness import OUT
-from roundtrip.client import arrays
 from roundtrip.client.messages import build_request
 from roundtrip.server.reference import eager_round_trip
 from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire import arrays
 from support.workers import WorkerProcess, serving_process
 
 OK = grpc.StatusCode.OK

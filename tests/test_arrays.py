@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from roundtrip.client import arrays
 from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire import arrays
 
 DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 

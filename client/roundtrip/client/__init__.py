@@ -26,7 +26,7 @@ from roundtrip.client.errors import (
 from roundtrip.client.messages import Outcome, RoundTripResult
 from roundtrip.client.streams import StreamOutcome
 from roundtrip.client.sync import RoundTripClient
-from roundtrip.client.version import __version__
+from roundtrip.wire.version import __version__
 
 __all__ = [
     "NO_DEADLINE",

@@ -18,6 +18,8 @@ from typing import Any, Final
 import grpc
 from grpc_health.v1 import health_pb2
 
+from roundtrip.wire.metadata import FINGERPRINT_KEY
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -128,11 +130,6 @@ def tls_credentials(
         private_key=Path(key_file).read_bytes() if key_file else None,
         certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
     )
-
-
-#: The metadata key of the numerics fingerprint a call insists on (the worker's
-#: ``GetServerInfo().numerics.fingerprint``); workers with another answer FAILED_PRECONDITION.
-FINGERPRINT_KEY = "roundtrip-fingerprint"
 
 
 def call_metadata(

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from roundtrip.client import arrays, errors
+from roundtrip.client import errors
 from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire import arrays
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

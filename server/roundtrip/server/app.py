@@ -30,7 +30,6 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from roundtrip.client.version import __version__
 from roundtrip.server import admission, heap, numerics, rest, security, warmup
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Lane
@@ -44,6 +43,7 @@ from roundtrip.server.v2service import InferenceServicer
 from roundtrip.server.validation import RequestLimits
 from roundtrip.server.values import x64_enabled
 from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 
-from roundtrip.client.channel import FINGERPRINT_KEY as FINGERPRINT_KEY  # REST: the header
 from roundtrip.server.errors import NotReady, NumericsMismatch
+from roundtrip.wire.metadata import FINGERPRINT_KEY as FINGERPRINT_KEY  # REST: the header
 
 #: The values ``--xla_cpu_max_isa`` accepts (x86 only), oldest first; each needs these CPU
 #: flags (``/proc/cpuinfo``) and those of every level before it.

@@ -24,7 +24,6 @@ import grpc
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
-from roundtrip.client import arrays
 from roundtrip.server import numerics
 from roundtrip.server.admission import (
     ByteBudget,
@@ -40,6 +39,7 @@ from roundtrip.server.metrics import NUMERICS_LABELS, WorkerMetrics
 from roundtrip.server.validation import RequestLimits, decode, weigh
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire import arrays
 
 log = logging.getLogger(__name__)
 

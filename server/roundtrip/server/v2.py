@@ -35,12 +35,12 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-from roundtrip.client.version import __version__
 from roundtrip.server.admission import WorkingSet
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.validation import RequestLimits, weigh_shape
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
+from roundtrip.wire.version import __version__
 
 MODEL_NAME = "roundtrip"
 MODEL_VERSION = "1"

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from roundtrip.client import arrays
 from roundtrip.server.admission import WorkingSet
 from roundtrip.server.errors import InvalidArgument, LimitExceeded
 from roundtrip.server.values import RoundTripInput, canonical_dtype
 from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire import arrays
 
 #: Bytes of one parameter: nnx.Linear keeps float32 parameters by default.
 PARAM_ITEMSIZE = 4
