@@ -1,10 +1,10 @@
 """The programs compiled: one small class per parameter source, sharing the reductions tail.
 
 A :class:`CompiledRoundTrip` holds the two executables for ``batch_size`` requests of one
-:class:`~roundtrip.server.values.ShapeSignature`: ``outputs`` runs steps 1-4 (both outputs)
-and ``orig_reductions`` runs steps 5-6 on them without a round trip through the host
-(``merged_sums`` is compiled only if a merged output ever differs). What differs between
-the kinds is where step 1's parameters come from, which is the first operand:
+:class:`~roundtrip.server.values.ShapeSignature`: ``outputs`` runs steps 1-4 (both outputs,
+and each request's original output again as a buffer of its own) and ``orig_reductions``
+runs steps 5-6 on them without a round trip through the host. What differs between the
+kinds is where step 1's parameters come from, which is the first operand:
 
 * :class:`FromSeeds`: drawn from each request's seed inside the executable (with
   ``emit_params``, the executable also hands back the sets it drew, for the cache);
@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 
@@ -72,14 +73,12 @@ class CompiledRoundTrip:
         if batch_size > 1:
             specs.append(jax.ShapeDtypeStruct((), np.int32))
         specs = placed(specs, device)
-        outputs = functools.partial(body, features=features)
+        outputs = functools.partial(_with_rows, body, features=features, batch_size=batch_size)
         self._outputs = jax.jit(outputs).lower(*specs).compile()
-        orig_spec, merged_spec, *_ = jax.eval_shape(outputs, *specs)
-        orig_spec, merged_spec = placed((orig_spec, merged_spec), device)
+        orig_spec, merged_spec, rows_spec, *_ = jax.eval_shape(outputs, *specs)
+        reduced = placed((orig_spec, merged_spec, rows_spec), device)
         reductions = functools.partial(programs.orig_reductions, batch_size=batch_size)
-        self._orig_reductions = jax.jit(reductions).lower(orig_spec, merged_spec).compile()
-        self._merged_spec = merged_spec
-        self._merged_sums: Any = None  # compiled on first need: merged bits never differ
+        self._orig_reductions = jax.jit(reductions).lower(*reduced).compile()
 
     def _program(self) -> tuple[Callable[..., Any], Any]:
         """The steps 1-4 program for this batch size, and its first operand's spec."""
@@ -107,8 +106,9 @@ class CompiledRoundTrip:
         operands = [self._parameters(inputs, params), self._xs(inputs)]
         if self.batch_size > 1:
             operands.append(np.int32(len(inputs)))
-        orig_outs, merged_outs, *drawn = self._outputs(*operands)
-        return self._answers(len(inputs), orig_outs, merged_outs), self._sets(drawn, len(inputs))
+        orig_outs, merged_outs, orig_rows, *drawn = self._outputs(*operands)
+        answers = self._answers(len(inputs), orig_outs, merged_outs, orig_rows)
+        return answers, self._sets(drawn, len(inputs))
 
     def _xs(self, inputs: Sequence[RoundTripInput]) -> npt.NDArray[Any]:
         if self.batch_size == 1:
@@ -118,15 +118,15 @@ class CompiledRoundTrip:
             xs[row] = item.x
         return xs
 
-    def _answers(self, count: int, orig_outs: Any, merged_outs: Any) -> list[RoundTripAnswer]:
+    def _answers(
+        self, count: int, orig_outs: Any, merged_outs: Any, orig_rows: Any
+    ) -> list[RoundTripAnswer]:
         """Steps 5-6 on the batch's outputs, split into each request's answer."""
-        orig_sums, abs_diffs, same_bits = np.asarray(self._orig_reductions(orig_outs, merged_outs))
+        reduced = self._orig_reductions(orig_outs, merged_outs, orig_rows)
+        orig_sums, abs_diffs, same_bits = np.asarray(reduced)
         merged = orig_sums
         if not same_bits[:count].all():  # the contract's failure case: sum them too
-            if self._merged_sums is None:
-                program = functools.partial(programs.merged_sums, batch_size=self.batch_size)
-                self._merged_sums = jax.jit(program).lower(self._merged_spec).compile()
-            merged = np.asarray(self._merged_sums(merged_outs))
+            merged = merged_sums(merged_outs, count, self.batch_size)
         with_outputs = self.signature.with_outputs
         if with_outputs:
             orig_host, merged_host = np.asarray(orig_outs), np.asarray(merged_outs)
@@ -157,6 +157,23 @@ class CompiledRoundTrip:
         if self.batch_size == 1:
             leaves = [leaf[None] for leaf in leaves]
         return [tuple(np.array(leaf[row]) for leaf in leaves) for row in range(count)]
+
+
+def _with_rows(
+    body: Callable[..., Any], *operands: Any, features: int, batch_size: int
+) -> tuple[Any, ...]:
+    """Steps 1-4, and each request's original output as an output of its own (what
+    :func:`~roundtrip.server.programs.orig_reductions` sums)."""
+    orig_out, merged_out, *drawn = body(*operands, features=features)
+    return (orig_out, merged_out, programs.rows_of(orig_out, batch_size), *drawn)
+
+
+def merged_sums(merged_outs: Any, count: int, batch_size: int) -> npt.NDArray[Any]:
+    """Each request's ``merged_sum``, as eager sums a merged output: ``jnp.sum`` of an array
+    of its own. Only when a merged output's bits differ from the original's (the contract's
+    failure case), so eager's dispatch per request costs nothing that matters."""
+    rows = [merged_outs] if batch_size == 1 else [merged_outs[row] for row in range(count)]
+    return np.array([float(jnp.sum(row)) for row in rows], dtype=np.float64)
 
 
 class FromSeeds(CompiledRoundTrip):

@@ -94,52 +94,48 @@ def round_trip_from_params(
     return orig_out, merged_out
 
 
-def _rows(array: jax.Array, batch_size: int) -> list[jax.Array]:
-    return [array] if batch_size == 1 else [array[row] for row in range(batch_size)]
+def rows_of(outputs: jax.Array, batch_size: int) -> tuple[jax.Array, ...]:
+    """Each request's output of a batch, as an output of its own: the executable that
+    computes the batch hands them back as separate buffers, each of the request's own shape,
+    which is what eager's ``jnp.sum`` reduces (a parameter of that shape)."""
+    return (outputs,) if batch_size == 1 else tuple(outputs[row] for row in range(batch_size))
 
 
-def orig_reductions(orig_out: jax.Array, merged_out: jax.Array, *, batch_size: int) -> jax.Array:
+def orig_reductions(
+    orig_out: jax.Array,
+    merged_out: jax.Array,
+    orig_rows: tuple[jax.Array, ...],
+    *,
+    batch_size: int,
+) -> jax.Array:
     """Reference steps 5-6 for each request of a batch of materialized outputs, as one
     ``(3, batch_size)`` array of the outputs' dtype: the rows are each request's
     ``orig_sum``, ``max_abs_diff`` and whether its merged output has the original's bits
     (1 or 0).
 
-    Compiled on its own, so each ``orig_sum`` is a standalone reduce over its
-    own request's output, as eager's ``jnp.sum`` is, never fused with the code
-    that produced the values (a batched reduce over the rows accumulates in
-    another order: 951 of 2,725 probes differed). Returns ``batch_size``
-    separate sums, fenced off before they are gathered into one array so no
-    concatenation fuses into them, then per request
-    ``max(abs(orig - merged))`` (exact in any order, so batched) and whether
-    ``merged_out`` has exactly ``orig_out``'s bits: a reduce is a deterministic
-    function of its input bits, so then ``merged_sum == orig_sum`` exactly and
-    its reduce need not run.
+    Compiled on its own, and each ``orig_sum`` reduces a parameter of its own: the
+    request's output, handed over as a separate buffer (:func:`rows_of`), exactly what
+    eager's ``jnp.sum`` reduces. A reduce fused with the code that produced the values
+    accumulates in another order (951 of 2,725 probes differed); so does one over a row
+    sliced out of the batch inside this executable, whether in place (a GPU reduced
+    ``f32[1,7]`` over two dimensions where eager reduces ``f32[7]``) or copied to a
+    temporary buffer first (XLA's CPU reduce kernels gave other bits for 65,536 elements
+    and up). The sums are fenced off before they are gathered into one array so no
+    concatenation fuses into them. Then per request ``max(abs(orig - merged))`` (exact in
+    any order, so batched) and whether ``merged_out`` has exactly ``orig_out``'s bits: a
+    reduce is a deterministic function of its input bits, so then ``merged_sum ==
+    orig_sum`` exactly and its reduce need not run.
 
     One array, because the lane's thread waits once per array it copies to the host, and
     each wait gives the GIL to the event loop and must win it back: under load that cost
     more than the reductions (a batch of 16: 1.49 -> 1.12 ms beside a busy thread).
-    Max, 0 and 1 are exact in any float dtype, and the sums are fenced off before stacking.
+    Max, 0 and 1 are exact in any float dtype.
     """
     axes = tuple(range(1, orig_out.ndim)) if batch_size > 1 else None
     abs_diff = jnp.max(jnp.abs(orig_out - merged_out), axis=axes).reshape(-1)
     same_bits = jnp.all(_bits(orig_out) == _bits(merged_out), axis=axes).reshape(-1)
-    sums = _stacked_sums(orig_out, batch_size)
+    sums = jnp.stack(jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in orig_rows)))
     return jnp.stack([sums, abs_diff, same_bits.astype(sums.dtype)])
-
-
-def merged_sums(merged_out: jax.Array, *, batch_size: int) -> jax.Array:
-    """Each request's ``merged_sum`` as a standalone reduce; needed only when bits differ."""
-    return _stacked_sums(merged_out, batch_size)
-
-
-def _stacked_sums(outputs: jax.Array, batch_size: int) -> jax.Array:
-    """One standalone reduce per request, fenced off, then gathered into one array: a
-    single transfer to the host instead of one per request, and no fusion into the sums.
-    Each row is fenced before its sum, so the reduce runs over that request's output in
-    eager's shape rather than over a slice of the batch with one more dimension."""
-    rows = jax.lax.optimization_barrier(tuple(_rows(outputs, batch_size)))
-    sums = jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in rows))
-    return jnp.stack(sums)
 
 
 def _bits(array: jax.Array) -> jax.Array:
