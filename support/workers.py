@@ -33,9 +33,9 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 180.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
+#: Every worker started here listens on free ports, read back from its ``listening`` line.
+FREE_PORTS = ("--port", "0", "--metrics-port", "0", "--http-port", "0")
 #: What a worker started here gets unless its flags say otherwise: no announce window
 #: (the drain's first step; the tests of the drain set their own).
 WORKER_DEFAULTS = ("--drain-announce-s", "0")
@@ -238,19 +240,7 @@ class WorkerProcess(ServerProcess):
     ) -> None:
         super().__init__(
             command
-            or [
-                sys.executable,
-                "-m",
-                "roundtrip.server",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--http-port",
-                "0",
-                *WORKER_DEFAULTS,
-                *flags,
-            ],
+            or [sys.executable, "-m", "roundtrip.server", *FREE_PORTS, *WORKER_DEFAULTS, *flags],
             env=env,
             cwd=cwd,
             credentials=credentials,
@@ -287,18 +277,7 @@ class InProcessWorker(_Served):
 
         self.credentials = credentials
         self.config = WorkerConfig.from_sources(
-            [
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--http-port",
-                "0",
-                *IN_PROCESS_DEFAULTS,
-                *flags,
-            ],
+            ["--host", "127.0.0.1", *FREE_PORTS, *IN_PROCESS_DEFAULTS, *flags],
             os.environ,
         )
         if self.config.xla_cpu_max_isa:
@@ -367,12 +346,12 @@ class InProcessWorker(_Served):
 Worker = WorkerProcess | InProcessWorker
 
 
+W = TypeVar("W", WorkerProcess, InProcessWorker)
+
+
 @contextmanager
-def serving_worker(
-    *flags: str, credentials: grpc.ChannelCredentials | None = None
-) -> Iterator[InProcessWorker]:
-    """An in-process worker that reports SERVING; on leaving, its drain must end cleanly."""
-    worker = InProcessWorker(*flags, credentials=credentials)
+def _serving(worker: W) -> Iterator[W]:
+    """``worker`` once it reports SERVING; on leaving, its drain must end with status 0."""
     try:
         worker.wait_serving()
         yield worker
@@ -381,18 +360,18 @@ def serving_worker(
         worker.kill()
 
 
-@contextmanager
+def serving_worker(
+    *flags: str, credentials: grpc.ChannelCredentials | None = None
+) -> AbstractContextManager[InProcessWorker]:
+    """An in-process worker that reports SERVING; on leaving, its drain must end cleanly."""
+    return _serving(InProcessWorker(*flags, credentials=credentials))
+
+
 def serving_process(
     *flags: str, credentials: grpc.ChannelCredentials | None = None
-) -> Iterator[WorkerProcess]:
+) -> AbstractContextManager[WorkerProcess]:
     """A worker subprocess that reports SERVING; on leaving, SIGTERM must stop it with 0."""
-    process = WorkerProcess(*flags, credentials=credentials)
-    try:
-        process.wait_serving()
-        yield process
-        assert process.terminate() == 0
-    finally:
-        process.kill()
+    return _serving(WorkerProcess(*flags, credentials=credentials))
 
 
 class SharedWorkers:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -20,9 +23,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from reference import reference
 
 from roundtrip.client import RoundTripClient
-from roundtrip.server import eventloop
+from roundtrip.server import app, eventloop, warmup
 from roundtrip.server.__main__ import main as server_main
 from roundtrip.server.admission import container_memory_limit, default_inflight_bytes
+from roundtrip.server.config import WorkerConfig
 from support.workers import WorkerProcess, serving_process, serving_worker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -193,3 +197,50 @@ def test_a_taken_port_stops_the_worker_with_status_two_and_says_which(taken: str
     [refusal] = [json.loads(line) for line in done.stderr.splitlines() if "cannot start" in line]
     assert f"127.0.0.1:{port}" in refusal["event"]
     assert f"choose another {taken}" in refusal["event"]
+
+
+def refuses_connections(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_failed_self_check_closes_every_port_it_opened(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's own serve(): a warm-up whose self-check fails closes the gRPC, REST and
+    metrics ports (and the rest of what start opened) before the failure reaches main."""
+
+    def fails(*args: object) -> str:
+        raise warmup.SelfCheckFailed("engine and eager reference differ (forced by the test)")
+
+    monkeypatch.setattr(warmup, "warm_up", fails)
+    caplog.set_level(logging.INFO, logger="roundtrip")
+    config = WorkerConfig.from_sources(
+        ["--port", "0", "--metrics-port", "0", "--http-port", "0", "--gc-threshold", "0"], {}
+    )
+    threads = set(threading.enumerate())
+    with pytest.raises(warmup.SelfCheckFailed):
+        asyncio.run(app.serve(config))
+    [listening] = [record for record in caplog.records if record.getMessage() == "listening"]
+    ports = [listening.port, listening.metrics_port, listening.http_port]  # type: ignore[attr-defined]
+    assert all(ports)
+    assert all(refuses_connections(port) for port in ports), ports
+    assert not [t.name for t in set(threading.enumerate()) - threads if t.name == "metrics-http"]
+
+
+def test_a_failed_self_check_exits_three() -> None:
+    code = (
+        "import sys; from roundtrip.server import __main__, warmup\n"
+        "def fails(*args): raise warmup.SelfCheckFailed('forced by the test')\n"
+        "warmup.warm_up = fails\n"
+        "sys.exit(__main__.main(['--port', '0', '--metrics-port', '0', '--http-port', '0']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "self-check failed; refusing to serve" in done.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,31 +20,13 @@ import numpy.typing as npt
 from roundtrip.client import errors
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.wire import arrays
+from roundtrip.wire.results import RoundTripResult as RoundTripResult
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 Integer = int | np.integer[Any]
 """What ``seed`` and ``features`` take: a Python or numpy integer (an integral float such as
 ``4.0`` is accepted at run time too; ``4.5`` raises ``ValueError``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RoundTripResult:
-    """One answer: both sums, their largest absolute difference, and optional outputs.
-
-    The three numbers are float32 values (the wire's ``float``) held as Python floats, so
-    ``str(numpy.float32(result.orig_sum))`` prints them as float32 (``-4.2219334``).
-    """
-
-    orig_sum: float
-    merged_sum: float
-    max_abs_diff: float
-    orig_out: npt.NDArray[Any] | None = None
-    merged_out: npt.NDArray[Any] | None = None
-
-    def as_list(self) -> list[float]:
-        """``[orig_sum, merged_sum, max_abs_diff]``, the contract's result array."""
-        return [self.orig_sum, self.merged_sum, self.max_abs_diff]
 
 
 def as_int64(name: str, value: Any) -> int:

@@ -1,4 +1,4 @@
-"""Dynamic batching between the servicer and the engine: requests in, futures out.
+"""Dynamic batching between the pipeline and the engine: requests in, futures out.
 
 Requests queue per :class:`ShapeSignature`. One runner task feeds the compute
 lanes (:class:`Lane`: an engine on one device and its one compute thread; JAX

@@ -1,6 +1,6 @@
 """Prometheus metrics, served in the text format on their own HTTP port.
 
-One :class:`WorkerMetrics` per worker, on its own registry. The servicer and
+One :class:`WorkerMetrics` per worker, on its own registry. The pipeline and
 the batcher report into it; the engine's counters (compilations, cache) are
 read at scrape time by a collector, so the engine knows nothing of Prometheus.
 Names follow Prometheus conventions: base units, ``_total`` for counters,

@@ -1,16 +1,27 @@
-"""Transport security and caller authentication: TLS/mTLS credentials and the bearer token.
+"""Transport security and caller authentication for both ports: TLS (and mutual TLS) from
+one set of PEM files, and one bearer-token check.
 
-TLS is gRPC's own (``grpc.ssl_server_credentials``): the server presents
-``tls_cert_file``; with ``tls_client_ca_file`` it also requires a client
-certificate signed by that CA, and the handshake refuses anyone else before a
-call exists. The bearer token is checked per call by :class:`BearerTokenInterceptor`
-in constant time; a call without it never reaches the servicer.
+TLS on the gRPC port is gRPC's own (``grpc.ssl_server_credentials``), on the REST port
+Python's ``ssl``: both present ``tls_cert_file``, and with ``tls_client_ca_file`` both
+require a client certificate that CA signed, so the handshake refuses anyone else before
+a call exists. :class:`TokenCheck` is the one token comparison (constant time), used by the
+gRPC interceptor (:class:`BearerTokenInterceptor`) and by the REST door's middleware, with
+the same exemptions (``auth_exempt``: Kubernetes probes cannot send a token).
+
+>>> check = TokenCheck("s3cret", exempt=["health"])
+>>> check.accepts("Bearer s3cret"), check.accepts(b"Bearer guess"), check.accepts(None)
+(True, False, False)
+>>> check.exempt_method("/grpc.health.v1.Health/Check"), check.exempt_path("/v2/health/ready")
+(True, True)
+>>> check.exempt_method("/roundtrip.v1.RoundTripService/RoundTrip")
+False
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,10 +40,12 @@ else:
 log = logging.getLogger(__name__)
 
 EXEMPTABLE_SERVICES = {"health": health.SERVICE_NAME, "reflection": reflection.SERVICE_NAME}
+#: REST's health routes, exempt from the token when ``health`` is.
+HTTP_HEALTH_PREFIX = "/v2/health/"
 
 
 def server_credentials(config: WorkerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured PEM files, or None for plaintext."""
+    """The gRPC port's TLS credentials from the configured PEM files, or None (plaintext)."""
     if not config.tls_cert_file:
         return None
     client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
@@ -41,6 +54,54 @@ def server_credentials(config: WorkerConfig) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def ssl_context(config: WorkerConfig) -> ssl.SSLContext | None:
+    """The REST port's TLS from the same files, with the same client-certificate
+    requirement, or None (plaintext)."""
+    if not config.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    if config.tls_client_ca_file:
+        context.load_verify_locations(config.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class TokenCheck:
+    """``Authorization: Bearer <token>`` compared in constant time; ``exempt`` names what
+    may be called without it (``health``, ``reflection``)."""
+
+    def __init__(self, token: str, exempt: Iterable[str]) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._exempt = frozenset(exempt)
+        self._exempt_methods = tuple(f"/{EXEMPTABLE_SERVICES[name]}/" for name in self._exempt)
+
+    def accepts(self, given: str | bytes | None) -> bool:
+        if given is None:
+            return False
+        return hmac.compare_digest(
+            given if isinstance(given, bytes) else given.encode(), self._expected
+        )
+
+    def exempt_method(self, method: str) -> bool:
+        """Whether the gRPC method (``/package.Service/Method``) needs no token."""
+        return method.startswith(self._exempt_methods)
+
+    def exempt_path(self, path: str) -> bool:
+        """Whether the REST path needs no token."""
+        return "health" in self._exempt and path.startswith(HTTP_HEALTH_PREFIX)
+
+
+def token_check(config: WorkerConfig) -> TokenCheck | None:
+    """The configured token check, or None when no token is configured."""
+    token = config.auth_token()
+    if not token:
+        return None
+    exempt = config.auth_exempt_services()
+    log.info("bearer token required", extra={"exempt": sorted(exempt)})
+    return TokenCheck(token, exempt)
 
 
 def _terminator(
@@ -61,28 +122,14 @@ def _terminator(
 
 
 class BearerTokenInterceptor(ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
-
-    Methods of ``exempt_services`` (full service names) pass without a token:
-    Kubernetes gRPC probes cannot send one.
-    """
+    """Refuses gRPC calls that :class:`TokenCheck` does not accept with UNAUTHENTICATED; a
+    call without the token never reaches a door."""
 
     def __init__(
-        self,
-        token: str,
-        exempt_services: Iterable[str],
-        on_refused: Callable[[str], None] = lambda method: None,
+        self, check: TokenCheck, on_refused: Callable[[str], None] = lambda method: None
     ) -> None:
-        self._expected = f"Bearer {token}".encode()
-        self._exempt = tuple(f"/{service}/" for service in exempt_services)
+        self._check = check
         self._on_refused = on_refused
-
-    def _authorized(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value if isinstance(value, bytes) else value.encode()
-                return hmac.compare_digest(given, self._expected)
-        return False
 
     async def intercept_service(
         self,
@@ -93,9 +140,17 @@ class BearerTokenInterceptor(ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(self._exempt):
+        if handler is None or self._check.exempt_method(method):
             return handler
-        if self._authorized(handler_call_details.invocation_metadata):
+        given = next(
+            (
+                value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if key == "authorization"
+            ),
+            None,
+        )
+        if self._check.accepts(given):
             return handler
         self._on_refused(method)
         return _terminator(
@@ -106,12 +161,7 @@ class BearerTokenInterceptor(ServerInterceptor):
 
 
 def interceptors(
-    config: WorkerConfig, on_refused: Callable[[str], None]
+    check: TokenCheck | None, on_refused: Callable[[str], None]
 ) -> list[ServerInterceptor]:
-    """The server's interceptors for ``config``: the token check when a token is configured."""
-    token = config.auth_token()
-    if not token:
-        return []
-    exempt = [EXEMPTABLE_SERVICES[name] for name in config.auth_exempt_services()]
-    log.info("bearer token required", extra={"exempt": exempt})
-    return [BearerTokenInterceptor(token, exempt, on_refused)]
+    """The gRPC server's interceptors: the token check when a token is configured."""
+    return [] if check is None else [BearerTokenInterceptor(check, on_refused)]

@@ -1,15 +1,16 @@
-"""The Open Inference Protocol (V2, KServe's protocol) for roundtrip: the model's tensors, and
-the mapping between a ``ModelInferRequest`` and the worker's own requests. No I/O here.
+"""The Open Inference Protocol (V2, KServe's protocol) for roundtrip: the model's tensors,
+and the mapping between a ``ModelInferRequest`` and the pipeline's requests. No I/O here.
 
-Both V2 transports arrive as a ``ModelInferRequest`` (the REST layer turns its JSON and
-binary data into one), so there is one mapping, and it ends in the same
-:class:`RoundTripInput`, :func:`~roundtrip.server.validation.weigh_shape` limits, batcher and
-engine as ``RoundTrip``. Inputs: ``seed`` (INT64), ``x`` (FP32, FP64, FP16 or BF16; rank
->= 1; the last axis is the input width) and ``features`` (INT64). When ``seed`` has B > 1
-elements, the call holds B requests: request i is ``seed[i]``, ``x[i]`` (x's first axis is B)
-and ``features[i]`` (or one shared ``features``); each is answered exactly as if sent alone.
-Outputs: ``result`` (FP32, one row ``[orig_sum, merged_sum, max_abs_diff]`` per request),
-and ``orig_out`` / ``merged_out`` only when asked for (with a leading axis B when B > 1).
+Both V2 doors arrive as a ``ModelInferRequest`` (REST's JSON and binary data become one
+through :mod:`~roundtrip.server.v2_json`), so there is one mapping, :func:`answer`, and it
+ends in the same :class:`RoundTripInput`, :func:`~roundtrip.server.validation.weigh_shape`
+limits and pipeline as ``RoundTrip``. Inputs: ``seed`` (INT64), ``x`` (FP32, FP64, FP16 or
+BF16; rank >= 1; the last axis is the input width) and ``features`` (INT64). When ``seed``
+has B > 1 elements, the call holds B requests: request i is ``seed[i]``, ``x[i]`` (x's
+first axis is B) and ``features[i]`` (or one shared ``features``); each is answered
+exactly as if sent alone. Outputs: ``result`` (FP32, one row ``[orig_sum, merged_sum,
+max_abs_diff]`` per request), and ``orig_out`` / ``merged_out`` only when asked for (with
+a leading axis B when B > 1).
 
 >>> request = v2pb.ModelInferRequest(model_name="roundtrip")
 >>> for name, value in (("seed", 0), ("features", 4)):
@@ -25,6 +26,7 @@ and ``orig_out`` / ``merged_out`` only when asked for (with a leading axis B whe
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -37,6 +39,7 @@ import numpy.typing as npt
 
 from roundtrip.server.admission import WorkingSet
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
+from roundtrip.server.pipeline import Call
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.validation import RequestLimits, weigh_shape
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
@@ -112,7 +115,7 @@ def model_metadata() -> v2pb.ModelMetadataResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class Call:
+class Unpacked:
     """A ``ModelInferRequest`` unpacked: its requests, each with the working set it was weighed
     at, and the outputs asked for. ``batched``: B > 1, so outputs get a leading axis B."""
 
@@ -136,7 +139,7 @@ def naming_the_request(batched: bool, index: int, error: RequestError) -> Reques
     return type(error)(f"request {index} (row {index} of seed and x): {error.message}")
 
 
-def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int) -> Call:
+def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int) -> Unpacked:
     """Check ``request`` and split it into the worker's requests, weighed against ``limits``.
 
     Shapes and limits are checked before x's elements are read. Raw contents are read in place;
@@ -200,11 +203,40 @@ def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items:
         )
         for seed, row, value in zip(seeds, rows, per_item, strict=True)
     ]
-    return Call(items, outputs, batched)
+    return Unpacked(items, outputs, batched)
+
+
+async def answer(
+    call: Call, request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int
+) -> v2pb.ModelInferResponse:
+    """Answer every request of ``request`` through ``call``, each exactly as if sent alone.
+
+    A call of B requests fails as a whole with its first failing request's status, which
+    names the request (:meth:`Unpacked.about`); ``call`` still holds the answers' bytes.
+    """
+    unpacked = unpack(request, limits, max_items=max_items)
+    for index, (item, size) in enumerate(unpacked.items):
+        try:
+            call.admit(size, functools.partial(_decoded, item))
+        except RequestError as error:
+            raise unpacked.about(index, error) from None
+    answers = []
+    for index, outcome in enumerate(await call.answers()):
+        if isinstance(outcome, RequestError):
+            raise unpacked.about(index, outcome)
+        if isinstance(outcome, Exception):
+            raise outcome  # a bug: INTERNAL
+        answers.append(outcome)
+    return pack(request, unpacked, answers)
+
+
+def _decoded(item: RoundTripInput) -> RoundTripInput:
+    """A request :func:`unpack` decoded already (its x is a view of the message's)."""
+    return item
 
 
 def pack(
-    request: v2pb.ModelInferRequest, call: Call, answers: Sequence[RoundTripAnswer]
+    request: v2pb.ModelInferRequest, call: Unpacked, answers: Sequence[RoundTripAnswer]
 ) -> v2pb.ModelInferResponse:
     """The answers as a ``ModelInferResponse``: the outputs asked for, in that order, raw."""
     response = v2pb.ModelInferResponse(
@@ -222,7 +254,9 @@ def pack(
     return response
 
 
-def _stacked_output(name: str, call: Call, answers: Sequence[RoundTripAnswer]) -> npt.NDArray[Any]:
+def _stacked_output(
+    name: str, call: Unpacked, answers: Sequence[RoundTripAnswer]
+) -> npt.NDArray[Any]:
     """``orig_out`` or ``merged_out`` as one little-endian array (a leading axis B when
     batched)."""
     parts = [getattr(answer, name) for answer in answers]

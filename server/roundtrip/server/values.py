@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from roundtrip.wire.results import RoundTripResult
+
 
 @dataclass(frozen=True, slots=True)
 class ShapeSignature:
@@ -56,22 +58,10 @@ class RoundTripInput:
         object.__setattr__(self, "signature", signature)  # frozen: set once, here
 
 
-@dataclass(frozen=True, slots=True)
-class RoundTripAnswer:
-    """One request's answer as the engine computes it: the contract's three numbers (float32
-    values, held as Python floats) and, when asked for, both outputs. Each door encodes it
-    for its own wire; the engine knows nothing of gRPC, protobuf or JSON.
-    """
-
-    orig_sum: float
-    merged_sum: float
-    max_abs_diff: float
-    orig_out: npt.NDArray[Any] | None = None
-    merged_out: npt.NDArray[Any] | None = None
-
-    def as_list(self) -> list[float]:
-        """``[orig_sum, merged_sum, max_abs_diff]``, the contract's result array."""
-        return [self.orig_sum, self.merged_sum, self.max_abs_diff]
+#: One request's answer as the engine computes it: the contract's three numbers (float32
+#: values, held as Python floats) and, when asked for, both outputs; the same value the
+#: client hands its callers. Each door encodes it for its own wire.
+RoundTripAnswer = RoundTripResult
 
 
 @functools.cache

@@ -1,0 +1,49 @@
+"""``roundtrip.v1`` messages to and from the pipeline's values, for the doors that speak it
+(RoundTrip, RoundTripBatch, RoundTripStream): a request weighed on its declared shape with
+its payload decoded only once admitted (the checks are :mod:`~roundtrip.server.validation`'s),
+and an answer encoded.
+
+>>> from roundtrip.server.validation import RequestLimits
+>>> request = pb.RoundTripRequest(seed=0, x=pb.Array(values=[1.0, 2.0, 3.0]), features=4)
+>>> size, decode = weighed(request, RequestLimits(100, 100, 10_000, 100), message_bytes=40)
+>>> size.param_bytes, decode().x.tolist()
+(64, [1.0, 2.0, 3.0])
+>>> encode_result(RoundTripAnswer(1.5, 1.5, 0.0)).orig_sum
+1.5
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from roundtrip.server.admission import WorkingSet
+from roundtrip.server.validation import RequestLimits, decode, weigh
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.wire import arrays
+
+
+def weighed(
+    request: pb.RoundTripRequest, limits: RequestLimits, *, message_bytes: int
+) -> tuple[WorkingSet, Callable[[], RoundTripInput]]:
+    """What admission needs of ``request``: its working set, weighed on the declared shape
+    (raising what the contract or the limits refuse), and how to decode it once admitted."""
+    return weigh(request, limits, message_bytes=message_bytes), functools.partial(decode, request)
+
+
+def encode_result(
+    result: RoundTripAnswer, response: pb.RoundTripResponse | None = None
+) -> pb.RoundTripResponse:
+    """The answer as a ``RoundTripResponse``; written into ``response`` when given (a batch
+    outcome's own field, so it is not built apart and copied in)."""
+    if response is None:
+        response = pb.RoundTripResponse()
+    response.orig_sum = result.orig_sum
+    response.merged_sum = result.merged_sum
+    response.max_abs_diff = result.max_abs_diff
+    if result.orig_out is not None and result.merged_out is not None:
+        dtype = result.orig_out.dtype
+        response.orig_out.CopyFrom(arrays.to_proto(result.orig_out, dtype))
+        response.merged_out.CopyFrom(arrays.to_proto(result.merged_out, dtype))
+    return response

@@ -1,0 +1,99 @@
+"""``roundtrip.v1.RoundTripService``'s unary methods: ``RoundTrip``, ``RoundTripBatch`` and
+``GetServerInfo``. Each converts its messages and leaves the work to the pipeline.
+
+Registered from the service descriptor (``grpc_calls.add_to_server``), so the methods take
+what the tolerant parser hands over, wrapped by :func:`~roundtrip.server.grpc_calls.unary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from roundtrip.server.codec import encode_result, weighed
+from roundtrip.server.errors import Failure, LimitExceeded, failure_of
+from roundtrip.server.grpc_calls import Context, dropped_code, unary
+from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.values import RoundTripAnswer
+from roundtrip.v1 import roundtrip_pb2 as pb
+
+
+class RoundTripDoor:
+    """The unary methods of ``roundtrip.v1.RoundTripService`` over ``pipeline``; ``info``
+    is what GetServerInfo answers (its numerics fingerprint filled in once known)."""
+
+    def __init__(self, pipeline: Pipeline, info: pb.GetServerInfoResponse) -> None:
+        self.pipeline = pipeline
+        self.info = info
+
+    @unary()
+    async def RoundTrip(  # noqa: N802 (the generated servicer's name)
+        self, call: Call, request: pb.RoundTripRequest, context: Context
+    ) -> pb.RoundTripResponse:
+        limits = self.pipeline.limits
+        call.admit(*weighed(request, limits, message_bytes=call.message_bytes), gathered=False)
+        return encode_result(await call.answer())
+
+    @unary(counts=False)
+    async def RoundTripBatch(  # noqa: N802
+        self, call: Call, batch: pb.RoundTripBatchRequest, context: Context
+    ) -> pb.RoundTripBatchResponse:
+        """Answer every request of the message as if each came alone; outcomes in order.
+
+        Each item is weighed, admitted, decoded and queued on its own (so items join the
+        per-shape batches with all other traffic, and one bad item gets its own error while
+        the others are answered), in one pass: no task or coroutine per item. Items are
+        counted one by one, by the code each ended with.
+        """
+        pipeline = self.pipeline
+        count = len(batch.requests)
+        if count > pipeline.max_batch_items:
+            raise LimitExceeded(
+                f"a RoundTripBatch holds {count} requests, over this worker's limit of "
+                f"{pipeline.max_batch_items} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
+            )
+        started = time.perf_counter()
+        outcomes: list[Failure | RoundTripAnswer | None] = [None] * count
+        admitted = []
+        pipeline.metrics.inflight.inc(count)
+        try:
+            for index, request in enumerate(batch.requests):
+                try:
+                    call.admit(*weighed(request, pipeline.limits, message_bytes=call.message_bytes))
+                    admitted.append(index)
+                except Exception as error:
+                    outcomes[index] = failure_of(error)
+            answers = await call.answers()
+        except asyncio.CancelledError:
+            code = dropped_code(context).name
+            pipeline.metrics.observe_rpcs("RoundTripBatch", [code] * count, started)
+            raise
+        finally:
+            pipeline.metrics.inflight.dec(count)
+        for index, answer in zip(admitted, answers, strict=True):
+            outcomes[index] = failure_of(answer) if isinstance(answer, Exception) else answer
+        return self._response(outcomes, started)
+
+    def _response(
+        self, outcomes: list[Failure | RoundTripAnswer | None], started: float
+    ) -> pb.RoundTripBatchResponse:
+        """The outcomes in order, each item counted by its code."""
+        response = pb.RoundTripBatchResponse()
+        codes = []
+        for outcome in outcomes:
+            slot = response.outcomes.add()
+            if isinstance(outcome, Failure):
+                slot.error.code, slot.error.message = outcome.code.value[0], outcome.message
+                codes.append(outcome.code.name)
+            elif outcome is not None:
+                encode_result(outcome, slot.response)
+                codes.append("OK")
+        self.pipeline.metrics.observe_rpcs("RoundTripBatch", codes, started)
+        return response
+
+    @unary(about_the_worker=True)
+    async def GetServerInfo(  # noqa: N802
+        self, call: Call, request: Any, context: Context
+    ) -> pb.GetServerInfoResponse:
+        return self.info

@@ -1,0 +1,157 @@
+"""``RoundTripStream``: many requests on one stream, each answered as soon as it is done,
+tagged with its id; a bad message gets its own error and the stream goes on.
+
+A message holds one of ``max_stream_inflight`` slots from when it is read until its answer
+has been written, so a caller that stops reading answers stops the worker reading its
+requests (HTTP/2 flow control then slows the caller) and never piles answers up in the
+worker. Each message is a :class:`~roundtrip.server.pipeline.Call` of its own, owned by the
+stream from the moment it is read: written, its call closes; the stream ending however it
+ends (finished, failed, cancelled, its caller gone) closes every call it still owns. When the
+worker drains, the stream stops reading, sends every answer it owes, and ends with
+UNAVAILABLE: the messages it did not read were never accepted and can be sent again to
+another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from roundtrip.server import numerics
+from roundtrip.server.codec import encode_result, weighed
+from roundtrip.server.errors import Failure, ShuttingDown
+from roundtrip.server.grpc_calls import Context, Received, Unparseable, deadline_of, dropped_code
+from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.v1 import roundtrip_pb2 as pb
+
+METHOD = "RoundTripStream"
+
+
+class StreamDoor:
+    """``RoundTripStream`` over ``pipeline``, at most ``max_stream_inflight`` unanswered
+    (or unwritten) messages per stream."""
+
+    def __init__(self, pipeline: Pipeline, *, max_stream_inflight: int) -> None:
+        self.pipeline = pipeline
+        self.max_stream_inflight = max_stream_inflight
+
+    async def RoundTripStream(  # noqa: N802 (the generated servicer's name)
+        self, request_iterator: AsyncIterator[Received], context: Context
+    ) -> AsyncIterator[pb.RoundTripStreamResponse]:
+        pipeline = self.pipeline
+        stream = _OpenStream(pipeline, context, self.max_stream_inflight)
+        # grpc may end the call while an answer waits to be written, and never resume here
+        context.add_done_callback(lambda _: stream.close())  # type: ignore[arg-type]
+        unwatch = pipeline.calls.watch_stream(stream.end_for_drain)
+        dropped = functools.partial(dropped_code, context)
+        try:  # the stream as a whole: its messages are counted one by one
+            with pipeline.envelope(METHOD, dropped=dropped, counts=False) as envelope:
+                metadata = context.invocation_metadata()
+                pipeline.check_new_call(numerics.expected_fingerprint(metadata))
+                reader = stream.start_reading(request_iterator)
+                while (answer := await stream.answers.get()) is not None:
+                    yield answer.response
+                    stream.written(answer)  # only now may the stream read another message
+                await reader  # re-raise a read error, if any
+                if stream.drained:
+                    raise ShuttingDown(
+                        "the worker is draining: every message it read was answered; "
+                        "send the unanswered ones again on a new stream (another worker)"
+                    )
+            if envelope.failure is not None:
+                await context.abort(envelope.failure.code, envelope.failure.message)
+        finally:
+            unwatch()
+            stream.close()
+
+
+@dataclass(slots=True)
+class _Answer:
+    response: pb.RoundTripStreamResponse
+    call: Call
+
+
+class _OpenStream:
+    """One RoundTripStream call: its reader, its answering tasks, the calls of its messages
+    not yet written. :meth:`close` stops the tasks and closes those calls."""
+
+    def __init__(self, pipeline: Pipeline, context: Context, max_inflight: int) -> None:
+        self._pipeline = pipeline
+        self._dropped = functools.partial(dropped_code, context)
+        self._deadline = deadline_of(context)
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._owned: set[Call] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._reading = True
+        self.drained = False
+        self.answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
+
+    def start_reading(self, request_iterator: AsyncIterator[Received]) -> asyncio.Task[None]:
+        self._reader = asyncio.create_task(self._read_all(request_iterator))
+        return self._reader
+
+    def written(self, answer: _Answer) -> None:
+        """An answer is written: its call gives back its bytes and its place."""
+        answer.call.close()
+        self._owned.discard(answer.call)
+
+    def end_for_drain(self) -> None:
+        """Stop reading; the answers owed are still sent, then the stream ends UNAVAILABLE."""
+        self.drained = True
+        if self._reading and self._reader is not None:
+            self._reader.cancel()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for call in self._owned:
+            call.close()
+        self._owned.clear()
+
+    async def _read_all(self, request_iterator: AsyncIterator[Received]) -> None:
+        try:
+            try:
+                async for received in request_iterator:
+                    call = self._pipeline.call(deadline=self._deadline, message=received.held)
+                    self._owned.add(call)  # the stream's from here: closed with it
+                    if isinstance(received.message, Unparseable):  # no id to answer by: end
+                        raise received.message.error()
+                    await self._slots.acquire()
+                    call.occupy(self._slots)
+                    task = asyncio.create_task(self._answer_one(call, received.message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except asyncio.CancelledError:
+                if not self.drained:
+                    raise
+            self._reading = False
+            while self._tasks:
+                await asyncio.gather(*self._tasks)
+        finally:
+            self.answers.put_nowait(None)
+
+    async def _answer_one(self, call: Call, message: pb.RoundTripStreamRequest) -> None:
+        pipeline = self._pipeline
+        with pipeline.envelope(METHOD, dropped=self._dropped, opens=False) as envelope:
+            size, decode = weighed(
+                message.request, pipeline.limits, message_bytes=call.message_bytes
+            )
+            call.admit(size, decode, gathered=False)
+            answer = await call.answer()
+        if envelope.failure is not None:
+            self.answers.put_nowait(_Answer(stream_error(message.id, envelope.failure), call))
+            return
+        response = pb.RoundTripStreamResponse(id=message.id, response=encode_result(answer))
+        self.answers.put_nowait(_Answer(response, call))
+
+
+def stream_error(message_id: int, failure: Failure) -> pb.RoundTripStreamResponse:
+    """One stream message's own error: the status a unary call would have ended with."""
+    return pb.RoundTripStreamResponse(
+        id=message_id, error=pb.StreamError(code=failure.code.value[0], message=failure.message)
+    )

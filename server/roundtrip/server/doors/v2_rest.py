@@ -1,0 +1,224 @@
+"""The V2 protocol's REST endpoints (aiohttp) on ``http_port``, on the worker's event loop.
+
+An infer body becomes a ``ModelInferRequest`` through the JSON codec
+(:mod:`~roundtrip.server.v2_json`) and is answered through V2's mapping into the pipeline
+(:func:`roundtrip.server.v2.answer`), in the same envelope as every other door. Errors are
+the gRPC status the call would have ended with, as the HTTP status of the one mapping
+(:func:`~roundtrip.server.errors.failure_of`), with V2's body ``{"error": "<message>"}``.
+
+Routes (``/versions/1`` may follow the model's name):
+
+* ``GET /v2/health/live``, ``GET /v2/health/ready``: 200, or 503 when not ready;
+* ``GET /v2``: server metadata; ``GET /v2/models/roundtrip``: model metadata;
+* ``GET /v2/models/roundtrip/ready``; ``POST /v2/models/roundtrip/infer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from roundtrip.server import v2, v2_json
+from roundtrip.server.errors import BodyTooLarge, Failure, LimitExceeded, failure_of
+from roundtrip.server.pipeline import Pipeline
+from roundtrip.server.security import TokenCheck
+from roundtrip.wire.metadata import FINGERPRINT_KEY
+
+log = logging.getLogger(__name__)
+
+METHOD = "ModelInferHTTP"
+
+
+def error_response(failure: Failure) -> web.Response:
+    """V2's error body with ``failure``'s HTTP status.
+
+    >>> error_response(Failure(grpc.StatusCode.INVALID_ARGUMENT, "x is required")).status
+    400
+    """
+    return web.json_response({"error": failure.message}, status=failure.http_status)
+
+
+class V2RestDoor:
+    """The REST routes over ``pipeline``; ``token``: the check every route passes (health
+    routes too unless exempt); ``ready``: whether the worker takes inference calls now."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        ready: Callable[[], bool],
+        max_body_bytes: int,
+        token: TokenCheck | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.ready = ready
+        self._max_body_bytes = max_body_bytes
+        self._token = token
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._errors])
+        model = "/v2/models/{model}"
+        versioned = "/v2/models/{model}/versions/{version}"
+        app.add_routes(
+            [
+                web.get("/v2/health/live", self.live),
+                web.get("/v2/health/ready", self.server_ready),
+                web.get("/v2", self.server_metadata),
+                *(web.get(prefix, self.model_metadata) for prefix in (model, versioned)),
+                *(web.get(prefix + "/ready", self.model_ready) for prefix in (model, versioned)),
+                *(web.post(prefix + "/infer", self.infer) for prefix in (model, versioned)),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The token check, and every error as V2's body with its mapped status."""
+        token = self._token
+        if (
+            token is not None
+            and not token.exempt_path(request.path)
+            and not token.accepts(request.headers.get("Authorization"))
+        ):
+            self.pipeline.metrics.refused_unauthenticated("http")  # (paths: unbounded)
+            return web.json_response(
+                {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
+                status=401,
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as error:  # aiohttp's own: an unknown route...
+            return web.json_response({"error": error.reason}, status=error.status)
+        except Exception as error:  # a RequestError's own status; anything else: INTERNAL, logged
+            return error_response(failure_of(error))
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def server_ready(self, request: web.Request) -> web.Response:
+        ready = self.ready()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        metadata = v2.server_metadata()
+        return web.json_response(
+            {
+                "name": metadata.name,
+                "version": metadata.version,
+                "extensions": list(metadata.extensions),
+            }
+        )
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
+        metadata = v2.model_metadata()
+
+        def tensors(items: Any) -> list[dict[str, Any]]:
+            return [
+                {"name": item.name, "datatype": item.datatype, "shape": list(item.shape)}
+                for item in items
+            ]
+
+        return web.json_response(
+            {
+                "name": metadata.name,
+                "versions": list(metadata.versions),
+                "platform": metadata.platform,
+                "inputs": tensors(metadata.inputs),
+                "outputs": tensors(metadata.outputs),
+            }
+        )
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
+        ready = self.ready()
+        return web.json_response(
+            {"name": v2.MODEL_NAME, "ready": ready}, status=200 if ready else 503
+        )
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        """One V2 call: the body read, decoded, answered, and written while the call still
+        holds its answer's bytes."""
+        pipeline = self.pipeline
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        with pipeline.call(deadline=None) as call:
+            dropped = _cancelled  # a REST caller that hangs up
+            with pipeline.envelope(METHOD, dropped=dropped) as envelope:
+                body = await self._read(request)
+                call.hold_message(pipeline.received(len(body)))
+                pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY))
+                v2.check_model(model, version)
+                split = v2_json.json_length(body, request.headers.get(v2_json.HEADER_LENGTH))
+                with self._decoding(call, split):
+                    message, binary_outputs = v2_json.infer_request(body, split, model, version)
+                del body
+                response = await v2.answer(
+                    call, message, pipeline.limits, max_items=pipeline.max_batch_items
+                )
+                payload, header_length = v2_json.infer_body(response, binary_outputs)
+            if envelope.failure is not None:
+                return error_response(envelope.failure)
+            if header_length is None:
+                sent = web.Response(body=payload, content_type="application/json")
+            else:
+                sent = web.Response(
+                    body=payload,
+                    content_type="application/octet-stream",
+                    headers={v2_json.HEADER_LENGTH: str(header_length)},
+                )
+            await sent.prepare(request)
+            await sent.write_eof()
+            return sent
+
+    async def _read(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:  # over client_max_size: refused while read
+            raise BodyTooLarge(
+                f"the request body is over this worker's limit of {self._max_body_bytes} "
+                "bytes (max_message_bytes, env ROUNDTRIP_MAX_MESSAGE_BYTES)"
+            ) from None
+
+    def _decoding(self, call: Any, json_bytes: int) -> Any:
+        """Hold what decoding ``json_bytes`` of JSON may take (``JSON_EXPANSION`` x)."""
+        nbytes = v2_json.JSON_EXPANSION * json_bytes
+        limit = self.pipeline.budget.limit
+        if nbytes > limit:
+            raise LimitExceeded(
+                f"decoding this request's {json_bytes} bytes of JSON may take {nbytes} bytes, "
+                f"over this worker's max_inflight_bytes = {limit} (env "
+                "ROUNDTRIP_MAX_INFLIGHT_BYTES): send large tensors as binary data "
+                "(parameters.binary_data_size, the binary tensor data extension) or over gRPC"
+            )
+        return call.holding(nbytes)
+
+
+def _cancelled() -> grpc.StatusCode:
+    return grpc.StatusCode.CANCELLED
+
+
+async def start(
+    door: V2RestDoor, host: str, port: int, *, tls: ssl.SSLContext | None
+) -> tuple[web.AppRunner, int]:
+    """Serve ``door`` on ``host:port`` (0 picks a free port); the runner and bound port.
+
+    Raises OSError when the port cannot be bound.
+    """
+    # the drain has already waited for open calls (they count in OpenCalls) when the runner
+    # is cleaned up, so its own wait is short
+    runner = web.AppRunner(door.application(), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])

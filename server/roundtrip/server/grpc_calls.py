@@ -1,0 +1,178 @@
+"""What the gRPC doors share: their methods registered with a parser that counts every
+message's bytes and answers undecodable bytes with INVALID_ARGUMENT, and a unary call
+answered in the pipeline's envelope.
+
+grpcio's own parser answers bytes that are not a valid message with UNKNOWN, and a stream
+would hang; :func:`tolerant_parser` hands the handler an :class:`Unparseable` instead, and
+counts the message against the byte budget the moment gRPC hands it over (it is in memory,
+refused or not). :func:`unary` wraps a handler so that it gets the :class:`Call` holding
+that message, answers in :meth:`Pipeline.envelope`, aborts with the failure's status, and
+gives the call's bytes back once the answer is sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf import message, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+from roundtrip.server import numerics
+from roundtrip.server.admission import Reservation
+from roundtrip.server.errors import InvalidArgument
+from roundtrip.server.pipeline import Call, Pipeline
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Response = TypeVar("Response")
+
+#: Calls holding up to this many bytes (their answers: a few numbers, no outputs) give them
+#: back when the handler returns; larger ones once gRPC has sent the answer. A callback on
+#: every call would cost more than the bytes matter.
+SMALL_ANSWER_BYTES = 64 * 1024
+
+#: A caller's own deadline reaches the worker as a plain cancel, a little before the worker's
+#: copy of that deadline (which started when the call arrived): a cancel this close to the
+#: deadline is counted as the deadline.
+DEADLINE_SLACK_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Unparseable:
+    """What the parser hands the handler for bytes that are not a valid message."""
+
+    type_name: str
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"request is not a valid {self.type_name} message: {self.reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message as the parser hands it over, with the bytes it holds against the budget
+    (handed on to the :class:`Call` that answers it)."""
+
+    message: Any
+    held: Reservation
+
+
+def tolerant_parser(
+    message_type: type[message.Message], pipeline: Pipeline
+) -> Callable[[bytes], Received]:
+    def parse(data: bytes) -> Received:
+        held = pipeline.received(len(data))
+        try:
+            return Received(message_type.FromString(data), held)
+        except message.DecodeError as error:
+            return Received(Unparseable(message_type.DESCRIPTOR.full_name, str(error)), held)
+
+    return parse
+
+
+def add_to_server(
+    methods: Mapping[str, Callable[..., Any]],
+    service: ServiceDescriptor,
+    server: grpc.aio.Server,
+    pipeline: Pipeline,
+) -> None:
+    """Register ``methods`` (by their names in ``service``) with :func:`tolerant_parser`."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            methods[method.name],
+            request_deserializer=tolerant_parser(
+                message_factory.GetMessageClass(method.input_type), pipeline
+            ),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    # as the generated add_*_to_server does: the faster lookup (missing from grpc-stubs)
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def deadline_of(context: Context) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` time (None: none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def dropped_code(context: Context) -> grpc.StatusCode:
+    """Why grpc cancelled a handler: its deadline passed, or the caller (or shutdown) ended it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def close_when_sent(call: Call, context: Context) -> None:
+    """Give back what ``call`` holds now when it is small, else once gRPC has sent the
+    answer (however the call ends: the callback runs on cancel too)."""
+    if call.held_bytes > SMALL_ANSWER_BYTES:
+        context.add_done_callback(lambda _: call.close())  # type: ignore[arg-type]
+    else:
+        call.close()
+
+
+class Door(Protocol):
+    pipeline: Pipeline
+
+
+Handler = Callable[[Any, Call, Any, Context], Awaitable[Response]]
+
+
+def unary(
+    *, about_the_worker: bool = False, counts: bool = True
+) -> Callable[[Handler[Response]], Callable[[Any, Received, Context], Awaitable[Response]]]:
+    """A unary method of a door, answered in the pipeline's envelope: ``handler(door, call,
+    message, context)`` gets the :class:`Call` that holds the message.
+
+    ``about_the_worker``: a method about the worker itself (GetServerInfo, V2's
+    ServerReady...), still answered while the worker drains and whatever numerics
+    fingerprint the call insists on (it is how callers learn it). ``counts=False``: the
+    handler counts the call's requests itself (a batch).
+    """
+
+    def decorate(
+        handler: Handler[Response],
+    ) -> Callable[[Any, Received, Context], Awaitable[Response]]:
+        method = handler.__name__
+
+        @functools.wraps(handler)
+        async def answered(door: Door, received: Received, context: Context) -> Response:
+            pipeline = door.pipeline
+            call = pipeline.call(deadline=deadline_of(context), message=received.held)
+            try:
+                dropped = functools.partial(dropped_code, context)
+                with pipeline.envelope(method, dropped=dropped, counts=counts) as envelope:
+                    if isinstance(received.message, Unparseable):
+                        raise received.message.error()
+                    if not about_the_worker:
+                        metadata = context.invocation_metadata()
+                        pipeline.check_new_call(numerics.expected_fingerprint(metadata))
+                    response = await handler(door, call, received.message, context)
+            except BaseException:
+                call.close()
+                raise
+            if envelope.failure is not None:
+                call.close()
+                await context.abort(envelope.failure.code, envelope.failure.message)
+            close_when_sent(call, context)
+            return response
+
+        return answered
+
+    return decorate
