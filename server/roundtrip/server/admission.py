@@ -117,7 +117,8 @@ def answer_bytes(output_bytes: int) -> int:
 
 
 class Reservation:
-    """Bytes one request holds; :meth:`release` gives them back (once, however often called)."""
+    """Bytes one request holds; :meth:`release` gives them back (once, however often called),
+    and from then on it holds 0."""
 
     __slots__ = ("_budget", "nbytes")
 
@@ -135,6 +136,7 @@ class Reservation:
         if self._budget is not None:
             self._budget.in_use -= self.nbytes
             self._budget = None
+            self.nbytes = 0
 
 
 class ByteBudget:

@@ -34,7 +34,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from types import TracebackType
 
 import grpc
@@ -49,7 +49,7 @@ from roundtrip.server.admission import (
 )
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Gathering, Ticket
-from roundtrip.server.errors import Failure, ShuttingDown, failure_of
+from roundtrip.server.errors import Failure, RequestError, ShuttingDown, failure_of
 from roundtrip.server.metrics import WorkerMetrics
 from roundtrip.server.validation import RequestLimits
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
@@ -274,7 +274,10 @@ class Call:
     @property
     def held_bytes(self) -> int:
         """Bytes the call holds now: its message (until answered) and its requests'."""
-        return self.message_bytes + sum(reservation.nbytes for reservation in self._held)
+        held = self.message_bytes
+        for reservation in self._held:
+            held += reservation.nbytes
+        return held
 
     def occupy(self, place: asyncio.Semaphore) -> None:
         """Hold a place the call has taken (one of a stream's ``max_stream_inflight``), given
@@ -297,21 +300,19 @@ class Call:
         finally:
             reservation.release()
 
-    def admit(
-        self, size: WorkingSet, decode: Callable[[], RoundTripInput], *, gathered: bool = True
-    ) -> None:
+    def admit(self, size: WorkingSet, decode: Callable[[], RoundTripInput]) -> None:
         """Reserve the working set of a request weighed at ``size``, decode it (``decode``
-        reads its payload, after the reservation), and queue it. A refusal raises its
-        :class:`RequestError` and leaves nothing held. ``gathered=False``: the call's one
-        request, awaited alone by :meth:`answer`."""
+        reads its payload, after the reservation), and queue it with the call's others,
+        answered together by :meth:`answers`. A refusal raises its :class:`RequestError`
+        and leaves nothing held."""
         pipeline = self._pipeline
         held = pipeline.budget.reserve(working_set_bytes(size))
         try:
             item = decode()
-            if gathered and self._gathering is None:
+            if self._gathering is None:
                 self._gathering = Gathering()
             ticket = pipeline.batcher.enqueue(
-                item, deadline=self.deadline, gathering=self._gathering if gathered else None
+                item, deadline=self.deadline, gathering=self._gathering
             )
         except BaseException:
             held.release()
@@ -319,15 +320,35 @@ class Call:
         self._held.append(held)
         self._queued.append((item, held, ticket))
 
-    async def answer(self) -> RoundTripAnswer:
-        """The call's one request's answer, or its error raised."""
-        [(item, held, ticket)] = self._queued
-        with suppress(Exception):  # its own error: settled, then raised below
-            await ticket.future
-        outcome = self._settle(item, held, ticket)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+    async def answer(
+        self, size: WorkingSet, decode: Callable[[], RoundTripInput]
+    ) -> RoundTripAnswer:
+        """The call's one request, admitted as :meth:`admit` admits one, waited for and
+        settled: its answer, or its own error raised."""
+        pipeline = self._pipeline
+        held = pipeline.budget.reserve(working_set_bytes(size))
+        self._held.append(held)  # the call's from here: given back when it closes
+        item = decode()
+        ticket = pipeline.batcher.enqueue(item, deadline=self.deadline)
+        self._queued.append((item, held, ticket))
+        try:
+            answer = await ticket.future
+        except RequestError:
+            self._answered(held, None)
+            raise
+        pipeline.auditor.offer(item, answer)
+        self._answered(held, answer)
+        return answer
+
+    def _answered(self, held: Reservation, answer: RoundTripAnswer | None) -> None:
+        """A request is done with: it holds its answer's bytes from now on (none if it
+        failed), and the call's message is no longer needed."""
+        if self._message is not None:
+            self._message.release()
+        if answer is None:
+            held.release()
+        else:
+            held.shrink(answer_bytes(answer.orig_out.nbytes if answer.orig_out is not None else 0))
 
     async def answers(self) -> list[RoundTripAnswer | Exception]:
         """Every queued request's answer, or its own error (a :class:`RequestError`; any
@@ -339,17 +360,14 @@ class Call:
     def _settle(
         self, item: RoundTripInput, held: Reservation, ticket: Ticket
     ) -> RoundTripAnswer | Exception:
-        """An answered request: offered to the audit, holding only its answer's bytes from
-        now on; a failed one: holding nothing. The message is no longer needed either way."""
-        if self._message is not None:
-            self._message.release()
+        """An answered request offered to the audit, then :meth:`_answered`."""
         error = ticket.future.exception()
         if isinstance(error, Exception):
-            held.release()
+            self._answered(held, None)
             return error
         answer = ticket.future.result()
         self._pipeline.auditor.offer(item, answer)
-        held.shrink(answer_bytes(answer.orig_out.nbytes if answer.orig_out is not None else 0))
+        self._answered(held, answer)
         return answer
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ what the tolerant parser hands over, wrapped by :func:`~roundtrip.server.grpc_ca
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from roundtrip.server.codec import encode_result, weighed
 from roundtrip.server.errors import Failure, LimitExceeded, failure_of
 from roundtrip.server.grpc_calls import Context, dropped_code, unary
 from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.validation import decode, weigh
 from roundtrip.server.values import RoundTripAnswer
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -31,9 +33,8 @@ class RoundTripDoor:
     async def RoundTrip(  # noqa: N802 (the generated servicer's name)
         self, call: Call, request: pb.RoundTripRequest, context: Context
     ) -> pb.RoundTripResponse:
-        limits = self.pipeline.limits
-        call.admit(*weighed(request, limits, message_bytes=call.message_bytes), gathered=False)
-        return encode_result(await call.answer())
+        size = weigh(request, self.pipeline.limits, message_bytes=call.message_bytes)
+        return encode_result(await call.answer(size, functools.partial(decode, request)))
 
     @unary(counts=False)
     async def RoundTripBatch(  # noqa: N802

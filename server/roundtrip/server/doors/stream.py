@@ -141,8 +141,7 @@ class _OpenStream:
             size, decode = weighed(
                 message.request, pipeline.limits, message_bytes=call.message_bytes
             )
-            call.admit(size, decode, gathered=False)
-            answer = await call.answer()
+            answer = await call.answer(size, decode)
         if envelope.failure is not None:
             self.answers.put_nowait(_Answer(stream_error(message.id, envelope.failure), call))
             return
