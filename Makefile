@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9464
+HTTP_PORT ?= 8000
 PROTO_FILES := protos/roundtrip/v1/roundtrip.proto
 GEN_DIR := client/roundtrip/v1
 # The Open Inference Protocol (V2): only the server uses its messages (V2 callers bring
@@ -39,8 +40,14 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 wheel: | $(UV)
 	$(UV) build --wheel --out-dir $(DIST) .
 
-serve: setup
-	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+# Only what the worker needs to run (no dev tools); --inexact keeps a developer's tools.
+$(VENV)/.served: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --quiet --frozen --extra server --no-dev --inexact
+	touch $@
+
+serve: $(VENV)/.served
+	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) \
+	  --http-port $(HTTP_PORT)
 
 test: lint typecheck protolint check-protos deploy-check pytest image-test
 

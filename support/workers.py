@@ -247,6 +247,29 @@ class WorkerProcess(ServerProcess):
         )
 
 
+class RssSampler:
+    """The worker's peak RSS, sampled every 20 ms while in the ``with`` block."""
+
+    def __init__(self, worker: ServerProcess) -> None:
+        self.worker = worker
+        self.before = worker.rss_mib()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.worker.rss_mib())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 class _Events(logging.Handler):
     """Collects the worker's log records as the JSON objects its log lines would hold."""
 
@@ -368,10 +391,12 @@ def serving_worker(
 
 
 def serving_process(
-    *flags: str, credentials: grpc.ChannelCredentials | None = None
+    *flags: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AbstractContextManager[WorkerProcess]:
     """A worker subprocess that reports SERVING; on leaving, SIGTERM must stop it with 0."""
-    return _serving(WorkerProcess(*flags, credentials=credentials))
+    return _serving(WorkerProcess(*flags, credentials=credentials, env=env))
 
 
 class SharedWorkers:

@@ -16,7 +16,6 @@ from roundtrip.client import (
     AsyncRoundTripClient,
     DeadlineExceededError,
     InvalidArgumentError,
-    ResourceExhaustedError,
     RoundTripClient,
     RoundTripResult,
 )
@@ -80,7 +79,7 @@ def test_a_bad_item_gets_its_own_error_and_the_others_are_answered(
     )
     assert isinstance(bad, InvalidArgumentError)
     assert "features must be >= 1" in bad.message
-    assert isinstance(too_wide, ResourceExhaustedError)
+    assert isinstance(too_wide, InvalidArgumentError)  # a hard limit: never retried
     assert "max_features" in too_wide.message
     assert np.array_equal(first.as_list(), reference(0, np.float32([1, 2, 3]), 4))  # type: ignore[union-attr]
     assert np.array_equal(last.as_list(), reference(1, np.float32([1, 2, 3]), 4))  # type: ignore[union-attr]
@@ -138,13 +137,13 @@ def test_the_cli_sends_its_input_lines_as_one_batch(worker: WorkerProcess) -> No
     assert '"code": "INVALID_ARGUMENT"' in second
 
 
-def test_more_items_than_max_batch_items_is_resource_exhausted() -> None:
+def test_more_items_than_max_batch_items_is_invalid_argument() -> None:
     with (
         serving_worker("--warmup-shapes", "3:4", "--max-batch-items", "4") as worker,
         RoundTripClient(worker.target) as client,
     ):
         assert len(client.round_trip_many([(0, [1.0], 1)] * 4)) == 4
-        with pytest.raises(ResourceExhaustedError, match="max_batch_items"):
+        with pytest.raises(InvalidArgumentError, match="max_batch_items"):
             client.round_trip_many([(0, [1.0], 1)] * 5)
         assert client.server_info().limits.max_batch_items == 4
 

@@ -106,13 +106,14 @@ def test_invalid_request_is_invalid_argument_naming_the_field(
 
 
 @pytest.mark.parametrize("case", sorted(OVER_LIMITS))
-def test_work_beyond_limits_is_resource_exhausted_naming_the_limit(
+def test_work_beyond_hard_limits_is_invalid_argument_naming_the_limit(
     stub: pb_grpc.RoundTripServiceStub, case: str
 ) -> None:
+    """Over a hard limit a request can never succeed here: a non-retryable code."""
     request, limit = OVER_LIMITS[case]
     with pytest.raises(grpc.RpcError) as caught:
         stub.RoundTrip(request, timeout=30)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert limit in caught.value.details()
 
 
@@ -123,7 +124,7 @@ def test_features_zero_is_invalid_argument_through_the_client(client: RoundTripC
 
 
 def test_features_1e12_never_reaches_jax(client: RoundTripClient, worker: WorkerProcess) -> None:
-    with pytest.raises(ResourceExhaustedError, match="max_features"):
+    with pytest.raises(InvalidArgumentError, match="max_features"):
         client.round_trip(0, [1, 2, 3], 10**12)
     assert not any("compute failed" in str(event.get("event")) for event in worker.events)
 
@@ -158,7 +159,7 @@ def test_each_configured_limit_is_enforced(
     small_limits: InProcessWorker, shape: tuple[int, ...], features: int, limit: str
 ) -> None:
     with RoundTripClient(small_limits.target) as client:
-        with pytest.raises(ResourceExhaustedError, match=limit):
+        with pytest.raises(InvalidArgumentError, match=limit):
             client.round_trip(0, np.ones(shape), features)
         assert client.round_trip(0, np.ones((2, 5)), 4).max_abs_diff == 0.0
 

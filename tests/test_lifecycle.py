@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -163,18 +164,55 @@ def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_long_warm_up_stops_promptly() -> None:
+def test_sigterm_ten_seconds_into_warm_up_stops_within_the_grace() -> None:
+    """The pod's grace (terminationGracePeriodSeconds 40) bounds it; the worker looks at its
+    stop flag between every two warm-up steps (compilations, self-check inputs, probes), and
+    says where warm-up is as it goes."""
     many_shapes = ",".join(f"{width}:{width + 1}" for width in range(2, 40))
     worker = WorkerProcess("--warmup-shapes", many_shapes)  # about 450 compilations
     try:
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            assert worker.process.poll() is None
+            time.sleep(0.2)
         assert worker.health() == NOT_SERVING
+        progress = [e for e in worker.events if e["event"] == "warm-up: compiled"]
+        assert progress
+        assert {"shape", "shapes", "seconds"} <= set(progress[-1])
+        signalled = time.monotonic()
         worker.process.send_signal(signal.SIGTERM)
-        # Far sooner than the warm-up would take; the bound is generous for CI.
-        assert worker.process.wait(60) == 0
+        assert worker.process.wait(40) == 0
+        assert time.monotonic() - signalled < 40
         assert "stopped" in [e["event"] for e in worker.events]
         assert "warm-up done" not in [e["event"] for e in worker.events]
     finally:
         worker.kill()
+
+
+@pytest.mark.slow
+def test_a_port_another_worker_serves_on_stops_the_second_with_status_two(
+    worker: WorkerProcess,
+) -> None:
+    """grpcio would share the port (SO_REUSEPORT) and split traffic with a stale worker."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roundtrip.server",
+            "--port",
+            str(worker.port),
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"127.0.0.1:{worker.port}" in done.stderr
 
 
 @pytest.mark.slow

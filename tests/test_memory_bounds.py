@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from reference import reference
 
-from roundtrip.client import ResourceExhaustedError, RoundTripClient, RoundTripError
+from roundtrip.client import InvalidArgumentError, RoundTripClient, RoundTripError
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request
 from roundtrip.server.admission import (
@@ -29,7 +29,7 @@ from roundtrip.server.admission import (
 )
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
-from support.workers import WorkerProcess, serving_process
+from support.workers import RssSampler, WorkerProcess, serving_process
 
 MIB = 1024 * 1024
 BIG_X = np.random.default_rng(3).standard_normal((4096, 1024)).astype(np.float32)  # 16 MiB
@@ -87,8 +87,8 @@ def test_concurrent_large_requests_beyond_the_budget_are_refused_naming_the_knob
 def test_a_request_larger_than_the_whole_budget_is_refused_naming_the_knob() -> None:
     with serving_process("--warmup-shapes", "3:4", "--max-inflight-bytes", str(64 * MIB)) as w:
         client = RoundTripClient(w.target, timeout=60)
-        with client, pytest.raises(ResourceExhaustedError, match="max_inflight_bytes"):
-            client.round_trip(0, BIG_X, 1024)
+        with client, pytest.raises(InvalidArgumentError, match="max_inflight_bytes"):
+            client.round_trip(0, BIG_X, 1024)  # it could never run here: not retryable
 
 
 def unread_requests(count: int) -> Iterator[pb.RoundTripStreamRequest]:
@@ -132,3 +132,31 @@ def test_a_stream_whose_answers_are_not_read_stops_being_read() -> None:
         assert wait_until_steady(w, "roundtrip_admitted_bytes", 1.0) == 0
         with RoundTripClient(w.target, timeout=60) as client:
             assert np.array_equal(client.round_trip(*SMALL).as_list(), reference(*SMALL))
+
+
+def test_a_batch_reserves_its_working_set_only_while_it_runs_and_waits_for_memory() -> None:
+    """60 requests of some 136 MB working set each, in one RoundTripBatch, on an idle worker
+    with two lanes and a 600 MiB budget: waiting, each holds only its input, so every one is
+    admitted; a batch reserves its requests' working sets when a lane takes it, so at most
+    four compute at once across both lanes, the others wait for memory, and every answer
+    is exact with RSS under the budget."""
+    x = np.linspace(-1, 1, 8 * 1024, dtype=np.float32).reshape(8, 1024)
+    budget = 600 * MIB
+    with serving_process(
+        "--warmup-shapes",
+        "3:4",
+        "--max-inflight-bytes",
+        str(budget),
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    ) as w:
+        with RoundTripClient(w.target, timeout=300) as client, RssSampler(w) as rss:
+            outcomes = client.round_trip_many([(seed, x, 8192) for seed in range(60)])
+        for seed, outcome in enumerate(outcomes):
+            assert not isinstance(outcome, RoundTripError), (seed, outcome)
+            assert np.array_equal(outcome.as_list(), reference(seed, x, 8192)), seed
+        assert rss.peak - rss.before < budget / MIB
+        # no batch held more working sets than the budget: four of 136 MB (32 without it)
+        batches = w.metric("roundtrip_batch_size_count")
+        assert w.metric('roundtrip_batch_size_bucket{le="4.0"}') == batches
+        assert wait_until_steady(w, "roundtrip_admitted_bytes", 1.0) == 0
+        assert w.metric("roundtrip_computing_bytes") == 0

@@ -265,7 +265,7 @@ import asyncio, sys
 from roundtrip.server import app, warmup
 from roundtrip.server.config import WorkerConfig
 
-warmup.fingerprint = lambda engine: str(engine.device)  # as if each lane gave other bits
+warmup.fingerprint = lambda engine, stop=None: str(engine.device)  # as if each lane gave other bits
 
 async def main():
     worker = await app.start(WorkerConfig.from_sources(

@@ -6,7 +6,9 @@ import contextlib
 import io
 import re
 import shlex
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -108,9 +110,20 @@ def test_readme_names_the_two_commands() -> None:
 
 
 @pytest.mark.slow
-def test_make_serve_starts_a_worker_that_answers() -> None:
+def test_make_serve_starts_a_worker_that_answers_and_logs_only_json_lines() -> None:
+    """A whole run: answers, idle metrics connections that time out, REST callers that
+    hang up mid-upload or send garbage, and a drain; every line the worker writes to stderr
+    is one JSON object (make's own line about the signal aside)."""
     worker = WorkerProcess(
-        command=["make", "--no-print-directory", "serve", "PORT=0", "METRICS_PORT=0"],
+        command=[
+            "make",
+            "--no-print-directory",
+            "serve",
+            "PORT=0",
+            "METRICS_PORT=0",
+            "HTTP_PORT=0",
+        ],
+        env={"ROUNDTRIP_METRICS_TIMEOUT_S": "1"},
     )
     try:
         worker.wait_serving()
@@ -118,8 +131,23 @@ def test_make_serve_starts_a_worker_that_answers() -> None:
 
         with RoundTripClient(worker.target) as client:
             assert client.round_trip(0, [1.0, 2.0, 3.0], 4).orig_sum == -4.221933364868164
+        idle = [socket.create_connection(("127.0.0.1", worker.metrics_port)) for _ in range(3)]
+        with socket.create_connection(("127.0.0.1", worker.http_port)) as gone:
+            gone.sendall(
+                b"POST /v2/models/roundtrip/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 1000\r\nInference-Header-Content-Length: 10\r\n\r\n{}"
+            )
+        with socket.create_connection(("127.0.0.1", worker.http_port)) as garbage:
+            garbage.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            garbage.settimeout(10)
+            garbage.recv(1024)
+        time.sleep(2.5)  # the idle metrics connections time out
+        for connection in idle:
+            connection.close()
         worker.terminate()  # SIGTERM to make and the worker; make itself reports the signal
         assert [e["event"] for e in worker.events][-1] == "stopped"
+        lines = [e["line"] for e in worker.events if e["event"] == "non-json"]
+        assert [line for line in lines if not line.startswith("make: ")] == []
     finally:
         worker.kill()
 

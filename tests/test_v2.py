@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,8 @@ import pytest
 from reference import reference, reference_with_outputs
 
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.workers import InProcessWorker, Worker, WorkerProcess, serving_worker
 
 SERVICE = "/inference.GRPCInferenceService/"
@@ -323,8 +326,8 @@ def bad_requests() -> list[tuple[str, v2pb.ModelInferRequest, grpc.StatusCode, s
         ),
         ("int x", wrong_type, grpc.StatusCode.INVALID_ARGUMENT, "x has datatype 'INT32'"),
         ("features 0", zero_features, grpc.StatusCode.INVALID_ARGUMENT, "features must be >= 1"),
-        ("17 items", many, grpc.StatusCode.RESOURCE_EXHAUSTED, "max_batch_items"),
-        ("features 1e6", big_features, grpc.StatusCode.RESOURCE_EXHAUSTED, "max_features"),
+        ("17 items", many, grpc.StatusCode.INVALID_ARGUMENT, "max_batch_items"),
+        ("features 1e6", big_features, grpc.StatusCode.INVALID_ARGUMENT, "max_features"),
         ("3 seeds, 2 rows", mismatched, grpc.StatusCode.INVALID_ARGUMENT, "x needs shape [3,"),
         ("unknown output", unknown_output, grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
         ("ragged outputs", ragged_outputs, grpc.StatusCode.INVALID_ARGUMENT, "one features value"),
@@ -367,12 +370,12 @@ def test_a_failing_request_of_a_batch_is_named(v2_worker: InProcessWorker) -> No
             "input 'x' is missing",
         ),
         (json_infer([1], np.ones(3, np.float32), [0]), 400, "features must be >= 1 (got 0)"),
-        (json_infer([1], np.ones(3, np.float32), [70000]), 429, "max_features"),
-        (json_infer(list(range(17)), np.ones((17, 2), np.float32), [1]), 429, "max_batch_items"),
+        (json_infer([1], np.ones(3, np.float32), [70000]), 400, "max_features"),
+        (json_infer(list(range(17)), np.ones((17, 2), np.float32), [1]), 400, "max_batch_items"),
         (
             {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]},
             400,
-            "x: 'data' is not FP32 numbers",
+            "x: 'data' holds 'a', which is not a FP32 value",
         ),
     ],
     ids=["json", "missing", "features-0", "max-features", "max-items", "strings"],
@@ -385,6 +388,91 @@ def test_rest_errors_get_their_http_status_and_v2_body(
     error = json.loads(answer)
     assert list(error) == ["error"]
     assert message in error["error"]
+
+
+def with_input(name: str, **changes: Any) -> dict[str, Any]:
+    """A good JSON infer body with one input's fields changed."""
+    body = json_infer([1], np.arange(1, 4, dtype=np.float32), [4])
+    [tensor] = [t for t in body["inputs"] if t["name"] == name]
+    tensor.update(changes)
+    return body
+
+
+MALFORMED_JSON = {
+    "features 4.9": (with_input("features", data=[4.9]), "features"),
+    "seed 0.5": (with_input("seed", data=[0.5]), "seed"),
+    "seed true": (with_input("seed", data=[True]), "seed"),
+    "seed string": (with_input("seed", data=["1"]), "seed"),
+    "x null": (with_input("x", data=[1.0, None, 3.0]), "x"),
+    "x true": (with_input("x", data=[1.0, True, 3.0]), "x"),
+    "x string": (with_input("x", data=["1", 2.0, 3.0]), "x"),
+    "binary_data_output string": (
+        {**with_input("x"), "parameters": {"binary_data_output": "false"}},
+        "binary_data_output",
+    ),
+    "nested 2000 deep": (b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}", "JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_JSON))
+def test_rest_json_is_validated_never_coerced(v2_worker: InProcessWorker, case: str) -> None:
+    """A malformed request gets 400 naming what is wrong, never an answer to another
+    question (4.9 features answered as 4, null as NaN...)."""
+    body, named = MALFORMED_JSON[case]
+    status, _, answer = http(v2_worker, "/v2/models/roundtrip/infer", body)
+    assert status == 400, answer
+    assert named in json.loads(answer)["error"]
+
+
+def test_rest_binary_header_length_takes_digits_only(v2_worker: InProcessWorker) -> None:
+    body = json.dumps(json_infer([1], np.arange(1, 4, dtype=np.float32), [4])).encode()
+    headers = {"Inference-Header-Content-Length": f" +{len(body) // 10}_{len(body) % 10} "}
+    status, _, answer = http(v2_worker, "/v2/models/roundtrip/infer", body, headers)
+    assert status == 400, answer
+    assert "Inference-Header-Content-Length" in json.loads(answer)["error"]
+
+
+def test_a_corrupt_gzip_body_is_400(v2_worker: InProcessWorker) -> None:
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    status, _, answer = http(
+        v2_worker, "/v2/models/roundtrip/infer", b"\x1f\x8b" + b"\0" * 64, headers
+    )
+    assert status == 400, answer
+    assert "gzip" in json.loads(answer)["error"]
+
+
+def test_x_of_rank_65_is_invalid_argument_on_every_door(v2_worker: InProcessWorker) -> None:
+    """numpy's limit is 64 dimensions; past the worker's max_x_rank no door reaches it."""
+    shape = [1] * 64 + [3]
+    x = pb.Array(dtype=pb.DTYPE_FLOAT32, shape=shape, raw=np.ones(3, np.float32).tobytes())
+    request = pb.RoundTripRequest(seed=0, x=x, features=4)
+    v2_request = infer_request([0], np.ones((1, 3), np.float32), [4])
+    v2_request.inputs[1].shape[:] = [1, *shape]
+    body = json_infer([0], np.ones((1, 3), np.float32), [4])
+    body["inputs"][1]["shape"] = [1, *shape]
+    outcomes: dict[str, tuple[int, str]] = {}
+    with v2_worker.channel() as channel:
+        stub = pb_grpc.RoundTripServiceStub(channel)
+        calls = {
+            "RoundTrip": lambda: stub.RoundTrip(request, timeout=30),
+            "ModelInfer": lambda: infer(v2_worker, v2_request),
+        }
+        for door, call in calls.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            outcomes[door] = (refused.value.code().value[0], refused.value.details() or "")
+        [streamed] = stub.RoundTripStream(
+            iter([pb.RoundTripStreamRequest(id=1, request=request)]), timeout=30
+        )
+        outcomes["RoundTripStream"] = (streamed.error.code, streamed.error.message)
+        batch = pb.RoundTripBatchRequest(requests=[request])
+        [batched] = stub.RoundTripBatch(batch, timeout=30).outcomes
+        outcomes["RoundTripBatch"] = (batched.error.code, batched.error.message)
+    status, _, answer = http(v2_worker, "/v2/models/roundtrip/infer", body)
+    outcomes["ModelInferHTTP"] = (3 if status == 400 else status, json.loads(answer)["error"])
+    for door, (code, message) in outcomes.items():
+        assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0], (door, message)
+        assert "rank" in message or "dimensions" in message, (door, message)
 
 
 def test_bad_calls_never_hurt_the_worker(v2_worker: InProcessWorker) -> None:
@@ -460,22 +548,35 @@ def test_a_body_over_max_message_bytes_is_413_and_counted() -> None:
         status, _, answer = http(process, "/v2/models/roundtrip/infer", body)
         assert status == 413
         assert "max_message_bytes" in json.loads(answer)["error"]
-        sample = 'roundtrip_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInferHTTP"}'
+        sample = 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="ModelInferHTTP"}'
         assert process.metric(sample) == 1
         small = json_infer([0], np.arange(1, 4, dtype=np.float32), [4])
         assert http(process, "/v2/models/roundtrip/infer", small)[0] == 200
 
 
 def test_json_decoding_is_held_against_the_byte_budget() -> None:
-    """A JSON body reserves JSON_EXPANSION x its size before it is decoded; the same tensor as
-    binary data needs no such reservation."""
-    budget = 4 * 1024 * 1024
+    """A JSON body is kept small (``max_json_bytes``, 413 beyond, naming the binary
+    extension) and reserves JSON_EXPANSION x its size before it is decoded; the same tensor
+    as binary data needs no such reservation."""
+    budget = 2 * 1024 * 1024
     with serving_worker("--max-inflight-bytes", str(budget), "--warmup-shapes", "3:4") as process:
         x = np.random.default_rng(8).normal(size=(2000, 25)).astype(np.float32)
         body = json.dumps(json_infer([3], x, [1])).encode()
-        assert 32 * len(body) > budget
-        status, _, answer = http(process, "/v2/models/roundtrip/infer", body)
-        assert status == 429
+        assert len(body) > 128 * 1024
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=10) as sent:
+            sent.sendall(  # the headers alone: the refusal comes before the body is read
+                b"POST /v2/models/roundtrip/infer HTTP/1.1\r\nHost: x\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            answer = sent.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        message = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert "max_json_bytes" in message
+        assert "binary" in message
+        small = json.dumps(json_infer([3], x[:1000, :4], [1])).encode()
+        assert 32 * len(small) > budget > len(small)
+        status, _, answer = http(process, "/v2/models/roundtrip/infer", small)
+        assert status == 400
         message = json.loads(answer)["error"]
         assert "bytes of JSON" in message
         assert "binary" in message

@@ -1,15 +1,18 @@
 """Admission by bytes: the worker holds at most ``max_inflight_bytes`` of admitted work.
 
 Counting requests does not bound memory: one 16 MiB request holds well over
-a hundred MiB while it is decoded, batched, computed and encoded. So every
-message counts its own bytes from the moment gRPC hands it over
-(:meth:`ByteBudget.received`: it is in memory whether or not it is admitted),
-and each request then reserves an estimate of its computation's working set
-(:func:`working_set_bytes`) before x is decoded. Once computed, the
-reservation shrinks to what the answer holds (:func:`answer_bytes`) until
-gRPC has written it. A request that does not fit is refused at once with
-RESOURCE_EXHAUSTED naming the knob, never queued: waiting requests would hold
-their bytes too.
+a hundred MiB while it is decoded, batched, computed and encoded. But it holds
+that much only while its batch runs on a lane. So each stage holds what it
+really holds: every message counts its own bytes from the moment gRPC hands it
+over (:meth:`ByteBudget.received`: it is in memory whether or not it is
+admitted); a request admitted to wait holds its decoded input
+(:func:`waiting_bytes`); its batch, when a lane takes it, reserves the
+computation's working set (:func:`compute_bytes`, the rest of
+:func:`working_set_bytes`) and gives it back once computed; the answer then
+holds its own bytes (:func:`answer_bytes`) until gRPC has written it. A batch
+that does not fit waits for running ones to finish; a request that does not fit
+at admission is refused at once with RESOURCE_EXHAUSTED naming the knob (one
+that could never run, INVALID_ARGUMENT), never queued.
 
 The default budget follows the container: half its memory limit (cgroup v2
 ``memory.max`` or v1 ``memory.limit_in_bytes``), or 2 GiB (half the 4 GiB pod
@@ -30,6 +33,8 @@ roundtrip.server.errors.Overloaded: the worker holds 60 bytes ... over max_infli
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +84,7 @@ class WorkingSet:
     param_bytes: int  #: kernel and bias, float32
     output_bytes: int  #: one output (orig_out or merged_out)
     with_outputs: bool
+    rank: int = 1  #: of x, and of each output
 
 
 def working_set_bytes(size: WorkingSet) -> int:
@@ -116,35 +122,109 @@ def answer_bytes(output_bytes: int) -> int:
     return 4 * output_bytes + 1024
 
 
+def waiting_bytes(size: WorkingSet) -> int:
+    """What a request holds while it waits for its batch, beyond its message: x decoded,
+    and the Python objects around it (16 KiB).
+
+    >>> waiting_bytes(WorkingSet(12, 64, 16, False))
+    16396
+    """
+    return size.x_bytes + 16 * 1024
+
+
+def compute_bytes(size: WorkingSet) -> int:
+    """What a request's computation holds beyond what it held waiting, while its batch runs
+    on a lane: the rest of :func:`working_set_bytes`.
+
+    >>> size = WorkingSet(12, 64, 16, False)
+    >>> compute_bytes(size) + waiting_bytes(size) == working_set_bytes(size)
+    True
+    """
+    return working_set_bytes(size) - waiting_bytes(size)
+
+
 class Reservation:
-    """Bytes one request holds; :meth:`release` gives them back (once, however often called),
-    and from then on it holds 0."""
+    """Bytes one request (or one batch, computing) holds; :meth:`release` gives them back
+    (once, however often called), and from then on it holds 0."""
 
-    __slots__ = ("_budget", "nbytes")
+    __slots__ = ("_budget", "computing", "nbytes", "pending")
 
-    def __init__(self, budget: ByteBudget, nbytes: int) -> None:
+    def __init__(self, budget: ByteBudget, nbytes: int, *, computing: bool = False) -> None:
         self._budget: ByteBudget | None = budget
         self.nbytes = nbytes
+        self.computing = computing
+        #: The compute bytes this waiting request will need, until its batch reserves them.
+        self.pending = 0
 
-    def shrink(self, nbytes: int) -> None:
-        """Hold only ``nbytes`` from now on (what is left once the computation is done)."""
-        if self._budget is not None and nbytes < self.nbytes:
-            self._budget.in_use -= self.nbytes - nbytes
+    def resize(self, nbytes: int) -> None:
+        """Hold ``nbytes`` from now on (a request's answer, once computed: the batch's
+        reservation, which covered it, is given back at the same time)."""
+        if self._budget is not None:
+            self._budget.in_use += nbytes - self.nbytes
             self.nbytes = nbytes
+            self.computed()
+
+    def computed(self) -> None:
+        """This waiting request's batch has reserved its compute bytes (or it will never
+        run): it no longer counts among those the budget keeps room for."""
+        if self._budget is not None and self.pending:
+            self._budget.unpend(self.pending)
+            self.pending = 0
 
     def release(self) -> None:
         if self._budget is not None:
+            self.computed()
             self._budget.in_use -= self.nbytes
+            if self.computing:
+                self._budget.computing -= self.nbytes
             self._budget = None
             self.nbytes = 0
 
 
 class ByteBudget:
-    """Bytes of admitted work, bounded by ``limit``. Used on the event loop only."""
+    """Bytes of admitted work, bounded by ``limit``. Used on the event loop only.
+
+    A request holds what it really holds at each stage: its message from arrival, its
+    decoded input while it waits (:meth:`admit`), and its computation's working set only
+    while its batch runs (:meth:`try_compute`, by the batcher, for the whole batch). So
+    that a waiting request can always run, admission keeps room for the largest compute
+    set among the requests waiting (``pending``): when no batch runs, the oldest request
+    fits alone.
+
+    >>> budget = ByteBudget(1000)
+    >>> waiting = budget.admit(100, 600)
+    >>> budget.in_use, budget.room_kept
+    (100, 600)
+    >>> budget.admit(400, 100)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    roundtrip.server.errors.Overloaded: the worker holds 100 bytes ... = 1000 ...
+    >>> computing = budget.try_compute(600, [waiting])
+    >>> budget.in_use, budget.computing, budget.room_kept
+    (700, 600, 0)
+    >>> computing.release(); waiting.release(); budget.in_use, budget.computing
+    (0, 0)
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_use = 0
+        #: Bytes held by batches computing now (part of ``in_use``).
+        self.computing = 0
+        self._pending: collections.Counter[int] = collections.Counter()
+        self._room = 0
+
+    @property
+    def room_kept(self) -> int:
+        """The largest compute set among the waiting requests: kept free for it."""
+        return self._room
+
+    def unpend(self, nbytes: int) -> None:
+        self._pending[nbytes] -= 1
+        if not self._pending[nbytes]:
+            del self._pending[nbytes]
+            if nbytes == self._room:
+                self._room = max(self._pending, default=0)
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message gRPC has already received: it is in memory, refused or not.
@@ -154,23 +234,56 @@ class ByteBudget:
         self.in_use += nbytes
         return Reservation(self, nbytes)
 
-    def reserve(self, nbytes: int) -> Reservation:
-        """Hold ``nbytes`` for one request, or raise if the budget cannot take them now.
+    def grow(self, reservation: Reservation, nbytes: int) -> None:
+        """Hold ``nbytes`` more under ``reservation`` (a body still arriving), or raise as
+        :meth:`reserve` would for its new size."""
+        self._check(reservation.nbytes + nbytes, nbytes)
+        self.in_use += nbytes
+        reservation.nbytes += nbytes
 
-        A request larger than the whole budget can never run: that is a limit
-        (LimitExceeded), not overload.
-        """
-        if nbytes > self.limit:
+    def reserve(self, nbytes: int) -> Reservation:
+        """Hold ``nbytes`` now (a body, JSON being decoded), or raise if the budget cannot
+        take them now; more than the whole budget can never be taken (LimitExceeded)."""
+        self._check(nbytes, nbytes)
+        self.in_use += nbytes
+        return Reservation(self, nbytes)
+
+    def admit(self, waiting: int, compute: int) -> Reservation:
+        """Admit a request that holds ``waiting`` bytes until its batch runs and ``compute``
+        more while it runs: hold the first, keep room for the second. Raises LimitExceeded
+        when the two together exceed the whole budget (it could never run), Overloaded when
+        they do not fit beside what is held now."""
+        self._check(waiting + compute, waiting + max(0, compute - self._room))
+        self.in_use += waiting
+        held = Reservation(self, waiting)
+        held.pending = compute
+        self._pending[compute] += 1
+        self._room = max(self._room, compute)
+        return held
+
+    def try_compute(self, nbytes: int, requests: Sequence[Reservation]) -> Reservation | None:
+        """Hold ``nbytes`` for a batch of ``requests`` about to compute, or None if the
+        budget cannot take them now (the batch waits for a running one to finish)."""
+        if self.in_use + nbytes > self.limit:
+            return None
+        for request in requests:
+            request.computed()
+        self.in_use += nbytes
+        self.computing += nbytes
+        return Reservation(self, nbytes, computing=True)
+
+    def _check(self, total: int, nbytes: int) -> None:
+        """Whether a reservation may hold ``total`` bytes, ``nbytes`` of them new (and the
+        room kept for waiting requests' computations)."""
+        if total > self.limit:
             raise LimitExceeded(
-                f"this request's working set is estimated at {nbytes} bytes, over this "
+                f"this request's working set is estimated at {total} bytes, over this "
                 f"worker's max_inflight_bytes = {self.limit} (env ROUNDTRIP_MAX_INFLIGHT_BYTES); "
                 "send a smaller x, fewer features, or no return_outputs"
             )
-        if self.in_use + nbytes > self.limit:
+        if self.in_use + self._room + nbytes > self.limit:
             raise Overloaded(
                 f"the worker holds {self.in_use} bytes of admitted work and this request needs "
                 f"{nbytes} more, over max_inflight_bytes = {self.limit} "
                 "(env ROUNDTRIP_MAX_INFLIGHT_BYTES); retry with backoff"
             )
-        self.in_use += nbytes
-        return Reservation(self, nbytes)

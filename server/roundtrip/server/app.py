@@ -290,11 +290,12 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=config.max_queue_delay_us,
         max_queue_size=config.max_queue_size,
+        budget=budget,
         on_batch=metrics.observe_batch,
     )
     metrics.watch_lanes({lane.name: lane.engine for lane in lanes})
     metrics.watch_queue(lambda: batcher.queued)
-    metrics.watch_budget(lambda: budget.in_use, budget.limit)
+    metrics.watch_budget(budget)
     return Pipeline(
         batcher=batcher,
         budget=budget,
@@ -303,6 +304,7 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
             max_features=config.max_features,
             max_param_bytes=config.max_param_bytes,
             max_output_elements=config.max_output_elements,
+            max_x_rank=config.max_x_rank,
         ),
         auditor=Auditor(
             config.audit_fraction,
@@ -312,6 +314,8 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
         ),
         metrics=metrics,
         max_batch_items=config.max_batch_items,
+        max_answer_bytes=config.max_message_bytes,
+        queue_share=config.max_queue_share,
     )
 
 
@@ -392,11 +396,21 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
         ) from None
     if config.http_port >= 0:
         door = v2_rest.V2RestDoor(
-            pipeline, ready=worker.ready, max_body_bytes=config.max_message_bytes, token=token
+            pipeline,
+            ready=worker.ready,
+            max_body_bytes=config.max_message_bytes,
+            max_json_bytes=config.max_json_bytes,
+            max_json_output_elements=config.max_json_output_elements,
+            read_timeout_s=config.http_read_timeout_s,
+            token=token,
         )
         try:
             worker.http, worker.http_port = await v2_rest.start(
-                door, config.host, config.http_port, tls=security.ssl_context(config)
+                door,
+                config.host,
+                config.http_port,
+                tls=security.ssl_context(config),
+                idle_timeout_s=config.http_idle_timeout_s,
             )
         except OSError as error:
             raise PortUnavailable(

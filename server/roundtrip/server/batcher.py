@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from roundtrip.server.admission import ByteBudget, Reservation
 from roundtrip.server.engine import Engine
 from roundtrip.server.errors import (
     ComputeFailed,
@@ -108,6 +110,10 @@ class Ticket:
     arrived: float
     deadline: float | None
     gathering: Gathering | None = None
+    #: What the request holds while it waits, and the bytes its computation needs beyond
+    #: them: the batch it joins reserves those before it runs.
+    held: Reservation | None = None
+    compute_bytes: int = 0
 
     def resolve(self, outcome: Outcome) -> None:
         """Hand the request its answer or error (and count it down in its gathering)."""
@@ -175,6 +181,7 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_us: int,
         max_queue_size: int,
+        budget: ByteBudget | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         if not lanes:
@@ -190,6 +197,8 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
+        self._budget = budget
+        self._freed = asyncio.Event()  # a batch gave its compute bytes back
         self._queues: dict[ShapeSignature, collections.deque[Ticket]] = {}
         self._queued = 0
         self._arrival = asyncio.Event()
@@ -222,6 +231,8 @@ class Batcher:
         *,
         deadline: float | None = None,
         gathering: Gathering | None = None,
+        held: Reservation | None = None,
+        compute_bytes: int = 0,
     ) -> Ticket:
         """Queue ``item`` without waiting; its answer (or error) arrives on ``.future``.
 
@@ -237,7 +248,7 @@ class Batcher:
                 "max_queue_size); retry with backoff"
             )
         future: asyncio.Future[RoundTripAnswer] = asyncio.get_running_loop().create_future()
-        pending = Ticket(item, future, time.monotonic(), deadline, gathering)
+        pending = Ticket(item, future, time.monotonic(), deadline, gathering, held, compute_bytes)
         queue = self._queues.setdefault(item.signature, collections.deque())
         queue.append(pending)
         self._queued += 1
@@ -291,10 +302,12 @@ class Batcher:
             if self._queued:
                 signature = await self._next_signature()
                 batch = self._take(signature)
+            if batch:
+                computing, batch = await self._reserve(signature, batch)
             if not batch:
                 self._idle.put_nowait(lane)
                 continue
-            task = asyncio.create_task(self._execute(lane, signature, batch))
+            task = asyncio.create_task(self._execute(lane, signature, batch, computing))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -313,6 +326,61 @@ class Batcher:
             except TimeoutError:
                 break
         return signature
+
+    async def _reserve(
+        self, signature: ShapeSignature, batch: list[Ticket]
+    ) -> tuple[Reservation | None, list[Ticket]]:
+        """Reserve the compute bytes of the longest head of ``batch`` the budget can take
+        now (the rest go back to the front of the queue), waiting for running batches to
+        give theirs back when not even one request fits. Requests whose caller left or
+        whose deadline passed meanwhile are dropped."""
+        budget = self._budget
+        if budget is None:
+            return None, batch
+        while True:
+            room = budget.limit - budget.in_use
+            count = 0
+            need = 0
+            for pending in batch:
+                if need + pending.compute_bytes > room:
+                    break
+                need += pending.compute_bytes
+                count += 1
+            taken = batch[:count]
+            waiting = [pending.held for pending in taken if pending.held is not None]
+            computing = budget.try_compute(need, waiting) if count else None
+            if computing is not None:
+                self._put_back(signature, batch[count:])
+                return computing, taken
+            self._freed.clear()
+            # with no batch running, bytes come back as answers are written: poll for them
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), None if self._running else 0.01)
+            batch = self._live(batch)
+            if not batch:
+                return None, []
+
+    def _put_back(self, signature: ShapeSignature, rest: list[Ticket]) -> None:
+        """Requests taken for a batch that did not fit: back to the front, in order."""
+        if rest:
+            queue = self._queues.setdefault(signature, collections.deque())
+            queue.extendleft(reversed(rest))
+            self._queued += len(rest)
+
+    @staticmethod
+    def _live(batch: list[Ticket]) -> list[Ticket]:
+        """``batch`` without requests whose caller left; those whose deadline passed are
+        answered DEADLINE_EXCEEDED."""
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.future.done():
+                continue
+            if pending.deadline is not None and pending.deadline <= now:
+                pending.resolve(DeadlineExpired("the deadline passed while the request was queued"))
+                continue
+            live.append(pending)
+        return live
 
     def _take(self, signature: ShapeSignature) -> list[Ticket]:
         """Pop up to ``max_batch_size`` live requests of ``signature``; fail expired ones."""
@@ -334,8 +402,15 @@ class Batcher:
             del self._queues[signature]
         return batch
 
-    async def _execute(self, lane: Lane, signature: ShapeSignature, batch: list[Ticket]) -> None:
-        """Hand ``batch`` to the lane's thread, then resolve each request with its outcome."""
+    async def _execute(
+        self,
+        lane: Lane,
+        signature: ShapeSignature,
+        batch: list[Ticket],
+        computing: Reservation | None = None,
+    ) -> None:
+        """Hand ``batch`` to the lane's thread, then resolve each request with its outcome
+        and give the batch's compute bytes back (each answer holds its own from then on)."""
         items = [pending.item for pending in batch]
         loop = asyncio.get_running_loop()
         try:
@@ -345,6 +420,9 @@ class Batcher:
         finally:
             self._idle.put_nowait(lane)
             self._arrival.set()  # the runner may be waiting for a lane, not for requests
+            if computing is not None:
+                computing.release()
+                self._freed.set()
         for pending, outcome in zip(batch, outcomes, strict=True):
             if not pending.future.done():  # done: cancelled, its caller went away
                 pending.resolve(outcome)

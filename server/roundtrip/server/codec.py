@@ -32,6 +32,21 @@ def weighed(
     return weigh(request, limits, message_bytes=message_bytes), functools.partial(decode, request)
 
 
+def answer_wire_bytes(size: WorkingSet) -> int:
+    """An upper bound of the bytes a ``RoundTripResponse`` for a request weighed at ``size``
+    takes on the wire: the three numbers, and with outputs both arrays (raw bytes, shape,
+    dtype and their tags). What the door checks against ``max_message_bytes`` before any
+    compute, since an answer gRPC cannot send is a call that can never succeed.
+
+    >>> no_outputs, outputs = WorkingSet(12, 64, 16, False), WorkingSet(12, 64, 16, True)
+    >>> answer_wire_bytes(no_outputs), answer_wire_bytes(outputs)
+    (32, 118)
+    """
+    if not size.with_outputs:
+        return 32
+    return 32 + 2 * (size.output_bytes + 16 + 11 * size.rank)
+
+
 def encode_result(
     result: RoundTripAnswer, response: pb.RoundTripResponse | None = None
 ) -> pb.RoundTripResponse:

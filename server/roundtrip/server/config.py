@@ -54,6 +54,27 @@ class WorkerConfig:
         "gRPC port's TLS and token); 0 picks a free one (logged at start), -1 turns it off.",
         minimum=-1,
     )
+    max_json_bytes: int = _knob(
+        128 * 1024,
+        "Largest JSON part of a V2 REST body (413 beyond, before it is read): JSON is decoded "
+        "on the event loop, so it is kept small; send large tensors as binary data (the "
+        "binary tensor data extension) or over gRPC.",
+        minimum=1024,
+    )
+    max_json_output_elements: int = _knob(
+        65536,
+        "Most output elements a V2 REST answer sends as JSON (orig_out, merged_out without "
+        "binary_data); beyond it the call is refused before compute (400).",
+        minimum=1,
+    )
+    http_read_timeout_s: float = _knob(
+        10.0, "Seconds a V2 REST upload may send nothing before it is dropped (408)."
+    )
+    http_idle_timeout_s: float = _knob(
+        15.0,
+        "Seconds a V2 REST connection may go without a complete request, its headers "
+        "included (slow senders too), before it is closed.",
+    )
     metrics_max_connections: int = _knob(
         8,
         "Most connections the metrics port serves at once (one thread each); more wait in "
@@ -69,18 +90,21 @@ class WorkerConfig:
         minimum=1024,
     )
     max_x_elements: int = _knob(
-        16 * MIB, "Most elements x may have (RESOURCE_EXHAUSTED beyond).", minimum=1
+        16 * MIB, "Most elements x may have (INVALID_ARGUMENT beyond).", minimum=1
     )
-    max_features: int = _knob(65536, "Largest features (RESOURCE_EXHAUSTED beyond).", minimum=1)
+    max_x_rank: int = _knob(
+        32, "Most dimensions x may have, at most 64 (INVALID_ARGUMENT beyond).", minimum=1
+    )
+    max_features: int = _knob(65536, "Largest features (INVALID_ARGUMENT beyond).", minimum=1)
     max_param_bytes: int = _knob(
         256 * MIB,
         "Largest float32 parameter set, (width + 1) * features * 4 bytes "
-        "(RESOURCE_EXHAUSTED beyond).",
+        "(INVALID_ARGUMENT beyond).",
         minimum=1,
     )
     max_output_elements: int = _knob(
         16 * MIB,
-        "Most elements one output may have, rows of x * features (RESOURCE_EXHAUSTED beyond).",
+        "Most elements one output may have, rows of x * features (INVALID_ARGUMENT beyond).",
         minimum=1,
     )
     max_batch_size: int = _knob(
@@ -96,6 +120,12 @@ class WorkerConfig:
         2048,
         "Most requests waiting for the engine; beyond it new ones get RESOURCE_EXHAUSTED.",
         minimum=1,
+    )
+    max_queue_share: float = _knob(
+        0.125,
+        "Share of max_queue_size one call of many requests (a RoundTripBatch, a V2 call) may "
+        "hold queued at once; its other requests wait in the call and are queued as earlier "
+        "ones are answered, so a few batch callers cannot fill the queue for everyone.",
     )
     max_inflight_bytes: int = _knob(
         0,
@@ -120,7 +150,7 @@ class WorkerConfig:
     )
     max_batch_items: int = _knob(
         1024,
-        "Most requests one RoundTripBatch call may hold (RESOURCE_EXHAUSTED beyond); each "
+        "Most requests one RoundTripBatch call may hold (INVALID_ARGUMENT beyond); each "
         "is still admitted, queued and limited as if sent alone.",
         minimum=1,
     )
@@ -235,9 +265,15 @@ class WorkerConfig:
             "max_connection_age_s",
             "max_connection_age_grace_s",
             "metrics_timeout_s",
+            "http_read_timeout_s",
+            "http_idle_timeout_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.max_x_rank > 64:  # validation.MAX_RANK (config imports no server module)
+            raise ValueError(f"max_x_rank must be <= 64, numpy's limit (got {self.max_x_rank})")
+        if not 0 < self.max_queue_share <= 1:
+            raise ValueError(f"max_queue_share must be in (0, 1] (got {self.max_queue_share})")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:

@@ -4,7 +4,10 @@ any error to the status a caller gets (:func:`failure_of`), over gRPC or HTTP
 
 Validation, admission, the pipeline and the batcher raise these; every door (RoundTrip,
 the stream, RoundTripBatch, V2 over gRPC and REST) turns an error into its status through
-:func:`failure_of` alone, so every way in answers the same way.
+:func:`failure_of` alone, so every way in answers the same way. The codes say what the
+caller can do: a request that can never succeed here (malformed, or over a hard limit) is
+INVALID_ARGUMENT (HTTP 400, or 413 for a body); RESOURCE_EXHAUSTED (429) is kept for what
+waiting cures (the queue, the byte budget, the device's memory).
 
 >>> failure_of(InvalidArgument("features must be >= 1 (got 0)")).code.name
 'INVALID_ARGUMENT'
@@ -41,15 +44,31 @@ class InvalidArgument(RequestError):
 
 
 class LimitExceeded(RequestError):
-    """The request is well-formed but larger than this worker's configured limits."""
+    """The request is well-formed but over one of this worker's hard limits: it can never
+    succeed here, however long the caller waits, so the code is not a retryable one."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class BodyTooLarge(LimitExceeded):
-    """An HTTP body over this worker's limit: refused before it is read (HTTP 413)."""
+    """An HTTP body (or its JSON) over this worker's limit: refused before it is read
+    (HTTP 413)."""
 
     http_status = 413
+
+
+class CallerGone(RequestError):
+    """The caller hung up before its call was answered (its upload cut short)."""
+
+    code = grpc.StatusCode.CANCELLED
+    http_status = 499
+
+
+class UploadTimedOut(RequestError):
+    """An HTTP upload that stopped sending before its body was complete (HTTP 408)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
 
 
 class NotFound(RequestError):
@@ -59,13 +78,14 @@ class NotFound(RequestError):
 
 
 class QueueFull(RequestError):
-    """The worker is overloaded: its queue is at ``max_queue_size``; retry later."""
+    """The worker is overloaded: its queue is at ``max_queue_size``; waiting cures it."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class Overloaded(RequestError):
-    """The worker's byte budget (``max_inflight_bytes``) cannot take this request now."""
+    """The worker's byte budget (``max_inflight_bytes``) cannot take this request now;
+    waiting cures it."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

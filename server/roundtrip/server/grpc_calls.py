@@ -20,12 +20,13 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import message, message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from roundtrip.server import numerics
 from roundtrip.server.admission import Reservation
-from roundtrip.server.errors import InvalidArgument
+from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
 from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.wire_counts import check_counts
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response")
@@ -43,13 +44,10 @@ DEADLINE_SLACK_S = 0.25
 
 @dataclass(frozen=True, slots=True)
 class Unparseable:
-    """What the parser hands the handler for bytes that are not a valid message."""
+    """What the parser hands the handler for bytes it would not parse: not a valid message,
+    or one whose repeated fields hold more than the worker's limits (counted on the wire)."""
 
-    type_name: str
-    reason: str
-
-    def error(self) -> InvalidArgument:
-        return InvalidArgument(f"request is not a valid {self.type_name} message: {self.reason}")
+    error: RequestError
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +62,20 @@ class Received:
 def tolerant_parser(
     message_type: type[message.Message], pipeline: Pipeline
 ) -> Callable[[bytes], Received]:
+    descriptor: Descriptor = message_type.DESCRIPTOR  # type: ignore[assignment]
+
     def parse(data: bytes) -> Received:
         held = pipeline.received(len(data))
         try:
+            check_counts(data, descriptor, pipeline.repeated_limits)
             return Received(message_type.FromString(data), held)
         except message.DecodeError as error:
-            return Received(Unparseable(message_type.DESCRIPTOR.full_name, str(error)), held)
+            invalid = InvalidArgument(
+                f"request is not a valid {descriptor.full_name} message: {error}"
+            )
+            return Received(Unparseable(invalid), held)
+        except LimitExceeded as error:
+            return Received(Unparseable(error), held)
 
     return parse
 
@@ -159,7 +165,7 @@ def unary(
                 dropped = functools.partial(dropped_code, context)
                 with pipeline.envelope(method, dropped=dropped, counts=counts) as envelope:
                     if isinstance(received.message, Unparseable):
-                        raise received.message.error()
+                        raise received.message.error
                     if not about_the_worker:
                         metadata = context.invocation_metadata()
                         pipeline.check_new_call(numerics.expected_fingerprint(metadata))

@@ -19,6 +19,9 @@ def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
     down to every 10 s so it never answers them with "too many pings".
     """
     options = [
+        # grpcio binds with SO_REUSEPORT by default: a second worker on a taken port would
+        # share its traffic silently instead of failing to start
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # gRPC core cancels calls beyond these before any handler sees them; admission is

@@ -14,7 +14,9 @@ Names follow Prometheus conventions: base units, ``_total`` for counters,
 from __future__ import annotations
 
 import collections
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,10 +36,13 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:  # names only: the metrics layer imports neither JAX nor the engine
+    from roundtrip.server.admission import ByteBudget
     from roundtrip.server.audit import AuditOutcome
     from roundtrip.server.batcher import BatchRecord
     from roundtrip.server.engine import Engine
     from roundtrip.server.heap import Pauses
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -52,6 +57,7 @@ METRIC_NAMES = (
     "roundtrip_queue_wait_seconds",
     "roundtrip_admitted_bytes",
     "roundtrip_admitted_bytes_limit",
+    "roundtrip_computing_bytes",
     "roundtrip_numerics_info",
     "roundtrip_batch_size",
     "roundtrip_batch_compute_seconds",
@@ -207,8 +213,14 @@ class WorkerMetrics:
         )
         self.admitted_bytes = Gauge(
             "roundtrip_admitted_bytes",
-            "Bytes of admitted work held now: each request's estimated working set, from "
-            "admission until its answer is written.",
+            "Bytes of admitted work held now: messages, waiting requests' inputs, running "
+            "batches' working sets and unwritten answers.",
+            registry=self.registry,
+        )
+        self.computing_bytes = Gauge(
+            "roundtrip_computing_bytes",
+            "The part of roundtrip_admitted_bytes that running batches hold (their "
+            "computations' working sets).",
             registry=self.registry,
         )
         self.admitted_bytes_limit = Gauge(
@@ -289,9 +301,10 @@ class WorkerMetrics:
     def watch_queue(self, queued: Callable[[], int]) -> None:
         self.queued.set_function(queued)
 
-    def watch_budget(self, in_use: Callable[[], int], limit: int) -> None:
-        self.admitted_bytes.set_function(in_use)
-        self.admitted_bytes_limit.set(limit)
+    def watch_budget(self, budget: ByteBudget) -> None:
+        self.admitted_bytes.set_function(lambda: budget.in_use)
+        self.computing_bytes.set_function(lambda: budget.computing)
+        self.admitted_bytes_limit.set(budget.limit)
 
     def observe_rpcs(self, method: str, codes: Sequence[str], started: float) -> None:
         """The requests of one call that carries many (a batch), each by its code; their
@@ -387,6 +400,14 @@ class _BoundedServer(ThreadingWSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that ended badly (idle past the timeout, reset by its client): one
+        JSON log line, not socketserver's traceback on stderr."""
+        error = sys.exc_info()[1]
+        log.debug(
+            "metrics connection ended", extra={"client": client_address, "error": repr(error)}
+        )
 
 
 def _bounded_server_class(host: str, max_connections: int) -> type[WSGIServer]:

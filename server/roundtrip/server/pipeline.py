@@ -12,13 +12,17 @@ back into their wire format. What they share is here:
   in: open for the drain while it runs, counted once by the code it really ended with,
   and its failure mapped by :func:`~roundtrip.server.errors.failure_of`;
 * :class:`Call`: one call's claim on the worker. It holds every reservation the call takes
-  (its message's bytes, each request's working set, then each answer's bytes) and every
+  (its message's bytes, each request's decoded input while it waits, then each answer's
+  bytes; a batch holds its computation's working set while it runs) and every
   request it queued, and :meth:`Call.close` gives all of it back, once, whichever way the
   call ended: answered, failed, cancelled, past its deadline, drained, its caller gone,
   its stream unread. A door closes its calls by construction (``with``, a done-callback,
   or the stream that owns them); no door releases a reservation itself.
 
->>> pipeline = Pipeline(batcher=None, budget=ByteBudget(100), limits=None, auditor=None,
+>>> from roundtrip.server.validation import RequestLimits
+>>> limits = RequestLimits(max_x_elements=8, max_features=8, max_param_bytes=1024,
+...                        max_output_elements=64)
+>>> pipeline = Pipeline(batcher=None, budget=ByteBudget(100), limits=limits, auditor=None,
 ...                     metrics=None, max_batch_items=1)
 >>> with pipeline.call(deadline=None, message=pipeline.received(10)) as call:
 ...     with call.holding(60):  # decoding a body, say
@@ -31,6 +35,7 @@ back into their wire format. What they share is here:
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -45,14 +50,33 @@ from roundtrip.server.admission import (
     Reservation,
     WorkingSet,
     answer_bytes,
-    working_set_bytes,
+    compute_bytes,
+    waiting_bytes,
 )
 from roundtrip.server.audit import Auditor
 from roundtrip.server.batcher import Batcher, Gathering, Ticket
-from roundtrip.server.errors import Failure, RequestError, ShuttingDown, failure_of
+from roundtrip.server.errors import Failure, LimitExceeded, RequestError, ShuttingDown, failure_of
 from roundtrip.server.metrics import WorkerMetrics
-from roundtrip.server.validation import RequestLimits
+from roundtrip.server.validation import MAX_RANK, RequestLimits
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
+from roundtrip.server.wire_counts import RepeatedLimits
+
+
+def repeated_limits(limits: RequestLimits, max_batch_items: int) -> RepeatedLimits:
+    """The repeated fields of every door's messages and the knobs that bound them: a batch's
+    requests and V2's seed and features elements by ``max_batch_items``, shapes by
+    ``max_x_rank`` (V2's by its own rank limit, checked after the parse with its message)."""
+    items = (max_batch_items, "max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS")
+    rank = (limits.max_x_rank, "max_x_rank, env ROUNDTRIP_MAX_X_RANK")
+    contents = "inference.InferTensorContents."
+    return RepeatedLimits(
+        {
+            "roundtrip.v1.RoundTripBatchRequest.requests": items,
+            "roundtrip.v1.Array.shape": rank,
+            "inference.ModelInferRequest.InferInputTensor.shape": (MAX_RANK, "numpy's rank limit"),
+            **{contents + kind: items for kind in ("int64_contents", "int_contents")},
+        }
+    )
 
 
 class OpenCalls:
@@ -120,6 +144,8 @@ class Pipeline:
         auditor: Auditor,
         metrics: WorkerMetrics,
         max_batch_items: int,
+        max_answer_bytes: int = 1 << 62,
+        queue_share: float = 1.0,
     ) -> None:
         self.batcher = batcher
         self.budget = budget
@@ -127,6 +153,11 @@ class Pipeline:
         self.auditor = auditor
         self.metrics = metrics
         self.max_batch_items = max_batch_items
+        self.max_answer_bytes = max_answer_bytes
+        #: What a message's repeated fields may hold, checked on the wire before parsing.
+        self.repeated_limits = repeated_limits(limits, max_batch_items)
+        #: Most requests one call of many may hold queued at once (``max_queue_share``).
+        self.queue_share = max(1, int(batcher.max_queue_size * queue_share)) if batcher else 1
         self.calls = OpenCalls()
         #: The numerics fingerprint, set once the self-check has run (empty before).
         self.fingerprint = ""
@@ -136,6 +167,18 @@ class Pipeline:
         takes new calls, and it has the numerics fingerprint the call insists on (if any)."""
         self.calls.check_accepting()
         numerics.check_fingerprint(expected_fingerprint, self.fingerprint)
+
+    def check_answer_size(self, nbytes: int) -> None:
+        """Refuse, before any compute, a call whose answer would be ``nbytes``: over
+        ``max_message_bytes`` it could never be sent (gRPC refuses to send it, and a REST
+        answer is held to the same limit)."""
+        if nbytes > self.max_answer_bytes:
+            raise LimitExceeded(
+                f"the answer would be {nbytes} bytes, over this worker's limit of "
+                f"{self.max_answer_bytes} (max_message_bytes, env ROUNDTRIP_MAX_MESSAGE_BYTES): "
+                "ask for fewer rows, fewer features, or no outputs (return_outputs, orig_out, "
+                "merged_out)"
+            )
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message that has arrived (it is in memory, refused or not); the
@@ -224,27 +267,62 @@ class Envelope:
         return True
 
 
+class _Request:
+    """One request of a call of many, in the order the door admitted it: waiting in the call
+    for its turn, queued (its item, reservation and ticket), or refused when its turn came."""
+
+    __slots__ = ("decode", "error", "held", "item", "size", "ticket")
+
+    def __init__(self, size: WorkingSet, decode: Callable[[], RoundTripInput]) -> None:
+        self.size = size
+        self.decode = decode
+        self.item: RoundTripInput | None = None
+        self.held: Reservation | None = None
+        self.ticket: Ticket | None = None
+        self.error: Exception | None = None
+
+
+class _Turns(Gathering):
+    """A call's queued requests, counted down as the batcher answers them; each answer lets
+    the call queue its next waiting request (a call holds at most its share of the queue)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Call) -> None:
+        super().__init__()
+        self._call = call
+
+    def answered(self) -> None:
+        self._call._next_turn()  # queued before the count can reach 0
+        super().answered()
+
+
 class Call:
     """One call's claim on the worker: every reservation it takes and every request it
     queued, given back by :meth:`close` (once, however often called).
 
-    A request is admitted (:meth:`admit`) by reserving its computation's working set before
-    it is decoded, then queued into the shared per-shape batches. Once answered it holds
-    only its answer's bytes, until the door has written the answer and closes the call; a
-    request that failed holds nothing; the message's bytes are given back once the call's
-    requests are answered. A stream message's call also holds its place among the stream's
-    unanswered messages. Closing a call whose requests are still queued takes them out of the
-    queue (its caller went away).
+    A request is admitted by reserving its computation's working set before it is decoded,
+    then queued into the shared per-shape batches. A call of many requests (:meth:`admit`,
+    :meth:`answers`) holds at most ``Pipeline.queue_share`` of them queued at once; the
+    others wait in the call, holding nothing but their place in it, and are admitted in
+    order as earlier ones are answered, so one batch caller cannot fill the queue for
+    everyone. Once answered a request holds only its answer's bytes, until the door has
+    written the answer and closes the call; a request that failed holds nothing; the
+    message's bytes are given back once the call's requests are answered. A stream
+    message's call also holds its place among the stream's unanswered messages. Closing a
+    call whose requests are still queued takes them out of the queue (its caller went away).
     """
 
     __slots__ = (
         "_closed",
-        "_gathering",
         "_held",
         "_message",
         "_pipeline",
         "_place",
         "_queued",
+        "_requests",
+        "_turns",
+        "_waiting",
         "deadline",
     )
 
@@ -255,8 +333,10 @@ class Call:
         self.deadline = deadline
         self._message = message
         self._held: list[Reservation] = []
-        self._queued: list[tuple[RoundTripInput, Reservation, Ticket]] = []
-        self._gathering: Gathering | None = None
+        self._queued: list[Ticket] = []
+        self._requests: list[_Request] = []
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._turns: _Turns | None = None
         self._place: asyncio.Semaphore | None = None
         self._closed = False
 
@@ -284,11 +364,14 @@ class Call:
         back when the call closes."""
         self._place = place
 
-    def hold_message(self, message: Reservation) -> None:
-        """Hold the bytes of the call's message, read after the call began (a REST body)."""
-        if self._message is not None:
-            self._message.release()
-        self._message = message
+    def hold_message(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more of the call's message as it arrives after the call began (a
+        REST body), or raise the budget's refusal."""
+        budget = self._pipeline.budget
+        if self._message is None:
+            self._message = budget.reserve(nbytes)
+        else:
+            budget.grow(self._message, nbytes)
 
     @contextmanager
     def holding(self, nbytes: int) -> Iterator[None]:
@@ -300,37 +383,84 @@ class Call:
         finally:
             reservation.release()
 
-    def admit(self, size: WorkingSet, decode: Callable[[], RoundTripInput]) -> None:
-        """Reserve the working set of a request weighed at ``size``, decode it (``decode``
-        reads its payload, after the reservation), and queue it with the call's others,
-        answered together by :meth:`answers`. A refusal raises its :class:`RequestError`
-        and leaves nothing held."""
+    def _queue(
+        self, size: WorkingSet, decode: Callable[[], RoundTripInput]
+    ) -> tuple[RoundTripInput, Reservation, Ticket]:
+        """Reserve ``size``'s working set, decode, and queue (with the call's turns, if it
+        has any); a refusal raises its :class:`RequestError` and holds nothing."""
         pipeline = self._pipeline
-        held = pipeline.budget.reserve(working_set_bytes(size))
+        compute = compute_bytes(size)
+        held = pipeline.budget.admit(waiting_bytes(size), compute)
         try:
             item = decode()
-            if self._gathering is None:
-                self._gathering = Gathering()
             ticket = pipeline.batcher.enqueue(
-                item, deadline=self.deadline, gathering=self._gathering
+                item,
+                deadline=self.deadline,
+                gathering=self._turns,
+                held=held,
+                compute_bytes=compute,
             )
         except BaseException:
             held.release()
             raise
         self._held.append(held)
-        self._queued.append((item, held, ticket))
+        self._queued.append(ticket)
+        return item, held, ticket
+
+    def admit(self, size: WorkingSet, decode: Callable[[], RoundTripInput]) -> None:
+        """Admit one request of a call of many, weighed at ``size`` (``decode`` reads its
+        payload, once it is admitted): queued now if the call's share of the queue allows,
+        else when an earlier one is answered. A refusal now raises its
+        :class:`RequestError`; one when its turn comes is its outcome in :meth:`answers`."""
+        if self._turns is None:
+            self._turns = _Turns(self)
+        request = _Request(size, decode)
+        if self._waiting or self._turns.pending >= self._pipeline.queue_share:
+            self._waiting.append(request)
+        else:
+            request.item, request.held, request.ticket = self._queue(size, decode)
+        self._requests.append(request)
+
+    def _next_turn(self) -> None:
+        """An earlier request was answered: queue the next waiting one (a refusal is that
+        request's outcome, and the one after it gets the turn)."""
+        while self._waiting and not self._closed:
+            request = self._waiting.popleft()
+            try:
+                request.item, request.held, request.ticket = self._queue(
+                    request.size, request.decode
+                )
+                return
+            except Exception as error:
+                request.error = error
+
+    async def answers(self) -> list[RoundTripAnswer | Exception]:
+        """Every admitted request's answer, or its own error (a :class:`RequestError`; any
+        other exception is a bug in the worker), in the order admitted."""
+        if self._turns is not None:
+            await self._turns.wait()
+        outcomes: list[RoundTripAnswer | Exception] = []
+        for request in self._requests:
+            if request.ticket is None or request.item is None or request.held is None:
+                outcomes.append(request.error or RuntimeError("a request never got its turn"))
+            else:
+                outcomes.append(self._settle(request.item, request.held, request.ticket))
+        return outcomes
 
     async def answer(
         self, size: WorkingSet, decode: Callable[[], RoundTripInput]
     ) -> RoundTripAnswer:
-        """The call's one request, admitted as :meth:`admit` admits one, waited for and
-        settled: its answer, or its own error raised."""
+        """The call's one request, admitted, waited for and settled: its answer, or its own
+        error raised."""
         pipeline = self._pipeline
-        held = pipeline.budget.reserve(working_set_bytes(size))
+        compute = compute_bytes(size)
+        held = pipeline.budget.admit(waiting_bytes(size), compute)
         self._held.append(held)  # the call's from here: given back when it closes
         item = decode()
-        ticket = pipeline.batcher.enqueue(item, deadline=self.deadline)
-        self._queued.append((item, held, ticket))
+        ticket = pipeline.batcher.enqueue(
+            item, deadline=self.deadline, held=held, compute_bytes=compute
+        )
+        self._queued.append(ticket)
         try:
             answer = await ticket.future
         except RequestError:
@@ -348,14 +478,7 @@ class Call:
         if answer is None:
             held.release()
         else:
-            held.shrink(answer_bytes(answer.orig_out.nbytes if answer.orig_out is not None else 0))
-
-    async def answers(self) -> list[RoundTripAnswer | Exception]:
-        """Every queued request's answer, or its own error (a :class:`RequestError`; any
-        other exception is a bug in the worker), in the order admitted."""
-        if self._gathering is not None:
-            await self._gathering.wait()
-        return [self._settle(item, held, ticket) for item, held, ticket in self._queued]
+            held.resize(answer_bytes(answer.orig_out.nbytes if answer.orig_out is not None else 0))
 
     def _settle(
         self, item: RoundTripInput, held: Reservation, ticket: Ticket
@@ -376,7 +499,8 @@ class Call:
         if self._closed:
             return
         self._closed = True
-        for _, _, ticket in self._queued:
+        self._waiting.clear()
+        for ticket in self._queued:
             if not ticket.future.done() or ticket.future.cancelled():
                 self._pipeline.batcher.forget(ticket)
         for held in self._held:

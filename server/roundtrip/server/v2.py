@@ -19,7 +19,7 @@ a leading axis B when B > 1).
 >>> x = request.inputs.add(name="x", datatype="FP32", shape=[3])
 >>> x.contents.fp32_contents[:] = [1.0, 2.0, 3.0]
 >>> call = unpack(request, RequestLimits(1 << 20, 1 << 16, 1 << 28, 1 << 20), max_items=8)
->>> item, size = call.items[0]
+>>> item = call.item(0)
 >>> item.seed, item.x.tolist(), item.features, call.outputs
 (0, [1.0, 2.0, 3.0], 4, ('result',))
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +39,9 @@ import numpy.typing as npt
 
 from roundtrip.server.admission import WorkingSet
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
-from roundtrip.server.pipeline import Call
+from roundtrip.server.pipeline import Call, Pipeline
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
-from roundtrip.server.validation import RequestLimits, weigh_shape
+from roundtrip.server.validation import MAX_RANK, RequestLimits, weigh_shape
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.wire.version import __version__
 
@@ -70,6 +70,9 @@ NUMPY_OF: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 X_DATATYPES = ("FP32", "FP64", "FP16", "BF16")
+#: Most dimensions any tensor's shape may declare (numpy's own limit); x's own limit is the
+#: worker's ``max_x_rank``.
+MAX_TENSOR_RANK = MAX_RANK
 DATATYPE_OF = {dtype.name: name for name, dtype in NUMPY_OF.items()}
 INPUTS = ("seed", "x", "features")
 OUTPUTS = ("result", "orig_out", "merged_out")
@@ -114,18 +117,45 @@ def model_metadata() -> v2pb.ModelMetadataResponse:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unpacked:
-    """A ``ModelInferRequest`` unpacked: its requests, each with the working set it was weighed
-    at, and the outputs asked for. ``batched``: B > 1, so outputs get a leading axis B."""
+    """A ``ModelInferRequest`` unpacked: its requests, each weighed (its working set), the
+    outputs asked for, and x, decoded only when the first admitted request needs it.
+    ``batched``: B > 1, so request i is row i of x, and outputs get a leading axis B."""
 
-    items: Sequence[tuple[RoundTripInput, WorkingSet]]
+    seeds: Sequence[int]
+    features: Sequence[int]
+    sizes: Sequence[WorkingSet]
     outputs: tuple[str, ...]
     batched: bool
+    row_shape: tuple[int, ...]
+    _x: Callable[[], npt.NDArray[Any]]
+    _decoded: npt.NDArray[Any] | None = None
 
     def about(self, index: int, error: RequestError) -> RequestError:
         """``error`` for request ``index`` of this call (:func:`naming_the_request`)."""
         return naming_the_request(self.batched, index, error)
+
+    def item(self, index: int) -> RoundTripInput:
+        """Request ``index`` (x is decoded once, when the first one is admitted)."""
+        if self._decoded is None:
+            self._decoded = self._x()
+        x = self._decoded[index] if self.batched else self._decoded
+        with_outputs = "orig_out" in self.outputs or "merged_out" in self.outputs
+        return RoundTripInput(self.seeds[index], x, self.features[index], with_outputs)
+
+    def output_elements(self) -> int:
+        """Elements each of ``orig_out`` and ``merged_out`` would hold for this call."""
+        rows = math.prod(self.row_shape[:-1])
+        return sum(rows * features for features in self.features)
+
+    def answer_wire_bytes(self) -> int:
+        """An upper bound of the ``ModelInferResponse``'s bytes on the wire: the result rows,
+        each output asked for (every request's output bytes), and the tensors' metadata."""
+        outputs = sum(1 for name in self.outputs if name != "result")
+        output_bytes = sum(size.output_bytes for size in self.sizes)
+        metadata = 64 + 11 * (len(self.row_shape) + 1)
+        return 256 + 12 * len(self.seeds) + outputs * output_bytes + metadata * len(self.outputs)
 
 
 def naming_the_request(batched: bool, index: int, error: RequestError) -> RequestError:
@@ -142,22 +172,18 @@ def naming_the_request(batched: bool, index: int, error: RequestError) -> Reques
 def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int) -> Unpacked:
     """Check ``request`` and split it into the worker's requests, weighed against ``limits``.
 
-    Shapes and limits are checked before x's elements are read. Raw contents are read in place;
-    typed contents (``fp32_contents``...) are copied into an array once, which the message
-    bytes already held bound.
+    Counts, shapes and limits are checked before any tensor's elements are read: a ``seed``
+    of sixty million elements is refused on its declared shape. x is read only when
+    :meth:`Unpacked.item` first needs it, after admission has reserved its bytes: raw
+    contents are read in place; typed contents (``fp32_contents``...) are copied once.
     """
     check_model(request.model_name, request.model_version)
     tensors = _inputs(request)
-    seeds = _integers(tensors, "seed")
-    features = _integers(tensors, "features")
+    seeds = _integers(tensors, "seed", max_items)
     count = len(seeds)
+    features = _integers(tensors, "features", count)
     if count == 0:
         raise InvalidArgument("seed has no elements: it needs one per request")
-    if count > max_items:
-        raise LimitExceeded(
-            f"a ModelInfer call holds {count} requests (seed's elements), over this worker's "
-            f"limit of {max_items} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
-        )
     if len(features) not in (1, count):
         raise InvalidArgument(
             f"features has {len(features)} elements: it needs 1 (shared) or one per seed ({count})"
@@ -184,40 +210,47 @@ def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items:
             "orig_out and merged_out are one tensor each, so a call of many requests that "
             "asks for them needs one features value for all (give features one element)"
         )
-    per_item = features * count if shared else features
-    sizes: dict[int, WorkingSet] = {}
+    per_item = list(features) * count if shared else list(features)
+    weighed: dict[int, WorkingSet] = {}
     for index, value in enumerate(per_item):
-        if value not in sizes:
+        if value not in weighed:
             try:
-                sizes[value] = weigh_shape(
+                weighed[value] = weigh_shape(
                     row_shape, dtype, value, limits, with_outputs=with_outputs
                 )
             except RequestError as error:
                 raise (error if shared else naming_the_request(batched, index, error)) from None
-    x = _x_elements(x_tensor, x_raw, dtype, shape)
-    rows: Sequence[npt.NDArray[Any]] = list(x) if batched else [x]
-    items = [
-        (
-            RoundTripInput(seed=seed, x=row, features=value, with_outputs=with_outputs),
-            sizes[value],
-        )
-        for seed, row, value in zip(seeds, rows, per_item, strict=True)
-    ]
-    return Unpacked(items, outputs, batched)
+    return Unpacked(
+        seeds=seeds,
+        features=per_item,
+        sizes=[weighed[value] for value in per_item],
+        outputs=outputs,
+        batched=batched,
+        row_shape=row_shape,
+        _x=functools.partial(_x_elements, x_tensor, x_raw, dtype, shape),
+    )
 
 
 async def answer(
-    call: Call, request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items: int
+    call: Call,
+    request: v2pb.ModelInferRequest,
+    pipeline: Pipeline,
+    *,
+    unpacked: Unpacked | None = None,
 ) -> v2pb.ModelInferResponse:
     """Answer every request of ``request`` through ``call``, each exactly as if sent alone.
 
-    A call of B requests fails as a whole with its first failing request's status, which
-    names the request (:meth:`Unpacked.about`); ``call`` still holds the answers' bytes.
+    Refused before any compute when its answer could not be sent (over
+    ``max_message_bytes``). A call of B requests fails as a whole with its first failing
+    request's status, which names the request (:meth:`Unpacked.about`); ``call`` still
+    holds the answers' bytes.
     """
-    unpacked = unpack(request, limits, max_items=max_items)
-    for index, (item, size) in enumerate(unpacked.items):
+    if unpacked is None:
+        unpacked = unpack(request, pipeline.limits, max_items=pipeline.max_batch_items)
+    pipeline.check_answer_size(unpacked.answer_wire_bytes())
+    for index, size in enumerate(unpacked.sizes):
         try:
-            call.admit(size, functools.partial(_decoded, item))
+            call.admit(size, functools.partial(unpacked.item, index))
         except RequestError as error:
             raise unpacked.about(index, error) from None
     answers = []
@@ -228,11 +261,6 @@ async def answer(
             raise outcome  # a bug: INTERNAL
         answers.append(outcome)
     return pack(request, unpacked, answers)
-
-
-def _decoded(item: RoundTripInput) -> RoundTripInput:
-    """A request :func:`unpack` decoded already (its x is a view of the message's)."""
-    return item
 
 
 def pack(
@@ -298,6 +326,10 @@ def _inputs(
 
 
 def _shape(tensor: v2pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+    if len(tensor.shape) > MAX_TENSOR_RANK:
+        raise InvalidArgument(
+            f"{tensor.name}.shape has {len(tensor.shape)} dimensions, over {MAX_TENSOR_RANK}"
+        )
     shape = tuple(tensor.shape)
     if shape and min(shape) < 0:
         axis = next(axis for axis, dim in enumerate(shape) if dim < 0)
@@ -306,8 +338,12 @@ def _shape(tensor: v2pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
 
 
 def _integers(
-    tensors: dict[str, tuple[v2pb.ModelInferRequest.InferInputTensor, bytes | None]], name: str
+    tensors: dict[str, tuple[v2pb.ModelInferRequest.InferInputTensor, bytes | None]],
+    name: str,
+    most: int,
 ) -> list[int]:
+    """An INT64 input's values, its count checked against ``most`` on its declared shape
+    (and its contents' length) before any value is read."""
     tensor, raw = tensors[name]
     if tensor.datatype != "INT64":
         raise InvalidArgument(f"{name} has datatype {tensor.datatype!r}: use INT64")
@@ -315,6 +351,15 @@ def _integers(
     if len(shape) > 2:
         raise InvalidArgument(f"{name} has shape {list(shape)}: it needs rank 1 (or [B, 1])")
     count = math.prod(shape)
+    if count > most and name == "seed":
+        raise LimitExceeded(
+            f"a ModelInfer call holds {count} requests (seed's elements), over this worker's "
+            f"limit of {most} (max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS)"
+        )
+    if count > most:
+        raise InvalidArgument(
+            f"{name} has {count} elements: it needs 1 (shared) or one per seed ({most})"
+        )
     if raw is not None:
         _check_size(name, len(raw), count, 8, shape, "INT64")
         return list(struct.unpack(f"<{count}q", raw))

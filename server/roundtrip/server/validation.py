@@ -1,10 +1,10 @@
 """Wire request -> checked, typed :class:`RoundTripInput`, or a :class:`RequestError`.
 
-Everything the eager reference would reject is INVALID_ARGUMENT, naming the
-field; everything beyond this worker's limits is RESOURCE_EXHAUSTED, naming the
-limit and its setting. All limits are weighed on the declared shape, before
-anything is allocated, so ``features = 10**12`` never reaches JAX, and the
-same weighing gives the bytes admission reserves (:func:`weigh`).
+Everything the eager reference would reject is INVALID_ARGUMENT, naming the field;
+everything beyond this worker's limits is INVALID_ARGUMENT too (it can never succeed
+here), naming the limit and its setting. All limits are weighed on the declared shape,
+before anything is allocated, so ``features = 10**12`` never reaches JAX, and the same
+weighing gives the bytes admission reserves (:func:`weigh`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from roundtrip.wire import arrays
 
 #: Bytes of one parameter: nnx.Linear keeps float32 parameters by default.
 PARAM_ITEMSIZE = 4
+#: Most dimensions any array may have (numpy's own limit): ``max_x_rank`` is at most this,
+#: and no tensor of any door declares more.
+MAX_RANK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,7 @@ class RequestLimits:
     max_features: int
     max_param_bytes: int
     max_output_elements: int
+    max_x_rank: int = 32
 
 
 def _over_limit(what: str, value: int, limit: int, knob: str) -> LimitExceeded:
@@ -98,6 +102,8 @@ def weigh_shape(
     _check_features(features, limits)  # (again for weigh: first, as the contract lists them)
     if not shape:
         raise InvalidArgument("x has rank 0; it needs rank >= 1 (its last axis is the input width)")
+    if len(shape) > limits.max_x_rank:
+        raise _over_limit("x's rank", len(shape), limits.max_x_rank, "max_x_rank")
     width = shape[-1]
     if width == 0:
         raise InvalidArgument(
@@ -130,6 +136,7 @@ def weigh_shape(
         param_bytes=param_bytes,
         output_bytes=output_elements * output_itemsize,
         with_outputs=with_outputs,
+        rank=len(shape),
     )
 
 

@@ -79,11 +79,18 @@ def probe_inputs() -> list[RoundTripInput]:
     ]
 
 
-def fingerprint(engine: Engine) -> str:
+def _check_stop(stop: threading.Event | None, done: str) -> None:
+    """Give up warm-up between two steps once the worker was asked to stop (SIGTERM)."""
+    if stop is not None and stop.is_set():
+        raise WarmUpAborted(f"stopped after {done}")
+
+
+def fingerprint(engine: Engine, stop: threading.Event | None = None) -> str:
     """A short hash of the bits the engine answers :data:`PROBES` with (sums and outputs):
     equal on two workers when their code generation gives the same bits."""
     digest = hashlib.sha256()
-    for item in probe_inputs():
+    for index, item in enumerate(probe_inputs()):
+        _check_stop(stop, f"{index} fingerprint probes")
         [answer] = engine.run([item])
         assert answer.orig_out is not None
         assert answer.merged_out is not None
@@ -102,20 +109,32 @@ def compile_shapes(
     is obeyed within one compilation rather than after all of them.
     """
     count = 0
-    for width, features in pairs:
+    started = time.perf_counter()
+    for index, (width, features) in enumerate(pairs):
         signature = ShapeSignature((width,), "float32", features)
         for batch_size in engine.buckets:
-            if stop is not None and stop.is_set():
-                raise WarmUpAborted(f"stopped after {count} compilations")
+            _check_stop(stop, f"{count} compilations")
             engine.prepare(signature, batch_size)
             count += 1
+        log.info(
+            "warm-up: compiled",
+            extra={
+                "shape": f"{width}:{features}",
+                "shapes": f"{index + 1} of {len(pairs)}",
+                "batch_sizes": len(engine.buckets),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
     return count
 
 
-def self_check(engine: Engine) -> int:
+def self_check(engine: Engine, stop: threading.Event | None = None) -> int:
     """Compare engine and eager reference on :func:`self_check_inputs`; raise on any bit."""
     checked = 0
-    for item in self_check_inputs(engine):
+    inputs = self_check_inputs(engine)
+    started = time.perf_counter()
+    for index, item in enumerate(inputs):
+        _check_stop(stop, f"{index} of {len(inputs)} self-check inputs")
         expected = eager_round_trip(item.seed, item.x, item.features)
         alone = engine.run([item])[0]
         # exercises the batched executable too, when batching is on
@@ -133,6 +152,14 @@ def self_check(engine: Engine) -> int:
         (worked.orig_sum, worked.merged_sum, worked.max_abs_diff), WORKED_EXAMPLE_ANSWER, atol=1e-6
     ):
         raise SelfCheckFailed(f"worked example gave {worked}, SPEC.md says {WORKED_EXAMPLE_ANSWER}")
+    log.info(
+        "warm-up: self-checked",
+        extra={
+            "inputs": len(inputs),
+            "answers": checked,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
     return checked
 
 
@@ -140,11 +167,13 @@ def warm_up(
     engine: Engine, pairs: list[tuple[int, int]], stop: threading.Event | None = None
 ) -> str:
     """Compile the warm-up shapes, run the self-check, and return the engine's numerics
-    :func:`fingerprint`; logs what it did."""
+    :func:`fingerprint`; logs where it is after each shape and each phase. ``stop`` (set
+    on SIGTERM) is looked at between every two steps: a worker told to stop while it warms
+    up stops within one compilation or one self-check input."""
     started = time.perf_counter()
     compiled = compile_shapes(engine, pairs, stop)
-    checked = self_check(engine)
-    bits = fingerprint(engine)
+    checked = self_check(engine, stop)
+    bits = fingerprint(engine, stop)
     log.info(
         "warm-up done",
         extra={

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
-from roundtrip.server.codec import encode_result, weighed
+from roundtrip.server.admission import WorkingSet
+from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.errors import Failure, LimitExceeded, failure_of
 from roundtrip.server.grpc_calls import Context, dropped_code, unary
 from roundtrip.server.pipeline import Call, Pipeline
 from roundtrip.server.validation import decode, weigh
-from roundtrip.server.values import RoundTripAnswer
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 
@@ -33,7 +35,9 @@ class RoundTripDoor:
     async def RoundTrip(  # noqa: N802 (the generated servicer's name)
         self, call: Call, request: pb.RoundTripRequest, context: Context
     ) -> pb.RoundTripResponse:
-        size = weigh(request, self.pipeline.limits, message_bytes=call.message_bytes)
+        pipeline = self.pipeline
+        size = weigh(request, pipeline.limits, message_bytes=call.message_bytes)
+        pipeline.check_answer_size(answer_wire_bytes(size))
         return encode_result(await call.answer(size, functools.partial(decode, request)))
 
     @unary(counts=False)
@@ -56,12 +60,24 @@ class RoundTripDoor:
             )
         started = time.perf_counter()
         outcomes: list[Failure | RoundTripAnswer | None] = [None] * count
+        weighed_items: list[tuple[int, WorkingSet, Callable[[], RoundTripInput]]] = []
+        for index, request in enumerate(batch.requests):
+            try:
+                size, decode_item = weighed(
+                    request, pipeline.limits, message_bytes=call.message_bytes
+                )
+                weighed_items.append((index, size, decode_item))
+            except Exception as error:
+                outcomes[index] = failure_of(error)
+        pipeline.check_answer_size(
+            batch_answer_bytes(outcomes, [size for _, size, _ in weighed_items])
+        )
         admitted = []
         pipeline.metrics.inflight.inc(count)
         try:
-            for index, request in enumerate(batch.requests):
+            for index, size, decode_item in weighed_items:
                 try:
-                    call.admit(*weighed(request, pipeline.limits, message_bytes=call.message_bytes))
+                    call.admit(size, decode_item)
                     admitted.append(index)
                 except Exception as error:
                     outcomes[index] = failure_of(error)
@@ -98,3 +114,13 @@ class RoundTripDoor:
         self, call: Call, request: Any, context: Context
     ) -> pb.GetServerInfoResponse:
         return self.info
+
+
+def batch_answer_bytes(
+    refused: list[Failure | RoundTripAnswer | None], sizes: list[WorkingSet]
+) -> int:
+    """An upper bound of a ``RoundTripBatchResponse``'s bytes on the wire: each answer's
+    (:func:`~roundtrip.server.codec.answer_wire_bytes`), each refusal's message, and the
+    tags around each outcome."""
+    errors = sum(len(outcome.message) + 16 for outcome in refused if isinstance(outcome, Failure))
+    return errors + sum(answer_wire_bytes(size) + 8 for size in sizes)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from roundtrip.server import numerics
-from roundtrip.server.codec import encode_result, weighed
+from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.errors import Failure, ShuttingDown
 from roundtrip.server.grpc_calls import Context, Received, Unparseable, deadline_of, dropped_code
 from roundtrip.server.pipeline import Call, Pipeline
@@ -120,7 +120,7 @@ class _OpenStream:
                     call = self._pipeline.call(deadline=self._deadline, message=received.held)
                     self._owned.add(call)  # the stream's from here: closed with it
                     if isinstance(received.message, Unparseable):  # no id to answer by: end
-                        raise received.message.error()
+                        raise received.message.error
                     await self._slots.acquire()
                     call.occupy(self._slots)
                     task = asyncio.create_task(self._answer_one(call, received.message))
@@ -141,6 +141,7 @@ class _OpenStream:
             size, decode = weighed(
                 message.request, pipeline.limits, message_bytes=call.message_bytes
             )
+            pipeline.check_answer_size(answer_wire_bytes(size))
             answer = await call.answer(size, decode)
         if envelope.failure is not None:
             self.answers.put_nowait(_Answer(stream_error(message.id, envelope.failure), call))

@@ -32,8 +32,7 @@ class V2GrpcDoor:
     async def ModelInfer(  # noqa: N802 (the protocol's names)
         self, call: Call, request: v2pb.ModelInferRequest, context: Context
     ) -> v2pb.ModelInferResponse:
-        pipeline = self.pipeline
-        return await v2.answer(call, request, pipeline.limits, max_items=pipeline.max_batch_items)
+        return await v2.answer(call, request, self.pipeline)
 
     @unary(about_the_worker=True)
     async def ServerLive(  # noqa: N802

@@ -15,17 +15,27 @@ Routes (``/versions/1`` may follow the model's name):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import ClientConnectionError, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from roundtrip.server import v2, v2_json
-from roundtrip.server.errors import BodyTooLarge, Failure, LimitExceeded, failure_of
-from roundtrip.server.pipeline import Pipeline
+from roundtrip.server.errors import (
+    BodyTooLarge,
+    CallerGone,
+    Failure,
+    InvalidArgument,
+    LimitExceeded,
+    UploadTimedOut,
+    failure_of,
+)
+from roundtrip.server.pipeline import Call, Pipeline
 from roundtrip.server.security import TokenCheck
 from roundtrip.wire.metadata import FINGERPRINT_KEY
 
@@ -53,11 +63,17 @@ class V2RestDoor:
         *,
         ready: Callable[[], bool],
         max_body_bytes: int,
+        max_json_bytes: int = 128 * 1024,
+        max_json_output_elements: int = 65536,
+        read_timeout_s: float = 10.0,
         token: TokenCheck | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.ready = ready
         self._max_body_bytes = max_body_bytes
+        self._max_json_bytes = max_json_bytes
+        self._max_json_output_elements = max_json_output_elements
+        self._read_timeout_s = read_timeout_s
         self._token = token
 
     def application(self) -> web.Application:
@@ -144,49 +160,99 @@ class V2RestDoor:
         )
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
-        """One V2 call: the body read, decoded, answered, and written while the call still
-        holds its answer's bytes."""
+        """One V2 call: its body admitted by bytes as it arrives, decoded, answered, and
+        written while the call still holds its answer's bytes."""
         pipeline = self.pipeline
         model, version = request.match_info["model"], request.match_info.get("version", "")
         with pipeline.call(deadline=None) as call:
-            dropped = _cancelled  # a REST caller that hangs up
-            with pipeline.envelope(METHOD, dropped=dropped) as envelope:
-                body = await self._read(request)
-                call.hold_message(pipeline.received(len(body)))
+            with pipeline.envelope(METHOD, dropped=_cancelled) as envelope:
                 pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY))
                 v2.check_model(model, version)
-                split = v2_json.json_length(body, request.headers.get(v2_json.HEADER_LENGTH))
+                body, split = await self._read(request, call)
                 with self._decoding(call, split):
-                    message, binary_outputs = v2_json.infer_request(body, split, model, version)
+                    message, binary_outputs = v2_json.infer_request(
+                        memoryview(body)[:split], memoryview(body)[split:], model, version
+                    )
                 del body
-                response = await v2.answer(
-                    call, message, pipeline.limits, max_items=pipeline.max_batch_items
-                )
-                payload, header_length = v2_json.infer_body(response, binary_outputs)
+                unpacked = v2.unpack(message, pipeline.limits, max_items=pipeline.max_batch_items)
+                self._check_json_outputs(unpacked, binary_outputs)
+                response = await v2.answer(call, message, pipeline, unpacked=unpacked)
+                text = await _joined(v2_json.answer_pieces(response, binary_outputs))
+                tail = v2_json.binary_tail(response, binary_outputs)
             if envelope.failure is not None:
-                return error_response(envelope.failure)
-            if header_length is None:
-                sent = web.Response(body=payload, content_type="application/json")
-            else:
+                refusal = error_response(envelope.failure)
+                if envelope.failure.http_status in (408, 413, 499):
+                    refusal.force_close()  # the rest of the body is never read
+                return refusal
+            if tail:
+                headers = {v2_json.HEADER_LENGTH: str(len(text))}
                 sent = web.Response(
-                    body=payload,
+                    body=b"".join([text, *tail]),
                     content_type="application/octet-stream",
-                    headers={v2_json.HEADER_LENGTH: str(header_length)},
+                    headers=headers,
                 )
+            else:
+                sent = web.Response(body=text, content_type="application/json")
             await sent.prepare(request)
             await sent.write_eof()
             return sent
 
-    async def _read(self, request: web.Request) -> bytes:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:  # over client_max_size: refused while read
+    async def _read(self, request: web.Request, call: Call) -> tuple[bytearray, int]:
+        """The body, held against the byte budget before it is held in memory: a declared
+        length over the limits is refused before a byte is read (413); otherwise every
+        chunk is counted as it arrives (decompressed, when the body is), an upload that
+        sends nothing for ``http_read_timeout_s`` is dropped (408), and one whose caller
+        hangs up ends the call. Returns the body and its JSON part's length."""
+        declared_json = v2_json.header_length(request.headers.get(v2_json.HEADER_LENGTH))
+        declared = request.content_length if "Content-Encoding" not in request.headers else None
+        if declared is not None:
+            self._check_lengths(declared, declared_json)
+            call.hold_message(declared)
+        body = bytearray()
+        while True:
+            try:
+                async with asyncio.timeout(self._read_timeout_s):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise UploadTimedOut(
+                    f"the upload sent nothing for {self._read_timeout_s} s "
+                    "(http_read_timeout_s, env ROUNDTRIP_HTTP_READ_TIMEOUT_S)"
+                ) from None
+            except (ConnectionError, ClientConnectionError) as error:
+                raise CallerGone(f"the caller hung up during its upload ({error})") from None
+            except RequestPayloadError as error:  # a corrupt compressed body, or a bad chunk
+                raise InvalidArgument(f"the request body cannot be read: {error}") from None
+            if not chunk:
+                break
+            if declared is None:  # chunked or compressed: held as it arrives
+                self._check_lengths(len(body) + len(chunk), declared_json)
+                call.hold_message(len(chunk))
+            body += chunk
+        split = len(body) if declared_json is None else declared_json
+        if split > len(body):
+            raise InvalidArgument(
+                f"{v2_json.HEADER_LENGTH} is {split}, but the body has {len(body)} bytes"
+            )
+        return body, split
+
+    def _check_lengths(self, body_bytes: int, json_bytes: int | None) -> None:
+        """413 for a body over ``max_message_bytes``, or a JSON part over ``max_json_bytes``
+        (the whole body, when no binary data follows it)."""
+        if body_bytes > self._max_body_bytes:
             raise BodyTooLarge(
                 f"the request body is over this worker's limit of {self._max_body_bytes} "
                 "bytes (max_message_bytes, env ROUNDTRIP_MAX_MESSAGE_BYTES)"
-            ) from None
+            )
+        json_bytes = body_bytes if json_bytes is None else json_bytes
+        if json_bytes > self._max_json_bytes:
+            raise BodyTooLarge(
+                f"the request's JSON is over this worker's limit of {self._max_json_bytes} "
+                "bytes (max_json_bytes, env ROUNDTRIP_MAX_JSON_BYTES): send large tensors as "
+                "binary data (parameters.binary_data_size, the binary tensor data "
+                "extension) or over gRPC"
+            )
 
-    def _decoding(self, call: Any, json_bytes: int) -> Any:
+    def _decoding(self, call: Call, json_bytes: int) -> Any:
         """Hold what decoding ``json_bytes`` of JSON may take (``JSON_EXPANSION`` x)."""
         nbytes = v2_json.JSON_EXPANSION * json_bytes
         limit = self.pipeline.budget.limit
@@ -199,21 +265,50 @@ class V2RestDoor:
             )
         return call.holding(nbytes)
 
+    def _check_json_outputs(self, unpacked: v2.Unpacked, binary_outputs: set[str]) -> None:
+        """Refuse, before any compute, outputs too large to send as JSON."""
+        as_json = [name for name in ("orig_out", "merged_out") if name in unpacked.outputs]
+        elements = unpacked.output_elements() * len(set(as_json) - binary_outputs)
+        if elements > self._max_json_output_elements:
+            raise LimitExceeded(
+                f"the answer's outputs would be {elements} elements of JSON, over this "
+                f"worker's limit of {self._max_json_output_elements} (max_json_output_elements, "
+                "env ROUNDTRIP_MAX_JSON_OUTPUT_ELEMENTS): ask for them as binary data "
+                "(parameters.binary_data: true, the binary tensor data extension) or over gRPC"
+            )
+
+
+async def _joined(pieces: Iterator[str]) -> bytes:
+    """``pieces`` joined, the event loop free to run between them."""
+    parts = []
+    for piece in pieces:
+        parts.append(piece)
+        await asyncio.sleep(0)
+    return "".join(parts).encode()
+
 
 def _cancelled() -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
 async def start(
-    door: V2RestDoor, host: str, port: int, *, tls: ssl.SSLContext | None
+    door: V2RestDoor, host: str, port: int, *, tls: ssl.SSLContext | None, idle_timeout_s: float
 ) -> tuple[web.AppRunner, int]:
     """Serve ``door`` on ``host:port`` (0 picks a free port); the runner and bound port.
 
-    Raises OSError when the port cannot be bound.
+    A connection without a complete request for ``idle_timeout_s`` is closed, whether idle
+    or sending its headers slowly; a refused body is not read on (no lingering). Raises
+    OSError when the port cannot be bound.
     """
     # the drain has already waited for open calls (they count in OpenCalls) when the runner
     # is cleaned up, so its own wait is short
-    runner = web.AppRunner(door.application(), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        door.application(),
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=idle_timeout_s,
+        lingering_time=0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024)
     try:

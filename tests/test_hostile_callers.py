@@ -1,0 +1,349 @@
+"""One caller can neither starve nor exhaust the worker, through any door.
+
+Each test is an attack measured against a real worker process on its default limits
+(unless it names others): what the attacker gets is a clear refusal, and what everyone
+else gets (health within its probe's budget, exact answers, the memory bound) holds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from reference import reference
+
+from roundtrip.client import RoundTripClient, RoundTripError
+from roundtrip.client.messages import build_request
+from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from roundtrip.v1 import roundtrip_pb2 as pb
+from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.workers import RssSampler, WorkerProcess, serving_process, serving_worker
+
+pytestmark = pytest.mark.slow
+
+MIB = 1024 * 1024
+INFER = "/v2/models/roundtrip/infer"
+BUDGET_MIB = 2048  # the default max_inflight_bytes where the machine sets no cgroup limit
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[WorkerProcess]:
+    with serving_process("--warmup-shapes", "3:4", "--http-read-timeout-s", "2") as process:
+        yield process
+
+
+class HealthPoller:
+    """gRPC health every ``every_s``, each with ``deadline_s``: the readiness probe, tighter."""
+
+    def __init__(self, target: str, every_s: float = 0.1, deadline_s: float = 0.25) -> None:
+        self.late: list[str] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target, every_s, deadline_s))
+
+    def _run(self, target: str, every_s: float, deadline_s: float) -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
+            while not self._stop.wait(every_s):
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=deadline_s)
+                except grpc.RpcError as error:
+                    self.late.append(f"{error.code().name} at poll {self.polls}")
+                self.polls += 1
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def post(
+    port: int, body: bytes, headers: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, bytes]:
+    """POST an infer body; (status, answer), or (0, b"") when the worker closed the
+    connection before the whole body was sent (it refused it mid-upload)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", INFER, body, headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0, b""
+    finally:
+        connection.close()
+
+
+def gzip_bomb(inflated: int = 1024 * MIB) -> bytes:
+    """A gzip body of about 1 MiB that inflates to ``inflated`` bytes of zeros."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(16 * MIB)
+    parts = [packer.compress(zeros) for _ in range(inflated // len(zeros))]
+    return b"".join([*parts, packer.flush()])
+
+
+def exact_round_trip(client: RoundTripClient, seed: int) -> bool:
+    x = np.arange(1, 4, dtype=np.float32) * (seed + 1)
+    return client.round_trip(seed, x, 4).as_list() == list(reference(seed, x, 4))
+
+
+def in_threads(*work: Callable[[], Any]) -> list[Any]:
+    results: list[Any] = [None] * len(work)
+
+    def run(index: int) -> None:
+        results[index] = work[index]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return results
+
+
+def test_rest_abuse_never_delays_grpc_health_or_other_callers(worker: WorkerProcess) -> None:
+    bomb = gzip_bomb()
+    assert len(bomb) < 2 * MIB
+    fourteen_mib = json.dumps({"inputs": [{"name": "x", "data": [[0]] * (14 * MIB // 6)}]})
+    largest_json_outputs = {
+        "inputs": [
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [0]},
+            {"name": "x", "datatype": "FP32", "shape": [1, 64, 1], "data": [0.5] * 64},
+            {"name": "features", "datatype": "INT64", "shape": [1], "data": [65536]},
+        ],
+        "outputs": [{"name": "orig_out"}, {"name": "merged_out"}],
+    }
+    gzipped = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    port = worker.http_port
+    with RssSampler(worker) as rss, HealthPoller(worker.target) as health:
+        with RoundTripClient(worker.target, timeout=30) as client:
+            answers = in_threads(
+                *[lambda: post(port, bomb, gzipped) for _ in range(8)],
+                *[lambda: post(port, fourteen_mib.encode()) for _ in range(4)],
+                lambda: post(port, json.dumps(largest_json_outputs).encode()),
+                lambda: [exact_round_trip(client, seed) for seed in range(20)],
+            )
+        time.sleep(0.5)
+    assert health.polls >= 5
+    assert health.late == []
+    outputs, small = answers[12:]
+    assert {status for status, _ in answers[:8]} <= {413, 0}  # the bombs
+    assert {status for status, _ in answers[8:12]} <= {413, 0}  # the 14 MiB bodies
+    assert outputs[0] == 400
+    assert "max_json_output_elements" in json.loads(outputs[1])["error"]
+    assert small == [True] * 20
+    assert rss.peak < BUDGET_MIB + 512
+    assert worker.metric('roundtrip_requests_total{code="INTERNAL",method="ModelInferHTTP"}') == 0
+
+
+def stalled_upload(port: int, declared: int, sent: int) -> socket.socket:
+    """An upload that declares ``declared`` bytes of binary tensor data, sends ``sent`` of
+    them and goes silent."""
+    head = json.dumps({"inputs": []}).encode()
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(
+        (
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n\r\n"
+        ).encode()
+        + head
+    )
+    chunk = bytes(MIB)
+    for _ in range(sent // MIB):
+        connection.sendall(chunk)
+    return connection
+
+
+def test_stalled_uploads_are_held_in_the_budget_then_time_out(worker: WorkerProcess) -> None:
+    before = worker.rss_mib()
+    uploads = in_threads(*[lambda: stalled_upload(worker.http_port, 64 * MIB, 60 * MIB)] * 16)
+    try:
+        held = worker.metric("roundtrip_admitted_bytes")
+        refused = worker.metric(
+            'roundtrip_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInferHTTP"}'
+        )
+        assert held + refused * 64 * MIB >= 16 * 64 * MIB  # each is counted, or was refused
+        for upload in uploads:
+            upload.settimeout(20)
+            answer = upload.recv(4096)  # the worker's 408 (or 429 for one it refused)
+            assert answer.split(b" ")[1] in (b"408", b"429"), answer[:200]
+    finally:
+        for upload in uploads:
+            upload.close()
+    time.sleep(1)
+    assert worker.metric("roundtrip_admitted_bytes") == 0
+    assert worker.rss_mib() < before * 1.1
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body(
+    worker: WorkerProcess,
+) -> None:
+    with socket.create_connection(("127.0.0.1", worker.http_port), timeout=10) as connection:
+        connection.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {100 * MIB}\r\n\r\n".encode()
+        )
+        answer = connection.recv(4096)  # not one body byte sent
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"max_message_bytes" in answer
+
+
+def packed_seed_infer(count: int) -> bytes:
+    """A ModelInferRequest whose seed holds ``count`` packed zeros (one wire byte each),
+    serialized by hand: building it with protobuf would take the memory under test."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+    contents = field(3, bytes(count))  # InferTensorContents.int64_contents, packed
+    tensor = field(1, b"seed") + field(2, b"INT64") + field(3, _varint(count)) + field(5, contents)
+    return field(1, b"roundtrip") + field(5, tensor)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_huge_v2_seed_tensors_are_refused_before_they_are_parsed(worker: WorkerProcess) -> None:
+    """60,000,000 packed zeros take 57 MiB on the wire and 458 MiB once parsed: they are
+    counted on the wire and refused, naming the limit, before protobuf parses them."""
+    message = packed_seed_infer(60_000_000)
+    assert 56 * MIB < len(message) < 64 * MIB
+    with worker.channel() as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda data: data,
+            response_deserializer=v2pb.ModelInferResponse.FromString,
+        )
+
+        def send() -> str:
+            try:
+                infer(message, timeout=60)
+            except grpc.RpcError as error:
+                return f"{error.code().name}: {error.details()}"
+            return "OK"
+
+        with RssSampler(worker) as rss:
+            codes = in_threads(*[send] * 4)
+    assert all(code.startswith("INVALID_ARGUMENT") for code in codes), codes
+    assert all("max_batch_items" in code for code in codes), codes
+    # gRPC holds each message (57 MiB) and hands the parser a copy before any handler runs:
+    # some 2 x 228 MiB is the floor. Parsed, the four seeds alone would be 1.8 GiB.
+    assert rss.peak - rss.before < 512
+
+
+def test_answers_too_large_to_send_are_refused_before_compute() -> None:
+    """Over max_message_bytes an answer can never be sent: every door says so before any
+    compute, with a code that is not retried, and the metrics count that code."""
+    with serving_worker("--max-message-bytes", str(MIB), "--warmup-shapes", "3:4") as process:
+        x = np.ones((64, 4), np.float32)
+        big = build_request(0, x, 4096, return_outputs=True)  # 2 x 1 MiB of outputs
+        channel = process.channel()
+        stub = pb_grpc.RoundTripServiceStub(channel)
+        batches_before = process.metric("roundtrip_batch_size_count")
+        calls: dict[str, Callable[[], Any]] = {
+            "RoundTrip": lambda: stub.RoundTrip(big, timeout=30),
+            "RoundTripBatch": lambda: stub.RoundTripBatch(
+                pb.RoundTripBatchRequest(
+                    requests=[build_request(s, x[:8], 4096, return_outputs=True) for s in range(8)]
+                ),
+                timeout=30,
+            ),
+            "ModelInfer": lambda: channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=v2pb.ModelInferRequest.SerializeToString,
+                response_deserializer=v2pb.ModelInferResponse.FromString,
+            )(
+                v2pb.ModelInferRequest(
+                    model_name="roundtrip",
+                    inputs=[
+                        v2pb.ModelInferRequest.InferInputTensor(
+                            name="seed", datatype="INT64", shape=[1]
+                        ),
+                        v2pb.ModelInferRequest.InferInputTensor(
+                            name="x", datatype="FP32", shape=[1, 64, 4]
+                        ),
+                        v2pb.ModelInferRequest.InferInputTensor(
+                            name="features", datatype="INT64", shape=[1]
+                        ),
+                    ],
+                    outputs=[{"name": "orig_out"}],
+                    raw_input_contents=[
+                        np.int64(0).tobytes(),
+                        x.tobytes(),
+                        np.int64(4096).tobytes(),
+                    ],
+                ),
+                timeout=30,
+            ),
+        }
+        for method, call in calls.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "max_message_bytes" in (refused.value.details() or ""), method
+            sample = f'roundtrip_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}'
+            assert process.metric(sample) >= 1, method
+        assert process.metric("roundtrip_batch_size_count") == batches_before  # nothing computed
+        channel.close()
+
+
+def test_unary_callers_are_served_while_batch_callers_saturate_the_queue() -> None:
+    with serving_process("--warmup-shapes", "3:4") as process:
+        x = np.arange(1, 4, dtype=np.float32)
+        batch = pb.RoundTripBatchRequest(
+            requests=[build_request(seed, x, 4) for seed in range(1024)]
+        )
+        stop = threading.Event()
+        unary: Counter[str] = Counter()
+
+        def batch_caller() -> Counter[str]:
+            outcomes: Counter[str] = Counter()
+            with process.channel() as channel:
+                stub = pb_grpc.RoundTripServiceStub(channel)
+                for _ in range(2):
+                    answer = stub.RoundTripBatch(batch, timeout=120)
+                    for outcome in answer.outcomes:
+                        failed = outcome.HasField("error")
+                        outcomes[f"code {outcome.error.code}" if failed else "OK"] += 1
+            return outcomes
+
+        def unary_caller() -> None:
+            with RoundTripClient(process.target, timeout=60) as client:
+                while not stop.is_set():
+                    try:
+                        client.round_trip(7, x, 4)
+                        unary["OK"] += 1
+                    except RoundTripError as error:
+                        unary[error.code.name] += 1
+
+        callers = [threading.Thread(target=unary_caller) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        try:
+            batches = in_threads(*[batch_caller] * 4)
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(60)
+        assert unary["RESOURCE_EXHAUSTED"] == 0, unary
+        assert unary["OK"] > 0
+        assert sum(batches, Counter()) == Counter({"OK": 4 * 2 * 1024})
