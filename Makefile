@@ -20,7 +20,7 @@ V2_GEN_DIR := server/roundtrip/server/v2proto
 
 DIST ?= dist
 
-.PHONY: setup wheel serve test check lint typecheck protolint protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
+.PHONY: setup wheel serve test check lint typecheck protolint breaking protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
 
 setup: $(VENV)/.synced
 
@@ -49,7 +49,7 @@ serve: $(VENV)/.served
 	exec $(BIN)/roundtrip-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) \
 	  --http-port $(HTTP_PORT)
 
-test: lint typecheck protolint check-protos deploy-check pytest image-test
+test: lint typecheck protolint breaking check-protos deploy-check pytest image-test
 
 # The edit-test loop: lint, types and the tests not marked slow or external (pyproject.toml).
 check: lint typecheck
@@ -66,18 +66,35 @@ protolint: setup
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
 
+# The client's stubs come from protoc 27.2 (grpcio-tools 1.66.2): generated code runs on
+# its own protobuf runtime and every later one, so the client works with protobuf 5.27.2
+# to 7.x and grpcio from 1.66.2 (pyproject.toml). The .pyi come from .venv's mypy-protobuf.
+PROTOC_TOOLS := $(TOOLS)/protoc
+PROTOC := PATH="$(abspath $(BIN)):$$PATH" $(PROTOC_TOOLS)/bin/python -m grpc_tools.protoc
+$(PROTOC_TOOLS)/.synced: | $(UV)
+	$(UV) venv --quiet --allow-existing $(PROTOC_TOOLS)
+	$(UV) pip install --quiet --python $(PROTOC_TOOLS)/bin/python grpcio-tools==1.66.2 \
+	  protobuf==5.29.6
+	touch $@
+
+# The proto against the last release (v0.1.0, tagged; by commit so a clone without tags
+# still checks it): a field renumbered, removed or retyped fails the gate.
+LAST_RELEASE := 37e009d87fa10ea713b125321029cb6f09a9067a
+breaking: setup
+	$(BIN)/buf breaking --against '.git#ref=$(LAST_RELEASE)'
+
 # Regenerate the committed stubs (_pb2.py, _pb2_grpc.py and their .pyi).
-protos: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+protos: setup $(PROTOC_TOOLS)/.synced
+	$(PROTOC) -I protos \
 	  --python_out=client --grpc_python_out=client \
 	  --mypy_out=client --mypy_grpc_out=client $(PROTO_FILES)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I $(dir $(V2_PROTO)) \
 	  --python_out=$(V2_GEN_DIR) --mypy_out=$(V2_GEN_DIR) $(V2_PROTO)
 
 # Fails when the committed stubs differ from what protos/ generates.
-check-protos: setup
+check-protos: setup $(PROTOC_TOOLS)/.synced
 	rm -rf .gen-check && mkdir -p .gen-check
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	$(PROTOC) -I protos \
 	  --python_out=.gen-check --grpc_python_out=.gen-check \
 	  --mypy_out=.gen-check --mypy_grpc_out=.gen-check $(PROTO_FILES)
 	diff -r -x __init__.py -x py.typed -x __pycache__ .gen-check/roundtrip/v1 $(GEN_DIR) \

@@ -105,7 +105,25 @@ def test_ready_says_whether_a_worker_is_serving(worker: WorkerProcess) -> None:
     done = run("ready", "--target", worker.target)
     assert (done.returncode, json.loads(done.stdout)["serving"]) == (0, True)
     done = run("ready", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
-    assert (done.returncode, json.loads(done.stdout)["serving"]) == (1, False)
+    assert (done.returncode, json.loads(done.stdout)["serving"]) == (2, False)  # not 1: no one
+    assert "nothing accepts connections" in done.stderr
+
+
+def test_ready_while_warming_up_is_one_not_two() -> None:
+    """A wait loop tells "not yet" (1) from "never, as configured" (2)."""
+    worker = WorkerProcess("--warmup-shapes", ",".join(f"{w}:{w + 1}" for w in range(2, 30)))
+    try:
+        done = run("ready", "--target", worker.target, "--timeout", "2")
+        assert (done.returncode, json.loads(done.stdout)["serving"]) == (1, False), done.stderr
+    finally:
+        worker.kill()
+
+
+def test_version() -> None:
+    from roundtrip.wire.version import __version__
+
+    done = run("--version")
+    assert (done.returncode, done.stdout.strip()) == (0, f"roundtrip {__version__}")
 
 
 @pytest.mark.parametrize("args", [["call", "--seed", "0"], ["frobnicate"], []])

@@ -136,3 +136,91 @@ def test_the_readme_installs_what_the_tests_install() -> None:
     assert f"pip install dist/roundtrip_worker-{__version__}-py3-none-any.whl" in readme
     assert "pip install roundtrip " not in readme
     assert "pip install roundtrip`" not in readme
+
+
+def test_the_fresh_client_resolves_ml_dtypes_below_0_7_and_reports_its_import_time(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ml-dtypes 0.7 made `import roundtrip.client` take 1.8-1.9 s against 0.5-0.6 s with
+    0.6 (docs/adr/0008): the pin keeps a fresh install on the cheaper one. The import time
+    is printed (run with -s), not asserted: timings are the benchmarks' business."""
+    _, python = installed
+    done = run(
+        python,
+        "-c",
+        "import time; t = time.perf_counter(); import roundtrip.client; "
+        "took = time.perf_counter() - t; import ml_dtypes; print(ml_dtypes.__version__, took)",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    version, took = done.stdout.split()
+    assert tuple(int(part) for part in version.split(".")[:2]) < (0, 7), version
+    print(f"import roundtrip.client: {float(took):.2f} s with ml-dtypes {version}")
+
+
+#: Unary, batch and stream through the installed client; prints the runtime versions.
+THREE_WAYS = """
+import sys
+import google.protobuf, grpc
+from roundtrip.client import RoundTripClient
+with RoundTripClient(sys.argv[1], timeout=30) as client:
+    one = client.round_trip(0, [1.0, 2.0, 3.0], 4).as_list()
+    batch = [o.as_list() for o in client.round_trip_many([(0, [1.0, 2.0, 3.0], 4)] * 2)]
+    streamed = [o.as_list() for o in client.stream([(0, [1.0, 2.0, 3.0], 4)] * 2)]
+assert one == batch[0] == batch[1] == streamed[0] == streamed[1], (one, batch, streamed)
+assert one == [-4.221933364868164, -4.221933364868164, 0.0], one
+print(google.protobuf.__version__, grpc.__version__)
+"""
+
+#: tritonclient over gRPC and HTTP, in the same environment as the client.
+TRITON_CALLS = """
+import sys
+import numpy as np
+import tritonclient.grpc as g
+import tritonclient.http as h
+for module, target in ((g, sys.argv[1]), (h, sys.argv[2])):
+    client = module.InferenceServerClient(target)
+    inputs = [module.InferInput("seed", [1], "INT64"), module.InferInput("x", [3], "FP32"),
+              module.InferInput("features", [1], "INT64")]
+    inputs[0].set_data_from_numpy(np.array([0], np.int64))
+    inputs[1].set_data_from_numpy(np.array([1, 2, 3], np.float32))
+    inputs[2].set_data_from_numpy(np.array([4], np.int64))
+    result = client.infer("roundtrip", inputs).as_numpy("result")
+    assert result.tolist() == [[-4.221933364868164, -4.221933364868164, 0.0]], result
+print("tritonclient ok")
+"""
+
+
+def environment(place: Path, wheel: Path, *requirements: str) -> Path:
+    """A fresh venv with the wheel (no extras) and ``requirements``, resolved together."""
+    made = run(UV, "venv", "--quiet", "--python", sys.executable, place / "venv", cwd=place)
+    assert made.returncode == 0, made.stderr
+    python = place / "venv" / "bin" / "python"
+    done = run(UV, "pip", "install", "--quiet", "--python", python, wheel, *requirements, cwd=place)
+    assert done.returncode == 0, done.stderr
+    return python
+
+
+def test_the_client_works_on_the_oldest_protobuf_and_grpcio_it_declares(
+    installed: tuple[Path, Path], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    wheel, _ = installed
+    oldest = ("protobuf==5.27.2", "grpcio==1.66.2", "grpcio-health-checking==1.66.2")
+    python = environment(tmp_path, wheel, *oldest)
+    done = run(python, "-c", THREE_WAYS, worker.target, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["5.27.2", "1.66.2"]
+
+
+def test_the_client_and_tritonclient_share_one_environment(
+    installed: tuple[Path, Path], worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """tritonclient 2.73 wants protobuf < 7: the client takes whatever it resolves."""
+    wheel, _ = installed
+    python = environment(tmp_path, wheel, "tritonclient[grpc,http]==2.73.0")
+    done = run(python, "-c", THREE_WAYS, worker.target, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].startswith("6.")
+    http = f"127.0.0.1:{worker.http_port}"
+    triton = run(python, "-c", TRITON_CALLS, worker.target, http, cwd=tmp_path)
+    assert triton.returncode == 0, triton.stderr

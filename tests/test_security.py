@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
 from roundtrip.client.channel import tls_credentials
-from support.workers import InProcessWorker, free_port, metric_value, serving_worker
+from support.workers import InProcessWorker, console_script, free_port, metric_value, serving_worker
 
 TOKEN = "s3cret-token-for-tests"
 WORKED = (0, [1.0, 2.0, 3.0], 4)
@@ -217,3 +218,24 @@ def test_v2_rest_has_the_same_tls_and_token(mtls_worker: InProcessWorker, pki: P
             https(mtls_worker, pki, metadata, client=client, token=TOKEN)
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         urllib.request.urlopen(f"http://127.0.0.1:{mtls_worker.http_port}/v2", timeout=10)
+
+
+def test_cli_ready_says_tls_when_the_worker_speaks_it_and_the_caller_does_not(
+    mtls_worker: InProcessWorker, pki: Pki
+) -> None:
+    """Not "warming up" (1): a wait loop would never end. 2, naming TLS and the fix."""
+    ready = [console_script("roundtrip"), "ready", "--target", mtls_worker.target]
+    plain = subprocess.run([*ready, "--timeout", "3"], capture_output=True, text=True)
+    assert plain.returncode == 2
+    assert "speaks TLS: pass --ca-file" in plain.stderr
+    stranger = subprocess.run(
+        [*ready, "--ca-file", pki.path("client-ca.pem"), "--timeout", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert stranger.returncode == 2
+    assert "TLS handshake" in stranger.stderr
+    trusted = ["--ca-file", pki.path("server-ca.pem")]
+    trusted += ["--cert-file", pki.path("client.pem"), "--key-file", pki.path("client.key")]
+    done = subprocess.run([*ready, *trusted], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -5,7 +5,7 @@ import warnings
 
 from roundtrip.v1 import roundtrip_pb2 as roundtrip_dot_v1_dot_roundtrip__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in roundtrip/v1/roundtrip_pb2_grpc.py depends on'
+        + f' but the generated code in roundtrip/v1/roundtrip_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class RoundTripServiceStub:
+class RoundTripServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class RoundTripServiceStub:
                 _registered_method=True)
 
 
-class RoundTripServiceServicer:
+class RoundTripServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def RoundTrip(self, request, context):
@@ -121,7 +121,7 @@ def add_RoundTripServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RoundTripService:
+class RoundTripService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
