@@ -167,7 +167,26 @@ $(TRITON)/.synced: tests/tritonclient/requirements.txt | $(UV)
 # tests/test_kserve.py validates the KServe predictor's pod with kubernetes-validate.
 # Two test processes, a test file each at a time: most tests wait on a worker's compilations
 # or its network, and a file's workers are shared by its tests.
-pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced
+# Triton's perf_analyzer: the binary tritonclient 2.41's wheel still shipped (later wheels
+# and PyPI's perf-analyzer, a placeholder, do not), with the two libraries it loads: libb64
+# (Debian's) and the CUDA runtime (NVIDIA's wheel: loaded, never used, against a CPU worker).
+PERF := $(TOOLS)/perf
+LIBB64_DEB := libb64-0d=1.2-5+b1
+$(PERF)/.synced: | $(UV)
+	$(UV) venv --quiet --allow-existing $(PERF)
+	$(UV) pip install --quiet --no-deps --python $(PERF)/bin/python tritonclient==2.41.0 \
+	  nvidia-cuda-runtime-cu12==12.9.79
+	rm -rf $(PERF)/deb && mkdir -p $(PERF)/deb $(PERF)/lib
+	cd $(PERF)/deb && (apt-get download $(LIBB64_DEB) 2>/dev/null \
+	  || (apt-get update -qq && apt-get download $(LIBB64_DEB)))
+	dpkg-deb -x $(PERF)/deb/libb64-0d_*.deb $(PERF)/deb/root
+	cp $(PERF)/deb/root/usr/lib/x86_64-linux-gnu/libb64.so.0d $(PERF)/lib/
+	cp $(PERF)/lib/python3*/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12 $(PERF)/lib/
+	rm -rf $(PERF)/deb
+	LD_LIBRARY_PATH=$(abspath $(PERF)/lib) $(PERF)/bin/perf_analyzer --version
+	touch $@
+
+pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced $(PERF)/.synced
 	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # Run by hand, not in CI: every scenario of bench/scenarios.py, figures to docs/bench/results.json

@@ -172,12 +172,13 @@ def test_sigterm_ten_seconds_into_warm_up_stops_within_the_grace() -> None:
     worker = WorkerProcess("--warmup-shapes", many_shapes)  # about 450 compilations
     try:
         started = time.monotonic()
-        while time.monotonic() - started < 10:
+        progress: list[dict[str, object]] = []
+        while time.monotonic() - started < 10 or not progress:  # 10 s in, and compiling
             assert worker.process.poll() is None
+            assert time.monotonic() - started < 180, "warm-up never said where it is"
+            progress = [e for e in worker.events if e["event"] == "warm-up: compiled"]
             time.sleep(0.2)
         assert worker.health() == NOT_SERVING
-        progress = [e for e in worker.events if e["event"] == "warm-up: compiled"]
-        assert progress
         assert {"shape", "shapes", "seconds"} <= set(progress[-1])
         signalled = time.monotonic()
         worker.process.send_signal(signal.SIGTERM)

@@ -197,7 +197,11 @@ def test_rest_metadata_and_health(v2_worker: InProcessWorker) -> None:
     assert status == 200
     assert metadata["name"] == "roundtrip"
     assert metadata["inputs"][1] == {"name": "x", "datatype": "FP32", "shape": [-1, -1]}
-    assert json.loads(http(v2_worker, "/v2")[2])["extensions"] == ["binary_tensor_data"]
+    assert json.loads(http(v2_worker, "/v2")[2])["extensions"] == [
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+    ]
 
 
 # -- answers ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from roundtrip.server.admission import WorkingSet
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
+from roundtrip.server.metrics import Duration, InferenceTally
 from roundtrip.server.pipeline import Call, Pipeline
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.validation import MAX_RANK, RequestLimits, weigh_shape
@@ -49,8 +50,9 @@ MODEL_NAME = "roundtrip"
 MODEL_VERSION = "1"
 SERVER_NAME = "roundtrip"
 PLATFORM = "jax_flax_nnx"
-#: Protocol extensions served: the REST binary tensor data extension.
-EXTENSIONS = ("binary_tensor_data",)
+#: Protocol extensions served: the REST binary tensor data extension, and Triton's model
+#: configuration and statistics extensions.
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 
 #: V2 datatype -> little-endian numpy dtype, for every datatype a tensor may arrive in
 #: (the REST layer decodes JSON data with it); x takes only the floating ones.
@@ -97,17 +99,20 @@ def server_metadata() -> v2pb.ServerMetadataResponse:
 
 
 def model_metadata() -> v2pb.ModelMetadataResponse:
-    """The tensors as V2 declares them: one datatype each, so x is listed as FP32 (FP64, FP16
-    and BF16 are accepted too), and -1 marks any size (x takes any rank >= 1)."""
+    """The tensors in their batched form, as V2 (and Triton's configuration, below) declare
+    them: B requests per call, seed and features ``[B, 1]`` (``[B]`` is accepted too), x
+    ``[B, width]`` (-1: any size). V2 lists one datatype per tensor: x is FP32 here, and
+    FP64, FP16 and BF16 are accepted too (the configuration's ``x_datatypes`` says so);
+    x of higher rank (``[B, ..., width]``) is accepted as well."""
     tensor = v2pb.ModelMetadataResponse.TensorMetadata
     return v2pb.ModelMetadataResponse(
         name=MODEL_NAME,
         versions=[MODEL_VERSION],
         platform=PLATFORM,
         inputs=[
-            tensor(name="seed", datatype="INT64", shape=[-1]),
+            tensor(name="seed", datatype="INT64", shape=[-1, 1]),
             tensor(name="x", datatype="FP32", shape=[-1, -1]),
-            tensor(name="features", datatype="INT64", shape=[-1]),
+            tensor(name="features", datatype="INT64", shape=[-1, 1]),
         ],
         outputs=[
             tensor(name="result", datatype="FP32", shape=[-1, 3]),
@@ -115,6 +120,81 @@ def model_metadata() -> v2pb.ModelMetadataResponse:
             tensor(name="merged_out", datatype="FP32", shape=[-1, -1]),
         ],
     )
+
+
+def model_config(*, max_batch_items: int, max_queue_delay_us: int) -> dict[str, Any]:
+    """Triton's model configuration of this model, as Triton's REST extension writes it (the
+    gRPC one parses the same into ``ModelConfig``): batched (``max_batch_size`` is
+    ``max_batch_items``, and dims leave the batch axis out), the tensors of
+    :func:`model_metadata`, the worker's queue delay.
+
+    >>> model_config(max_batch_items=16, max_queue_delay_us=0)["input"][1]
+    {'name': 'x', 'data_type': 'TYPE_FP32', 'dims': [-1]}
+    """
+    return {
+        "name": MODEL_NAME,
+        "platform": PLATFORM,
+        "backend": "jax",
+        "max_batch_size": max_batch_items,
+        "input": [
+            {"name": "seed", "data_type": "TYPE_INT64", "dims": [1]},
+            {"name": "x", "data_type": "TYPE_FP32", "dims": [-1]},
+            {"name": "features", "data_type": "TYPE_INT64", "dims": [1]},
+        ],
+        "output": [
+            {"name": "result", "data_type": "TYPE_FP32", "dims": [3]},
+            {"name": "orig_out", "data_type": "TYPE_FP32", "dims": [-1]},
+            {"name": "merged_out", "data_type": "TYPE_FP32", "dims": [-1]},
+        ],
+        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+        "parameters": {
+            "x_datatypes": {"string_value": ",".join(X_DATATYPES)},
+            "x_rank": {"string_value": "any >= 1 beside the batch axis; the last is the width"},
+        },
+    }
+
+
+def model_statistics(tally: InferenceTally) -> dict[str, Any]:
+    """Triton's statistics extension for this model, from the worker's own counters.
+
+    >>> model_statistics(InferenceTally())["model_stats"][0]["inference_count"]
+    0
+    """
+
+    def duration(value: Duration) -> dict[str, int]:
+        return {"count": value.count, "ns": value.ns}
+
+    def computed(value: Duration) -> dict[str, dict[str, int]]:
+        """Triton splits compute in three with equal counts; the engine's time is all one
+        step here (inputs and outputs are moved inside it), so the other two take 0 ns."""
+        untimed = {"count": value.count, "ns": 0}
+        return {
+            "compute_input": untimed,
+            "compute_infer": duration(value),
+            "compute_output": untimed,
+        }
+
+    return {
+        "model_stats": [
+            {
+                "name": MODEL_NAME,
+                "version": MODEL_VERSION,
+                "last_inference": tally.last_inference_ms,
+                "inference_count": tally.inference_count,
+                "execution_count": tally.execution_count,
+                "inference_stats": {
+                    "success": duration(tally.success),
+                    "fail": duration(tally.fail),
+                    "queue": duration(tally.queue),
+                    **computed(tally.compute_infer),
+                },
+                "batch_stats": [
+                    {"batch_size": size, **computed(tally.batches[size])}
+                    for size in sorted(tally.batches)
+                ],
+            }
+        ]
+    }
 
 
 @dataclass(slots=True)

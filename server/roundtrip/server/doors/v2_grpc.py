@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from google.protobuf import json_format
+
 from roundtrip.server import v2
 from roundtrip.server.grpc_calls import Context, unary
 from roundtrip.server.pipeline import Call, Pipeline
@@ -65,6 +67,26 @@ class V2GrpcDoor:
     ) -> v2pb.ModelMetadataResponse:
         v2.check_model(request.name, request.version)
         return v2.model_metadata()
+
+    @unary(about_the_worker=True)
+    async def ModelConfig(  # noqa: N802
+        self, call: Call, request: v2pb.ModelConfigRequest, context: Context
+    ) -> v2pb.ModelConfigResponse:
+        v2.check_model(request.name, request.version)
+        config = v2.model_config(
+            max_batch_items=self.pipeline.max_batch_items,
+            max_queue_delay_us=int(self.pipeline.batcher.max_queue_delay_s * 1e6),
+        )
+        return v2pb.ModelConfigResponse(config=json_format.ParseDict(config, v2pb.ModelConfig()))
+
+    @unary(about_the_worker=True)
+    async def ModelStatistics(  # noqa: N802
+        self, call: Call, request: v2pb.ModelStatisticsRequest, context: Context
+    ) -> v2pb.ModelStatisticsResponse:
+        if request.name:  # none: every model, as Triton's extension says
+            v2.check_model(request.name, request.version)
+        statistics = v2.model_statistics(self.pipeline.metrics.tally)
+        return json_format.ParseDict(statistics, v2pb.ModelStatisticsResponse())
 
     def methods(self) -> dict[str, Callable[..., Any]]:
         """The handlers by method name, for ``grpc_calls.add_to_server``."""

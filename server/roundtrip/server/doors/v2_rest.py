@@ -10,7 +10,10 @@ Routes (``/versions/1`` may follow the model's name):
 
 * ``GET /v2/health/live``, ``GET /v2/health/ready``: 200, or 503 when not ready;
 * ``GET /v2``: server metadata; ``GET /v2/models/roundtrip``: model metadata;
-* ``GET /v2/models/roundtrip/ready``; ``POST /v2/models/roundtrip/infer``.
+* ``GET /v2/models/roundtrip/ready``; ``POST /v2/models/roundtrip/infer``;
+* Triton's extensions: ``GET /v2/models/roundtrip/config`` (model configuration) and
+  ``GET /v2/models/roundtrip/stats`` (statistics; ``/v2/models/stats``: every model);
+* ``GET /v2/docs/dataplane.json``: the OpenAPI document of these routes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import grpc
 from aiohttp import ClientConnectionError, web
 from aiohttp.web_protocol import RequestPayloadError
 
-from roundtrip.server import v2, v2_json
+from roundtrip.server import openapi, v2, v2_json
 from roundtrip.server.errors import (
     BodyTooLarge,
     CallerGone,
@@ -87,6 +90,13 @@ class V2RestDoor:
                 web.get("/v2", self.server_metadata),
                 *(web.get(prefix, self.model_metadata) for prefix in (model, versioned)),
                 *(web.get(prefix + "/ready", self.model_ready) for prefix in (model, versioned)),
+                *(web.get(prefix + "/config", self.model_config) for prefix in (model, versioned)),
+                web.get("/v2/models/stats", self.model_statistics),
+                web.get("/v2/docs/dataplane.json", self.openapi),
+                *(
+                    web.get(prefix + "/stats", self.model_statistics)
+                    for prefix in (model, versioned)
+                ),
                 *(web.post(prefix + "/infer", self.infer) for prefix in (model, versioned)),
             ]
         )
@@ -151,6 +161,23 @@ class V2RestDoor:
                 "outputs": tensors(metadata.outputs),
             }
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi.document())
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
+        return web.json_response(
+            v2.model_config(
+                max_batch_items=self.pipeline.max_batch_items,
+                max_queue_delay_us=int(self.pipeline.batcher.max_queue_delay_s * 1e6),
+            )
+        )
+
+    async def model_statistics(self, request: web.Request) -> web.Response:
+        if "model" in request.match_info:
+            v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
+        return web.json_response(v2.model_statistics(self.pipeline.metrics.tally))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         v2.check_model(request.match_info["model"], request.match_info.get("version", ""))

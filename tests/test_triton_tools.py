@@ -1,0 +1,176 @@
+"""Triton's own tools pointed at the worker: the model configuration and statistics
+extensions (gRPC and REST) against the worker's real limits and counters, and
+perf_analyzer, the standard load generator for V2 servers, over gRPC and HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from roundtrip.client import InvalidArgumentError, RoundTripClient
+from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from support.workers import ROOT, InProcessWorker, serving_worker
+
+PERF = ROOT / ".tools" / "perf"
+WORKED = [-4.221933364868164, -4.221933364868164, 0.0]
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[InProcessWorker]:
+    flags = ("--max-batch-items", "24", "--max-queue-delay-us", "150", "--warmup-shapes", "3:4")
+    flags += ("--audit-fraction", "1.0")  # every answer checked against the eager reference
+    with serving_worker(*flags) as process:
+        yield process
+
+
+def v2_call(worker: InProcessWorker, method: str, request: object, response: type) -> object:
+    with worker.channel() as channel:
+        call = channel.unary_unary(
+            f"/inference.GRPCInferenceService/{method}",
+            request_serializer=type(request).SerializeToString,  # type: ignore[attr-defined]
+            response_deserializer=response.FromString,  # type: ignore[attr-defined]
+        )
+        return call(request, timeout=30)
+
+
+def rest(worker: InProcessWorker, path: str) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.http_port}{path}") as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_model_configuration_states_the_workers_real_limits(worker: InProcessWorker) -> None:
+    status, config = rest(worker, "/v2/models/roundtrip/config")
+    assert status == 200
+    assert config["max_batch_size"] == 24  # max_batch_items: B per call
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 150}
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [  # type: ignore[attr-defined]
+        ("seed", "TYPE_INT64", [1]),
+        ("x", "TYPE_FP32", [-1]),
+        ("features", "TYPE_INT64", [1]),
+    ]
+    answer = v2_call(
+        worker, "ModelConfig", v2pb.ModelConfigRequest(name="roundtrip"), v2pb.ModelConfigResponse
+    )
+    assert answer.config.max_batch_size == 24  # type: ignore[attr-defined]
+    assert [i.name for i in answer.config.input] == ["seed", "x", "features"]  # type: ignore[attr-defined]
+    assert rest(worker, "/v2/models/other/config")[0] == 404
+    # the metadata agrees: the same tensors with the batch axis
+    metadata = rest(worker, "/v2/models/roundtrip")[1]
+    assert [t["shape"] for t in metadata["inputs"]] == [[-1, 1], [-1, -1], [-1, 1]]  # type: ignore[index]
+
+
+def test_statistics_are_the_workers_own_counters(worker: InProcessWorker) -> None:
+    def stats() -> dict[str, object]:
+        [model] = rest(worker, "/v2/models/roundtrip/stats")[1]["model_stats"]  # type: ignore[misc]
+        return model  # type: ignore[no-any-return]
+
+    before = stats()
+    with RoundTripClient(worker.target) as client:
+        for seed in range(5):
+            assert client.round_trip(seed, [1.0, 2.0, 3.0], 4).max_abs_diff == 0.0
+        with pytest.raises(InvalidArgumentError):
+            client.round_trip(0, [1.0, 2.0, 3.0], 0)
+    after = stats()
+    done = (
+        after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    )  # type: ignore[index]
+    failed = after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"]  # type: ignore[index]
+    assert (done, failed) == (5, 1)
+    assert after["inference_count"] - before["inference_count"] == 5  # type: ignore[operator]
+    assert after["last_inference"] > 0  # type: ignore[operator]
+    grpc_stats = v2_call(
+        worker, "ModelStatistics", v2pb.ModelStatisticsRequest(), v2pb.ModelStatisticsResponse
+    )
+    [model] = grpc_stats.model_stats  # type: ignore[attr-defined]
+    assert model.inference_count == after["inference_count"]
+    assert model.execution_count == after["execution_count"]
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_drives_the_worker_and_every_answer_is_the_reference(
+    worker: InProcessWorker, protocol: str, tmp_path: Path
+) -> None:
+    binary = PERF / "bin" / "perf_analyzer"
+    if not binary.exists():
+        pytest.fail(f"{binary} is missing: `make pytest` installs it")
+    # perf_analyzer's own validation wants fixed shapes for every output; the worker's audit
+    # (every answer, here) checks each one against the eager reference instead
+    data = {
+        "data": [{"seed": [0], "x": {"content": [1.0, 2.0, 3.0], "shape": [3]}, "features": [4]}]
+    }
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    port = worker.port if protocol == "grpc" else worker.http_port
+    before = worker.metric(
+        'roundtrip_requests_total{code="OK",method="%s"}'
+        % ("ModelInfer" if protocol == "grpc" else "ModelInferHTTP")
+    )
+    done = subprocess.run(
+        [
+            str(binary),
+            "-m",
+            "roundtrip",
+            "-u",
+            f"127.0.0.1:{port}",
+            "-i",
+            protocol,
+            "--input-data",
+            str(tmp_path / "data.json"),
+            "--concurrency-range",
+            "4",
+            "--measurement-interval",
+            "1000",
+            "--max-trials",
+            "8",
+            "--stability-percentage",
+            "100000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LD_LIBRARY_PATH": str(PERF / "lib")},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", done.stdout)
+    assert throughput is not None
+    assert float(throughput.group(1)) > 0
+    after = worker.metric(
+        'roundtrip_requests_total{code="OK",method="%s"}'
+        % ("ModelInfer" if protocol == "grpc" else "ModelInferHTTP")
+    )
+    assert after > before
+    assert worker.metric("roundtrip_audit_checks_total") > 0
+    assert worker.metric("roundtrip_audit_mismatches_total") == 0
+    assert (
+        worker.metric('roundtrip_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}') == 0
+    )
+    print(f"perf_analyzer over {protocol}: {throughput.group(1)} infer/sec")
+
+
+def test_the_openapi_document_names_exactly_the_routes_served(worker: InProcessWorker) -> None:
+    status, document = rest(worker, "/v2/docs/dataplane.json")
+    assert status == 200
+    assert document["openapi"].startswith("3.")  # type: ignore[union-attr]
+    served = {
+        (route.method.lower(), route.resource.canonical)  # type: ignore[union-attr]
+        for route in worker.worker.http.app.router.routes()  # the app the worker serves
+        if route.method != "HEAD"
+    }
+    documented = {
+        (method, path)
+        for path, operations in document["paths"].items()  # type: ignore[union-attr]
+        for method in operations
+    }
+    assert documented == served
