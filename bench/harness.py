@@ -369,6 +369,20 @@ def codes(launched: Launched) -> Counter[str]:
     return counts
 
 
+def settled(launched: Launched, timeout_s: float = 60.0) -> None:
+    """Wait until the worker holds no call and no queued request: a load's last calls (a
+    batch call's items, say) are counted when they end, which can be after the load
+    generator has exited; counted late, they would land in the next load's figures."""
+    if not launched.metrics_port:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = metric(launched, "roundtrip_inflight_requests")
+        if not busy and not metric(launched, "roundtrip_queued_requests"):
+            return
+        time.sleep(0.1)
+
+
 def metric(launched: Launched, sample: str) -> float:
     return metric_value(launched.scrape(), sample, missing=0.0) if launched.metrics_port else 0.0
 
