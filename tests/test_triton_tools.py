@@ -23,7 +23,7 @@ WORKED = [-4.221933364868164, -4.221933364868164, 0.0]
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[InProcessWorker]:
-    flags = ("--max-batch-items", "24", "--max-queue-delay-us", "150", "--warmup-shapes", "3:4")
+    flags = ("--max-batch-items", "24", "--max-queue-delay-us", "249", "--warmup-shapes", "3:4")
     flags += ("--audit-fraction", "1.0")  # every answer checked against the eager reference
     with serving_worker(*flags) as process:
         yield process
@@ -54,7 +54,7 @@ def test_the_model_configuration_states_the_workers_real_limits(worker: InProces
     status, config = rest(worker, "/v2/models/roundtrip/config")
     assert status == 200
     assert config["max_batch_size"] == 24  # max_batch_items: B per call
-    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 150}
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 249}
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [  # type: ignore[attr-defined]
         ("seed", "TYPE_INT64", [1]),
         ("x", "TYPE_FP32", [-1]),

@@ -194,6 +194,7 @@ class Batcher:
             self._idle.put_nowait(lane)
         self._running: set[asyncio.Task[None]] = set()
         self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch

@@ -122,20 +122,22 @@ def model_metadata() -> v2pb.ModelMetadataResponse:
     )
 
 
-def model_config(*, max_batch_items: int, max_queue_delay_us: int) -> dict[str, Any]:
+def model_config(pipeline: Pipeline) -> dict[str, Any]:
     """Triton's model configuration of this model, as Triton's REST extension writes it (the
     gRPC one parses the same into ``ModelConfig``): batched (``max_batch_size`` is
     ``max_batch_items``, and dims leave the batch axis out), the tensors of
     :func:`model_metadata`, the worker's queue delay.
 
-    >>> model_config(max_batch_items=16, max_queue_delay_us=0)["input"][1]
+    >>> from types import SimpleNamespace
+    >>> worker = SimpleNamespace(max_batch_items=16, batcher=SimpleNamespace(max_queue_delay_us=0))
+    >>> model_config(worker)["input"][1]
     {'name': 'x', 'data_type': 'TYPE_FP32', 'dims': [-1]}
     """
     return {
         "name": MODEL_NAME,
         "platform": PLATFORM,
         "backend": "jax",
-        "max_batch_size": max_batch_items,
+        "max_batch_size": pipeline.max_batch_items,
         "input": [
             {"name": "seed", "data_type": "TYPE_INT64", "dims": [1]},
             {"name": "x", "data_type": "TYPE_FP32", "dims": [-1]},
@@ -146,7 +148,7 @@ def model_config(*, max_batch_items: int, max_queue_delay_us: int) -> dict[str, 
             {"name": "orig_out", "data_type": "TYPE_FP32", "dims": [-1]},
             {"name": "merged_out", "data_type": "TYPE_FP32", "dims": [-1]},
         ],
-        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+        "dynamic_batching": {"max_queue_delay_microseconds": pipeline.batcher.max_queue_delay_us},
         "parameters": {
             "x_datatypes": {"string_value": ",".join(X_DATATYPES)},
             "x_rank": {"string_value": "any >= 1 beside the batch axis; the last is the width"},

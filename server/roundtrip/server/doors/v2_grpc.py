@@ -73,10 +73,7 @@ class V2GrpcDoor:
         self, call: Call, request: v2pb.ModelConfigRequest, context: Context
     ) -> v2pb.ModelConfigResponse:
         v2.check_model(request.name, request.version)
-        config = v2.model_config(
-            max_batch_items=self.pipeline.max_batch_items,
-            max_queue_delay_us=int(self.pipeline.batcher.max_queue_delay_s * 1e6),
-        )
+        config = v2.model_config(self.pipeline)
         return v2pb.ModelConfigResponse(config=json_format.ParseDict(config, v2pb.ModelConfig()))
 
     @unary(about_the_worker=True)

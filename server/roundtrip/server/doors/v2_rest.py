@@ -167,12 +167,7 @@ class V2RestDoor:
 
     async def model_config(self, request: web.Request) -> web.Response:
         v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
-        return web.json_response(
-            v2.model_config(
-                max_batch_items=self.pipeline.max_batch_items,
-                max_queue_delay_us=int(self.pipeline.batcher.max_queue_delay_s * 1e6),
-            )
-        )
+        return web.json_response(v2.model_config(self.pipeline))
 
     async def model_statistics(self, request: web.Request) -> web.Response:
         if "model" in request.match_info:
