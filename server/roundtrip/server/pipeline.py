@@ -452,21 +452,13 @@ class Call:
     ) -> RoundTripAnswer:
         """The call's one request, admitted, waited for and settled: its answer, or its own
         error raised."""
-        pipeline = self._pipeline
-        compute = compute_bytes(size)
-        held = pipeline.budget.admit(waiting_bytes(size), compute)
-        self._held.append(held)  # the call's from here: given back when it closes
-        item = decode()
-        ticket = pipeline.batcher.enqueue(
-            item, deadline=self.deadline, held=held, compute_bytes=compute
-        )
-        self._queued.append(ticket)
+        item, held, ticket = self._queue(size, decode)
         try:
             answer = await ticket.future
         except RequestError:
             self._answered(held, None)
             raise
-        pipeline.auditor.offer(item, answer)
+        self._pipeline.auditor.offer(item, answer)
         self._answered(held, answer)
         return answer
 
