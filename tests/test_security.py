@@ -6,6 +6,7 @@ operator's would (a Kubernetes Secret mounted as files).
 
 from __future__ import annotations
 
+import gc
 import http.client
 import ssl
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,6 +104,33 @@ def test_a_call_without_the_right_token_is_unauthenticated(
 ) -> None:
     with pytest.raises(UnauthenticatedError, match="bearer token"):
         call(mtls_worker, pki.credentials(), token)
+
+
+def test_a_refused_callers_message_is_not_kept(mtls_worker: InProcessWorker, pki: Pki) -> None:
+    """A message refused for its token is freed as the call ends, not left in the reference
+    cycle grpc's abort makes for a collector pass to find (one per refused call: an
+    attacker without the token could fill the pod's memory with them)."""
+    x = np.zeros(1 << 20, np.float32)  # 4 MiB
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            with (
+                RoundTripClient(mtls_worker.target, credentials=pki.credentials()) as c,
+                pytest.raises(UnauthenticatedError),
+            ):
+                c.round_trip(1, x, 4)
+        gc.collect()
+        kept = [
+            len(held)
+            for found in gc.garbage
+            for held in gc.get_referents(found)
+            if isinstance(held, (bytes, bytearray, memoryview)) and len(held) >= x.nbytes
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert kept == []
 
 
 def test_every_method_needs_the_token(mtls_worker: InProcessWorker, pki: Pki) -> None:

@@ -501,3 +501,10 @@ class Call:
             self._message.release()
         if self._place is not None:
             self._place.release()
+        # A call and its tickets refer to each other (a ticket counts down the call's
+        # turns): let go of them, so that reference counting frees the whole call now
+        # rather than a collector pass later (tests/test_pipeline.py).
+        self._queued = []
+        self._held = []
+        self._requests = []
+        self._turns = None
