@@ -3,17 +3,20 @@
     make bench                                  # 3 rounds of 10 s loads -> docs/bench/results.json
     python -m bench.run --quick                 # 1 round of 3 s loads, a smoke run
     python -m bench.run --baseline HEAD~1       # this tree's worker beside HEAD~1's, alternating
+    python -m bench.run --baseline HEAD~1 --servers "worker (cache off)"  # its scenarios
     python -m bench.run --servers worker,empty\\ handler --scenarios "W2 unary"
 
 Each round starts every server afresh, in an order that flips every round, and runs each of
 its scenarios once: every body's answer is checked bit for bit against the eager reference
 before its load, every answer of the asyncio loads as it comes, and the worker's own
-counters around each load must show no status but OK. A figure is the median over the
-rounds; a ratio is of two medians measured side by side in the same rounds.
+counters around each load must show no status but OK. A figure counts OK answers only, and
+is the median over the rounds; a ratio is of two medians measured side by side in the same
+rounds.
 
-``--baseline COMMIT`` runs the worker's scenarios on this tree's worker and on COMMIT's
-(a ``git worktree``), alternating, and reports this / baseline per scenario: the check
-that a change cost nothing. Its report goes to ``.bench/`` unless ``--out`` says where.
+``--baseline COMMIT`` runs a worker's scenarios (``worker``, or the one ``--servers``
+names) on this tree and on COMMIT's (a ``git worktree``), alternating, and reports
+this / baseline per scenario: the check that a change cost nothing. Its report goes to
+``.bench/`` unless ``--out`` says where.
 
 The report is one JSON file and one table: ``docs/bench/results.json`` and the table in
 docs/benchmarks.md between its markers (a test keeps the two equal).
@@ -76,6 +79,17 @@ class Bodies:
         return self._made[key]
 
 
+def ok_rate(rate: float, ok: int, not_ok: int) -> float:
+    """A load's ``rate`` counting OK answers only, from the worker's own counts of the
+    load's answers (h2load counts a gRPC error, an HTTP 200, as a success); a server that
+    counts nothing (``ok`` and ``not_ok`` 0: not the worker) keeps its rate.
+
+    >>> ok_rate(230.0, ok=2640, not_ok=360), ok_rate(230.0, ok=0, not_ok=0)
+    (202.4, 230.0)
+    """
+    return rate * ok / (ok + not_ok) if ok + not_ok else rate
+
+
 class Run:
     """One run's figures and checks, as the scenarios record them."""
 
@@ -92,16 +106,19 @@ class Run:
 
         h2load ends a load by resetting the calls it has open: the worker counts those as
         CANCELLED, at most one per stream h2load keeps open (times the items of a batch).
-        Any other status, or more cancels than that, counts as not OK.
+        Any other status, or more cancels than that, counts as not OK, and the figure is
+        of OK answers only: h2load counts a gRPC error (an HTTP 200) as a success, so its
+        rate is scaled by the share of the worker's answers that were OK.
         """
         before = harness.codes(launched)
         value, checked = self._load(scenario, spec, launched, bodies)
         harness.settled(launched)  # the load's last calls counted in its own figures
         codes = harness.codes(launched) - before
-        codes.pop("OK", None)
+        ok = codes.pop("OK", 0)
         items = len(bodies.batch(scenario.workload).items) if scenario.path == "batch" else 1
         if 0 < codes["CANCELLED"] <= scenario.clients * scenario.streams * items:
             self.checks["cancelled as a load ended"] += codes.pop("CANCELLED")
+        value = ok_rate(value, ok, codes.total())
         self.checks["answers checked"] += checked
         self.checks["not OK"] += sum(codes.values())
         self.figures.setdefault(scenario.name, {}).setdefault(spec.name, []).append(value)
@@ -335,20 +352,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def side_by_side(args: argparse.Namespace, scenarios: list[Scenario]) -> int:
-    """The worker's scenarios on this tree and on ``args.baseline``'s, alternating."""
-    ours = SERVERS["worker"]
+    """A worker's scenarios (``--servers``: one worker's name, ``worker`` by default) on
+    this tree and on ``args.baseline``'s, alternating."""
+    ours = SERVERS[args.servers or "worker"]
+    if ours.kind != "worker":
+        raise SystemExit(f"--baseline compares a worker, not {ours.name!r}")
     with harness.worktree(args.baseline) as tree:
-        theirs = ServerSpec(f"worker at {args.baseline}", "worker", ours.flags, tree=tree)
+        theirs = ServerSpec(f"{ours.name} at {args.baseline}", "worker", ours.flags, tree=tree)
         run = run_rounds(
             [ours, theirs],
             scenarios,
             rounds=args.rounds,
             duration=args.duration,
-            runs_on=lambda scenario, spec: "worker" in scenario.servers,
+            runs_on=lambda scenario, spec: ours.name in scenario.servers,
         )
     medians = run.medians()
     compared = {
-        name: round(by_server["worker"] / by_server[theirs.name], 3)
+        name: round(by_server[ours.name] / by_server[theirs.name], 3)
         for name, by_server in medians.items()
         if by_server.get(theirs.name)
     }
