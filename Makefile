@@ -190,9 +190,9 @@ pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced $(PER
 	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # Run by hand, not in CI: every scenario of bench/scenarios.py, figures to docs/bench/results.json
-# and docs/benchmarks.md. Needs h2load (Debian nghttp2-client); BENCH_ARGS=--baseline COMMIT
-# compares this tree's worker with COMMIT's instead.
-bench: setup
+# and docs/benchmarks.md. Needs h2load (Debian nghttp2-client) and perf_analyzer (above);
+# BENCH_ARGS=--baseline COMMIT compares this tree's worker with COMMIT's instead.
+bench: setup $(PERF)/.synced
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -7,9 +7,9 @@ and accelerator runs) starts its servers and drives them through these functions
   ``support.workers``, the tests' own launcher; from another commit's tree with
   :func:`worktree`), the empty grpc.aio handler and the naive eager server
   (``bench/servers.py``), and MLServer from its own environment (``bench/mlserver``);
-* **loads**: h2load replaying one body over gRPC or HTTP (:func:`h2load`), and asyncio
-  callers through grpc.aio (:func:`callers`, :func:`fresh_seed_callers`,
-  :func:`stream_load`);
+* **loads**: h2load replaying one body over gRPC or HTTP (:func:`h2load`), Triton's
+  perf_analyzer over V2 (:func:`perf_analyzer`), and asyncio callers through grpc.aio
+  (:func:`callers`, :func:`fresh_seed_callers`, :func:`stream_load`);
 * **checks**: the eager reference computed here for every body (:class:`Body`), each
   body's answer compared bit for bit before its load (h2load counts an HTTP 200 that
   carries a gRPC error as a success), every answer of the asyncio loads compared as it
@@ -65,6 +65,8 @@ ROUNDTRIP = "/roundtrip.v1.RoundTripService/RoundTrip"
 ROUNDTRIP_BATCH = "/roundtrip.v1.RoundTripService/RoundTripBatch"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 INFER_PATH = "/v2/models/roundtrip/infer"
+#: Triton's perf_analyzer and the libraries it loads (``make .tools/perf/.synced``).
+PERF = ROOT / ".tools" / "perf"
 #: (width, features) of the workloads: the worked example, a small layer, a wide one.
 WORKLOADS = {"W1": (3, 4), "W2": (64, 64), "W3": (1024, 1024)}
 
@@ -443,6 +445,56 @@ def h2load_grpc(
         clients=clients,
         streams=streams,
     )
+
+
+def perf_input_data(body: Body) -> dict[str, Any]:
+    """``body`` as perf_analyzer's ``--input-data`` JSON: the same tensors as :attr:`Body.v2`
+    (float32 x written as the decimals that read back to the same bits).
+
+    >>> data = perf_input_data(workload_body("W1"))
+    >>> data["data"][0]["x"], data["data"][0]["features"]
+    ({'content': [1.0, 2.0, 3.0], 'shape': [3]}, [4])
+    """
+    x = body.x.astype("<f4")
+    return {
+        "data": [
+            {
+                "seed": [body.seed],
+                "x": {"content": [float(v) for v in x.ravel()], "shape": list(x.shape)},
+                "features": [body.features],
+            }
+        ]
+    }
+
+
+def perf_analyzer(
+    port: int, protocol: str, body: Body, *, duration: int, concurrency: int
+) -> dict[str, float]:
+    """Triton's perf_analyzer sending ``body`` to model ``roundtrip`` over ``protocol``
+    (``grpc`` or ``http``) with ``concurrency`` requests outstanding, for three windows of
+    a third of ``duration`` each: inferences per second, as it reports them."""
+    binary = PERF / "bin" / "perf_analyzer"
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing: make {PERF.relative_to(ROOT)}/.synced")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(perf_input_data(body), handle)
+    command = [str(binary), "-m", "roundtrip", "-u", f"127.0.0.1:{port}", "-i", protocol]
+    command += ["--input-data", handle.name, "--concurrency-range", str(concurrency)]
+    command += ["--measurement-interval", str(duration * 1000 // 3), "--max-trials", "3"]
+    command += ["--stability-percentage", "100000"]  # three windows, however they vary
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LD_LIBRARY_PATH": str(PERF / "lib")},
+        )
+    finally:
+        os.unlink(handle.name)
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", done.stdout)
+    if done.returncode or throughput is None:
+        raise RuntimeError(f"perf_analyzer said:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return {"rps": float(throughput.group(1))}
 
 
 def _ms(text: str) -> float:

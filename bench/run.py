@@ -148,6 +148,13 @@ class Run:
         if scenario.path == "v2":
             harness.check_v2(port, body)
             return harness.h2load_grpc(port, harness.MODEL_INFER, body.v2, **load)["rps"], 1
+        if scenario.path == "perf":  # perf_analyzer over V2 gRPC
+            harness.check_v2(port, body)
+            concurrency = scenario.clients * scenario.streams
+            perf = harness.perf_analyzer(
+                port, "grpc", body, duration=self.duration, concurrency=concurrency
+            )
+            return perf["rps"], 1
         if scenario.path == "rest":
             harness.check_json(launched.http_port, body)
             url = f"http://127.0.0.1:{launched.http_port}{harness.INFER_PATH}"

@@ -1,13 +1,14 @@
 """What ``make bench`` measures, as data: the servers, the scenarios each runs, the ratios.
 
 A scenario is a workload (W1 3 -> 4, W2 64 -> 64, W3 1024 -> 1024), a path into the
-server (``unary``, ``batch``, ``stream``, ``v2``, ``rest``; ``callers`` and ``fresh`` are
-unary calls from asyncio callers with a new seed per request) and a load (h2load's
+server (``unary``, ``batch``, ``stream``, ``v2``, ``rest``; ``perf``: V2 gRPC from Triton's
+perf_analyzer; ``callers`` and ``fresh`` are unary calls from asyncio callers with a new
+seed per request) and a load (h2load's
 connections x streams, or the number of callers); it runs against every server it names.
 Add a row here to measure something new; :mod:`bench.run` runs the table.
 
 >>> sorted({scenario.path for scenario in SCENARIOS})
-['batch', 'callers', 'fresh', 'rest', 'stream', 'unary', 'v2']
+['batch', 'callers', 'fresh', 'perf', 'rest', 'stream', 'unary', 'v2']
 >>> all(server in SERVERS for scenario in SCENARIOS for server in scenario.servers)
 True
 >>> named = {(scenario.name, server) for scenario in SCENARIOS for server in scenario.servers}
@@ -41,7 +42,8 @@ SERVERS = {
 class Scenario:
     """One row of the report: ``path`` into each of ``servers`` with ``workload``, under
     h2load with ``clients`` connections x ``streams`` streams (``callers``/``fresh``:
-    ``clients`` asyncio callers; ``stream``: one stream)."""
+    ``clients`` asyncio callers; ``stream``: one stream; ``perf``: that many requests
+    outstanding)."""
 
     name: str
     path: str
@@ -57,6 +59,8 @@ class Scenario:
             return f"{self.clients} asyncio callers"
         if self.path == "stream":
             return "one stream"
+        if self.path == "perf":
+            return f"perf_analyzer, {self.clients * self.streams} outstanding"
         return f"h2load {self.clients} x {self.streams}" + (
             " (HTTP/1.1)" if self.path == "rest" else ""
         )
@@ -69,6 +73,7 @@ SCENARIOS = (
     Scenario("W2 stream", "stream", "W2", ("worker",), unit="results/s"),
     Scenario("W2 RoundTripBatch x64", "batch", "W2", ("worker",), streams=4, unit="results/s"),
     Scenario("W2 V2 gRPC ModelInfer", "v2", "W2", ("worker", "MLServer")),
+    Scenario("W2 V2 gRPC ModelInfer (perf_analyzer)", "perf", "W2", ("worker",)),
     Scenario(
         "W2 V2 REST infer (JSON)", "rest", "W2", ("worker", "MLServer"), clients=64, streams=1
     ),
