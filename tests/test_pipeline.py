@@ -167,6 +167,22 @@ A_CALLS_OBJECTS = {
 }
 
 
+@contextmanager
+def nothing_left_for_the_cycle_collector() -> Iterator[None]:
+    """The block's calls' objects (:data:`A_CALLS_OBJECTS`) are all freed by reference
+    counting: none is among what a collector pass finds unreachable afterwards."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a pass finds unreachable stays in gc.garbage
+    try:
+        yield
+        gc.collect()
+        left = sorted({type(found).__name__ for found in gc.garbage} & A_CALLS_OBJECTS)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
+
+
 @pytest.mark.parametrize("door", DOORS)
 @pytest.mark.parametrize("features", [64, 0])
 def test_a_call_leaves_nothing_for_the_cycle_collector(
@@ -177,9 +193,7 @@ def test_a_call_leaves_nothing_for_the_cycle_collector(
     stay in memory until a collector pass, uncounted by the byte budget (30 refused 32 MiB
     messages held 1 GiB), and those passes would be the event loop's largest cost under
     load (the young generation is collected every 10,000 objects)."""
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what a pass finds unreachable stays in gc.garbage
-    try:
+    with nothing_left_for_the_cycle_collector():
         for _ in range(3):
             if door == "v2-rest":
                 rest_status(worker, v2_json(features))
@@ -187,12 +201,6 @@ def test_a_call_leaves_nothing_for_the_cycle_collector(
                 with worker.channel() as channel:
                     ended(grpc_call(channel, door, features, timeout=30), door)
         settles_to_zero(worker)
-        gc.collect()
-        left = sorted({type(found).__name__ for found in gc.garbage} & A_CALLS_OBJECTS)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert left == []
 
 
 @pytest.mark.parametrize("door", GRPC_DOORS)
@@ -200,15 +208,19 @@ def test_a_call_leaves_nothing_for_the_cycle_collector(
 def test_a_call_that_ends_waiting_gives_back_what_it_held(
     worker: InProcessWorker, door: str, ending: str
 ) -> None:
-    """Its deadline passes, or its caller cancels it, while it waits behind the busy lane."""
-    with worker.channel() as channel, busy_lane(worker) as release:
-        started = grpc_call(channel, door, 64, timeout=0.5 if ending == "DEADLINE_EXCEEDED" else 30)
-        if ending == "CANCELLED":
-            wait_for(lambda: admitted(worker) > 0)  # admitted: it holds its working set
-            started.cancel()
-        assert ended(started, door) == ending
-        release.set()
-    settles_to_zero(worker)
+    """Its deadline passes, or its caller cancels it, while it waits behind the busy lane:
+    its bytes are given back, and its objects freed as it ends (twice over)."""
+    with nothing_left_for_the_cycle_collector():
+        for _ in range(2):
+            with worker.channel() as channel, busy_lane(worker) as release:
+                timeout = 0.5 if ending == "DEADLINE_EXCEEDED" else 30
+                started = grpc_call(channel, door, 64, timeout=timeout)
+                if ending == "CANCELLED":
+                    wait_for(lambda: admitted(worker) > 0)  # admitted: it holds its working set
+                    started.cancel()
+                assert ended(started, door) == ending
+                release.set()
+            settles_to_zero(worker)
 
 
 def test_a_rest_caller_that_hangs_up_gives_back_what_it_held(worker: InProcessWorker) -> None:

@@ -112,6 +112,11 @@ class _OpenStream:
         for call in self._owned:
             call.close()
         self._owned.clear()
+        # A cancelled task keeps its CancelledError, whose traceback holds the task's
+        # frames (a message, its call): let go of the tasks, or stream and tasks would
+        # refer to each other until a collector pass (tests/test_pipeline.py).
+        self._reader = None
+        self._tasks = set()
 
     async def _read_all(self, request_iterator: AsyncIterator[Received]) -> None:
         try:
