@@ -173,17 +173,17 @@ def unary(
             except BaseException:
                 call.close()
                 raise
-            if envelope.failure is not None:
-                call.close()
-                failure = envelope.failure
-                # grpc keeps the exception abort raises in a reference cycle with the frames
-                # it passed through, this one included, which only a collector pass frees:
-                # let go of the message first, or every refused message (up to
-                # max_message_bytes each) stays in memory until then (test_pipeline.py)
-                del received, call
-                await context.abort(failure.code, failure.message)
-            close_when_sent(call, context)
-            return response
+            failure = envelope.failure
+            if failure is None:
+                close_when_sent(call, context)
+                return response
+            call.close()
+            # grpc keeps the exception abort raises in a reference cycle with the frames it
+            # passed through, this one included, which only a collector pass frees: let go
+            # of the message first, or every refused message (up to max_message_bytes
+            # each) stays in memory until then (test_pipeline.py)
+            del received, call
+            await context.abort(failure.code, failure.message)
 
         return answered
 
