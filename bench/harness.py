@@ -488,6 +488,7 @@ def perf_analyzer(
             capture_output=True,
             text=True,
             env={**os.environ, "LD_LIBRARY_PATH": str(PERF / "lib")},
+            timeout=60 + 20 * duration,
         )
     finally:
         os.unlink(handle.name)

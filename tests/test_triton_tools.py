@@ -5,19 +5,15 @@ perf_analyzer, the standard load generator for V2 servers, over gRPC and HTTP.""
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from bench import harness
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
-from support.workers import ROOT, InProcessWorker, serving_worker
+from support.workers import InProcessWorker, serving_worker
 
-PERF = ROOT / ".tools" / "perf"
 WORKED = [-4.221933364868164, -4.221933364868164, 0.0]
 
 
@@ -101,62 +97,25 @@ def test_statistics_are_the_workers_own_counters(worker: InProcessWorker) -> Non
 @pytest.mark.external
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_perf_analyzer_drives_the_worker_and_every_answer_is_the_reference(
-    worker: InProcessWorker, protocol: str, tmp_path: Path
+    worker: InProcessWorker, protocol: str
 ) -> None:
-    binary = PERF / "bin" / "perf_analyzer"
-    if not binary.exists():
-        pytest.fail(f"{binary} is missing: `make pytest` installs it")
     # perf_analyzer's own validation wants fixed shapes for every output; the worker's audit
     # (every answer, here) checks each one against the eager reference instead
-    data = {
-        "data": [{"seed": [0], "x": {"content": [1.0, 2.0, 3.0], "shape": [3]}, "features": [4]}]
-    }
-    (tmp_path / "data.json").write_text(json.dumps(data))
     port = worker.port if protocol == "grpc" else worker.http_port
-    before = worker.metric(
-        'roundtrip_requests_total{code="OK",method="%s"}'
-        % ("ModelInfer" if protocol == "grpc" else "ModelInferHTTP")
+    method = "ModelInfer" if protocol == "grpc" else "ModelInferHTTP"
+    ok = f'roundtrip_requests_total{{code="OK",method="{method}"}}'
+    before = worker.metric(ok)
+    load = harness.perf_analyzer(
+        port, protocol, harness.workload_body("W1"), duration=3, concurrency=4
     )
-    done = subprocess.run(
-        [
-            str(binary),
-            "-m",
-            "roundtrip",
-            "-u",
-            f"127.0.0.1:{port}",
-            "-i",
-            protocol,
-            "--input-data",
-            str(tmp_path / "data.json"),
-            "--concurrency-range",
-            "4",
-            "--measurement-interval",
-            "1000",
-            "--max-trials",
-            "8",
-            "--stability-percentage",
-            "100000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "LD_LIBRARY_PATH": str(PERF / "lib")},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", done.stdout)
-    assert throughput is not None
-    assert float(throughput.group(1)) > 0
-    after = worker.metric(
-        'roundtrip_requests_total{code="OK",method="%s"}'
-        % ("ModelInfer" if protocol == "grpc" else "ModelInferHTTP")
-    )
-    assert after > before
+    assert load["rps"] > 0
+    assert worker.metric(ok) > before
     assert worker.metric("roundtrip_audit_checks_total") > 0
     assert worker.metric("roundtrip_audit_mismatches_total") == 0
     assert (
         worker.metric('roundtrip_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}') == 0
     )
-    print(f"perf_analyzer over {protocol}: {throughput.group(1)} infer/sec")
+    print(f"perf_analyzer over {protocol}: {load['rps']} infer/sec")
 
 
 def test_the_openapi_document_names_exactly_the_routes_served(worker: InProcessWorker) -> None:
