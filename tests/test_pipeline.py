@@ -8,7 +8,6 @@ caller, cut off by a drain. Then it lets the lane go and reads the budget back.
 
 from __future__ import annotations
 
-import gc
 import http.client
 import json
 import threading
@@ -25,6 +24,7 @@ from roundtrip.client.messages import build_request
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.collector import left_for_the_collector
 from support.workers import InProcessWorker, serving_worker
 
 DOORS = ["unary", "stream", "batch", "v2-grpc", "v2-rest"]
@@ -171,16 +171,9 @@ A_CALLS_OBJECTS = {
 def nothing_left_for_the_cycle_collector() -> Iterator[None]:
     """The block's calls' objects (:data:`A_CALLS_OBJECTS`) are all freed by reference
     counting: none is among what a collector pass finds unreachable afterwards."""
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what a pass finds unreachable stays in gc.garbage
-    try:
+    with left_for_the_collector() as found:
         yield
-        gc.collect()
-        left = sorted({type(found).__name__ for found in gc.garbage} & A_CALLS_OBJECTS)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert left == []
+    assert sorted({type(thing).__name__ for thing in found} & A_CALLS_OBJECTS) == []
 
 
 @pytest.mark.parametrize("door", DOORS)

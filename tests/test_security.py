@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
 from roundtrip.client.channel import tls_credentials
+from support.collector import left_for_the_collector
 from support.workers import InProcessWorker, console_script, free_port, metric_value, serving_worker
 
 TOKEN = "s3cret-token-for-tests"
@@ -111,25 +112,19 @@ def test_a_refused_callers_message_is_not_kept(mtls_worker: InProcessWorker, pki
     cycle grpc's abort makes for a collector pass to find (one per refused call: an
     attacker without the token could fill the pod's memory with them)."""
     x = np.zeros(1 << 20, np.float32)  # 4 MiB
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with left_for_the_collector() as found:
         for _ in range(3):
             with (
                 RoundTripClient(mtls_worker.target, credentials=pki.credentials()) as c,
                 pytest.raises(UnauthenticatedError),
             ):
                 c.round_trip(1, x, 4)
-        gc.collect()
-        kept = [
-            len(held)
-            for found in gc.garbage
-            for held in gc.get_referents(found)
-            if isinstance(held, (bytes, bytearray, memoryview)) and len(held) >= x.nbytes
-        ]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
+    kept = [
+        len(held)
+        for thing in found
+        for held in gc.get_referents(thing)
+        if isinstance(held, (bytes, bytearray, memoryview)) and len(held) >= x.nbytes
+    ]
     assert kept == []
 
 
