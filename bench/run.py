@@ -118,9 +118,10 @@ class Run:
         items = len(bodies.batch(scenario.workload).items) if scenario.path == "batch" else 1
         if 0 < codes["CANCELLED"] <= scenario.clients * scenario.streams * items:
             self.checks["cancelled as a load ended"] += codes.pop("CANCELLED")
-        value = ok_rate(value, ok, codes.total())
+        not_ok = codes.total()
+        value = ok_rate(value, ok, not_ok)
         self.checks["answers checked"] += checked
-        self.checks["not OK"] += sum(codes.values())
+        self.checks["not OK"] += not_ok
         self.figures.setdefault(scenario.name, {}).setdefault(spec.name, []).append(value)
         print(
             f"{scenario.name}, {spec.name}: {value:,.0f} {scenario.unit}", dict(codes), flush=True

@@ -3,8 +3,8 @@
 A scenario is a workload (W1 3 -> 4, W2 64 -> 64, W3 1024 -> 1024), a path into the
 server (``unary``, ``batch``, ``stream``, ``v2``, ``rest``; ``perf``: V2 gRPC from Triton's
 perf_analyzer; ``callers`` and ``fresh`` are unary calls from asyncio callers with a new
-seed per request) and a load (h2load's
-connections x streams, or the number of callers); it runs against every server it names.
+seed per request) and a load (h2load's connections x streams, or the number of callers);
+it runs against every server it names.
 Add a row here to measure something new; :mod:`bench.run` runs the table.
 
 >>> sorted({scenario.path for scenario in SCENARIOS})
