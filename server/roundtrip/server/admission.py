@@ -33,6 +33,7 @@ roundtrip.server.errors.Overloaded: the worker holds 60 bytes ... over max_infli
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,7 @@ class ByteBudget:
         self.in_use = 0
         #: Bytes held by batches computing now (part of ``in_use``).
         self.computing = 0
-        self._pending: dict[int, int] = {}  # compute bytes -> waiting requests needing them
+        self._pending: collections.Counter[int] = collections.Counter()
         self._room = 0
 
     @property
@@ -219,14 +220,11 @@ class ByteBudget:
         return self._room
 
     def unpend(self, nbytes: int) -> None:
-        pending = self._pending
-        left = pending[nbytes] - 1
-        if left:
-            pending[nbytes] = left
-            return
-        del pending[nbytes]
-        if nbytes == self._room:
-            self._room = max(pending, default=0)
+        self._pending[nbytes] -= 1
+        if not self._pending[nbytes]:
+            del self._pending[nbytes]
+            if nbytes == self._room:
+                self._room = max(self._pending, default=0)
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message gRPC has already received: it is in memory, refused or not.
@@ -255,17 +253,12 @@ class ByteBudget:
         more while it runs: hold the first, keep room for the second. Raises LimitExceeded
         when the two together exceed the whole budget (it could never run), Overloaded when
         they do not fit beside what is held now."""
-        room = self._room
-        grown = compute - room if compute > room else 0
-        if self.in_use + room + waiting + grown > self.limit:  # the common case skips this
-            self._check(waiting + compute, waiting + grown)
+        self._check(waiting + compute, waiting + max(0, compute - self._room))
         self.in_use += waiting
         held = Reservation(self, waiting)
         held.pending = compute
-        pending = self._pending
-        pending[compute] = pending.get(compute, 0) + 1
-        if grown:
-            self._room = compute
+        self._pending[compute] += 1
+        self._room = max(self._room, compute)
         return held
 
     def try_compute(self, nbytes: int, requests: Sequence[Reservation]) -> Reservation | None:
@@ -274,8 +267,7 @@ class ByteBudget:
         if self.in_use + nbytes > self.limit:
             return None
         for request in requests:
-            if request.pending:
-                request.computed()
+            request.computed()
         self.in_use += nbytes
         self.computing += nbytes
         return Reservation(self, nbytes, computing=True)
