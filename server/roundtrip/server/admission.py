@@ -3,16 +3,17 @@
 Counting requests does not bound memory: one 16 MiB request holds well over
 a hundred MiB while it is decoded, batched, computed and encoded. But it holds
 that much only while its batch runs on a lane. So each stage holds what it
-really holds: every message counts its own bytes from the moment gRPC hands it
-over (:meth:`ByteBudget.received`: it is in memory whether or not it is
-admitted); a request admitted to wait holds its decoded input
-(:func:`waiting_bytes`); its batch, when a lane takes it, reserves the
-computation's working set (:func:`compute_bytes`, the rest of
-:func:`working_set_bytes`) and gives it back once computed; the answer then
-holds its own bytes (:func:`answer_bytes`) until gRPC has written it. A batch
-that does not fit waits for running ones to finish; a request that does not fit
-at admission is refused at once with RESOURCE_EXHAUSTED naming the knob (one
-that could never run, INVALID_ARGUMENT), never queued.
+really holds, reserved before it is held: every message counts its own bytes
+from the moment gRPC hands it over (:meth:`ByteBudget.received`: one that does
+not fit is dropped unparsed); a request admitted holds its decoded input and
+its answer's bytes (:func:`held_bytes`) until its caller has taken the answer;
+its batch, when a lane takes it, reserves the computation's working set
+(:func:`compute_bytes`) and gives it back once computed. Nothing grows after
+it is reserved, so ``in_use`` never exceeds the limit. A batch that does not
+fit waits until bytes come back (:attr:`ByteBudget.freed`); a request that does
+not fit at admission is refused at once with RESOURCE_EXHAUSTED naming the knob
+(one that could never run, INVALID_ARGUMENT), never queued. One caller holds
+at most its share (:class:`Caller`, ``max_caller_share``).
 
 The default budget follows the container: half its memory limit (cgroup v2
 ``memory.max`` or v1 ``memory.limit_in_bytes``), or 2 GiB (half the 4 GiB pod
@@ -33,6 +34,7 @@ roundtrip.server.errors.Overloaded: the worker holds 60 bytes ... over max_infli
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,14 +114,15 @@ def working_set_bytes(size: WorkingSet) -> int:
     return total + 64 * 1024
 
 
-def answer_bytes(output_bytes: int) -> int:
-    """What an answer holds once computed, until gRPC has written it: the encoded outputs
-    and their serialization (2 x each of the two), plus 1 KiB.
+def answer_bytes(size: WorkingSet) -> int:
+    """What an answer holds once computed, until its caller has taken it: both outputs (the
+    engine's arrays, then encoded for the wire: 2 x each of the two) when they are sent,
+    plus 1 KiB.
 
-    >>> answer_bytes(0), answer_bytes(1000)
-    (1024, 5024)
+    >>> answer_bytes(WorkingSet(12, 64, 16, False)), answer_bytes(WorkingSet(12, 64, 16, True))
+    (1024, 1088)
     """
-    return 4 * output_bytes + 1024
+    return (4 * size.output_bytes if size.with_outputs else 0) + 1024
 
 
 def waiting_bytes(size: WorkingSet) -> int:
@@ -130,6 +133,18 @@ def waiting_bytes(size: WorkingSet) -> int:
     16396
     """
     return size.x_bytes + 16 * 1024
+
+
+def held_bytes(size: WorkingSet) -> int:
+    """What a request holds outside its batch's computation, from admission until its answer
+    is taken: its decoded input (kept with the request) and its answer's bytes, reserved at
+    admission so that nothing a request holds grows after it is admitted.
+
+    >>> size = WorkingSet(12, 64, 16, True)
+    >>> held_bytes(size) == waiting_bytes(size) + answer_bytes(size)
+    True
+    """
+    return waiting_bytes(size) + answer_bytes(size)
 
 
 def compute_bytes(size: WorkingSet) -> int:
@@ -143,26 +158,54 @@ def compute_bytes(size: WorkingSet) -> int:
     return working_set_bytes(size) - waiting_bytes(size)
 
 
+class Caller:
+    """One caller (a connection): what its calls hold now against its share of the budget,
+    and how many of its calls are open (the pipeline forgets a caller with none).
+
+    >>> budget = ByteBudget(100, caller_share=0.5)
+    >>> caller = Caller("ipv4:127.0.0.1:5000")
+    >>> held = budget.reserve(40, caller)
+    >>> budget.reserve(20, caller)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    roundtrip.server.errors.Overloaded: this caller holds 40 bytes ...(max_caller_share ...
+    >>> held.release(); caller.held
+    0
+    """
+
+    __slots__ = ("calls", "held", "key", "outstanding")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        #: Bytes its reservations hold now.
+        self.held = 0
+        #: Its open calls.
+        self.calls = 0
+        #: Requests of its calls of many queued or computing now (its share of the queue).
+        self.outstanding = 0
+
+
 class Reservation:
-    """Bytes one request (or one batch, computing) holds; :meth:`release` gives them back
-    (once, however often called), and from then on it holds 0."""
+    """Bytes one request (or one batch, computing) holds, charged to its caller when it has
+    one; :meth:`release` gives them back (once, however often called), and from then on it
+    holds 0."""
 
-    __slots__ = ("_budget", "computing", "nbytes", "pending")
+    __slots__ = ("_budget", "caller", "computing", "nbytes", "pending")
 
-    def __init__(self, budget: ByteBudget, nbytes: int, *, computing: bool = False) -> None:
+    def __init__(
+        self,
+        budget: ByteBudget,
+        nbytes: int,
+        *,
+        caller: Caller | None = None,
+        computing: bool = False,
+    ) -> None:
         self._budget: ByteBudget | None = budget
         self.nbytes = nbytes
+        self.caller = caller
         self.computing = computing
         #: The compute bytes this waiting request will need, until its batch reserves them.
         self.pending = 0
-
-    def resize(self, nbytes: int) -> None:
-        """Hold ``nbytes`` from now on (a request's answer, once computed: the batch's
-        reservation, which covered it, is given back at the same time)."""
-        if self._budget is not None:
-            self._budget.in_use += nbytes - self.nbytes
-            self.nbytes = nbytes
-            self.computed()
 
     def computed(self) -> None:
         """This waiting request's batch has reserved its compute bytes (or it will never
@@ -172,24 +215,32 @@ class Reservation:
             self.pending = 0
 
     def release(self) -> None:
-        if self._budget is not None:
+        budget = self._budget
+        if budget is not None:
             self.computed()
-            self._budget.in_use -= self.nbytes
             if self.computing:
-                self._budget.computing -= self.nbytes
+                budget.computing -= self.nbytes
+            if self.caller is not None:
+                self.caller.held -= self.nbytes
+            budget.give_back(self.nbytes)
             self._budget = None
             self.nbytes = 0
 
 
 class ByteBudget:
-    """Bytes of admitted work, bounded by ``limit``. Used on the event loop only.
+    """Bytes of admitted work, bounded by ``limit``: a hard bound, since every byte is
+    checked before it is held and nothing held grows unchecked. Used on the event loop only.
 
     A request holds what it really holds at each stage: its message from arrival, its
-    decoded input while it waits (:meth:`admit`), and its computation's working set only
-    while its batch runs (:meth:`try_compute`, by the batcher, for the whole batch). So
-    that a waiting request can always run, admission keeps room for the largest compute
-    set among the requests waiting (``pending``): when no batch runs, the oldest request
-    fits alone.
+    decoded input and its answer's bytes from admission (:meth:`admit`) until its answer is
+    taken, and its computation's working set only while its batch runs
+    (:meth:`try_compute`, by the batcher, for the whole batch). So that a waiting request
+    can always run, admission keeps room for the largest compute set among the requests
+    waiting (``pending``): when no batch runs, the oldest request fits alone. One caller
+    (:class:`Caller`) may hold at most ``caller_share`` of the budget, so that one stream
+    that does not read, or one connection, cannot take it all. Whenever bytes come back,
+    :attr:`freed` is set: what waits for room (a batch) waits on it, never on a guess of
+    who will give bytes back.
 
     >>> budget = ByteBudget(1000)
     >>> waiting = budget.admit(100, 600)
@@ -206,11 +257,17 @@ class ByteBudget:
     (0, 0)
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, caller_share: float = 1.0) -> None:
         self.limit = limit
+        #: The most one caller may hold (``max_caller_share`` of the limit).
+        self.caller_limit = max(1, int(limit * caller_share))
         self.in_use = 0
         #: Bytes held by batches computing now (part of ``in_use``).
         self.computing = 0
+        #: The most ``in_use`` has been (a gauge's maximum, for tests and operators).
+        self.peak = 0
+        #: Set whenever bytes come back; whoever waits for room clears it first.
+        self.freed = asyncio.Event()
         self._pending: collections.Counter[int] = collections.Counter()
         self._room = 0
 
@@ -226,55 +283,78 @@ class ByteBudget:
             if nbytes == self._room:
                 self._room = max(self._pending, default=0)
 
-    def received(self, nbytes: int) -> Reservation:
-        """Count a message gRPC has already received: it is in memory, refused or not.
+    def give_back(self, nbytes: int) -> None:
+        """``nbytes`` are no longer held (a reservation's release)."""
+        self.in_use -= nbytes
+        if nbytes:
+            self.freed.set()
 
-        Never refuses (it is too late to), but later :meth:`reserve` calls see it.
-        """
+    def _take(self, nbytes: int, caller: Caller | None) -> None:
         self.in_use += nbytes
+        if self.in_use > self.peak:
+            self.peak = self.in_use
+        if caller is not None:
+            caller.held += nbytes
+
+    def received(self, nbytes: int) -> Reservation:
+        """Count a message gRPC has received, or raise :class:`Overloaded` (the message is
+        then dropped unparsed) when the budget cannot take it now."""
+        self._check(nbytes, nbytes, None)
+        self._take(nbytes, None)
         return Reservation(self, nbytes)
+
+    def charge(self, reservation: Reservation, caller: Caller) -> None:
+        """Charge a reservation made before its caller was known (a message, counted as it
+        arrived) to ``caller``, or raise :class:`Overloaded` when that is over its share."""
+        if reservation.caller is None and reservation.nbytes:
+            self._check_caller(caller, reservation.nbytes)
+            caller.held += reservation.nbytes
+        reservation.caller = caller
 
     def grow(self, reservation: Reservation, nbytes: int) -> None:
         """Hold ``nbytes`` more under ``reservation`` (a body still arriving), or raise as
         :meth:`reserve` would for its new size."""
-        self._check(reservation.nbytes + nbytes, nbytes)
-        self.in_use += nbytes
+        self._check(reservation.nbytes + nbytes, nbytes, reservation.caller)
+        self._take(nbytes, reservation.caller)
         reservation.nbytes += nbytes
 
-    def reserve(self, nbytes: int) -> Reservation:
+    def reserve(self, nbytes: int, caller: Caller | None = None) -> Reservation:
         """Hold ``nbytes`` now (a body, JSON being decoded), or raise if the budget cannot
         take them now; more than the whole budget can never be taken (LimitExceeded)."""
-        self._check(nbytes, nbytes)
-        self.in_use += nbytes
-        return Reservation(self, nbytes)
+        self._check(nbytes, nbytes, caller)
+        self._take(nbytes, caller)
+        return Reservation(self, nbytes, caller=caller)
 
-    def admit(self, waiting: int, compute: int) -> Reservation:
-        """Admit a request that holds ``waiting`` bytes until its batch runs and ``compute``
-        more while it runs: hold the first, keep room for the second. Raises LimitExceeded
-        when the two together exceed the whole budget (it could never run), Overloaded when
-        they do not fit beside what is held now."""
-        self._check(waiting + compute, waiting + max(0, compute - self._room))
-        self.in_use += waiting
-        held = Reservation(self, waiting)
-        held.pending = compute
+    def admit(self, held: int, compute: int, caller: Caller | None = None) -> Reservation:
+        """Admit a request that holds ``held`` bytes from now until its answer is taken and
+        ``compute`` more while its batch runs: hold the first, keep room for the second.
+        Raises LimitExceeded when the two together exceed the whole budget (it could never
+        run), Overloaded when they do not fit beside what is held now."""
+        self._check(held + compute, held + max(0, compute - self._room), caller, held)
+        self._take(held, caller)
+        reservation = Reservation(self, held, caller=caller)
+        reservation.pending = compute
         self._pending[compute] += 1
         self._room = max(self._room, compute)
-        return held
+        return reservation
 
     def try_compute(self, nbytes: int, requests: Sequence[Reservation]) -> Reservation | None:
         """Hold ``nbytes`` for a batch of ``requests`` about to compute, or None if the
-        budget cannot take them now (the batch waits for a running one to finish)."""
+        budget cannot take them now (the batch waits for :attr:`freed`)."""
         if self.in_use + nbytes > self.limit:
             return None
         for request in requests:
             request.computed()
-        self.in_use += nbytes
+        self._take(nbytes, None)
         self.computing += nbytes
         return Reservation(self, nbytes, computing=True)
 
-    def _check(self, total: int, nbytes: int) -> None:
+    def _check(
+        self, total: int, nbytes: int, caller: Caller | None, caller_bytes: int | None = None
+    ) -> None:
         """Whether a reservation may hold ``total`` bytes, ``nbytes`` of them new (and the
-        room kept for waiting requests' computations)."""
+        room kept for waiting requests' computations), ``caller_bytes`` of them (default
+        ``nbytes``) charged to ``caller``."""
         if total > self.limit:
             raise LimitExceeded(
                 f"this request's working set is estimated at {total} bytes, over this "
@@ -286,4 +366,22 @@ class ByteBudget:
                 f"the worker holds {self.in_use} bytes of admitted work and this request needs "
                 f"{nbytes} more, over max_inflight_bytes = {self.limit} "
                 "(env ROUNDTRIP_MAX_INFLIGHT_BYTES); retry with backoff"
+            )
+        if caller is not None:
+            self._check_caller(caller, nbytes if caller_bytes is None else caller_bytes)
+
+    def _check_caller(self, caller: Caller, nbytes: int) -> None:
+        if nbytes > self.caller_limit:
+            raise LimitExceeded(
+                f"this request needs {nbytes} bytes, over the share of this worker one caller "
+                f"may hold, {self.caller_limit} bytes (max_caller_share of max_inflight_bytes, "
+                "env ROUNDTRIP_MAX_CALLER_SHARE): send a smaller x, fewer features, or no "
+                "return_outputs"
+            )
+        if caller.held + nbytes > self.caller_limit:
+            raise Overloaded(
+                f"this caller holds {caller.held} bytes of admitted work and this request "
+                f"needs {nbytes} more, over its share of the worker, {self.caller_limit} "
+                "bytes (max_caller_share of max_inflight_bytes, env ROUNDTRIP_MAX_CALLER_SHARE): "
+                "take the answers already sent (read the stream), or retry with backoff"
             )

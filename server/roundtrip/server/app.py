@@ -143,6 +143,9 @@ class Worker:
     metrics_port: int = 0
     stopping: threading.Event = field(default_factory=threading.Event)
     serving: bool = False
+    #: Warmed up and self-checked (serving, unless stalled or draining).
+    warm: bool = False
+    watch: asyncio.Task[None] | None = None
 
     @property
     def metrics(self) -> WorkerMetrics:
@@ -187,8 +190,38 @@ class Worker:
         identity = {name: getattr(self.info.numerics, name) for name in NUMERICS_LABELS}
         self.metrics.observe_numerics(identity)
         collector = heap.settle(self.config.gc_threshold)  # what start-up built stays
+        self.warm = True
         await self.set_serving(True)
         log.info("serving", extra={"port": self.port, "numerics": identity, "gc": collector})
+
+    async def watch_progress(self) -> None:
+        """Say NOT_SERVING (health, V2's ready routes, ``roundtrip_stalled``, a log line)
+        while requests have waited ``max_stall_s`` with no batch running, starting or
+        finishing, and SERVING again once the queue moves: a worker that cannot compute must
+        not tell its probes it can."""
+        limit = self.config.max_stall_s
+        every = min(1.0, limit / 4)
+        stalled = False
+        while True:
+            await asyncio.sleep(every)
+            waited = self.batcher.stalled_for()
+            if (waited > limit) == stalled:
+                continue
+            stalled = not stalled
+            self.metrics.stalled.set(int(stalled))
+            budget = self.pipeline.budget
+            extra = {
+                "waited_s": round(waited, 3),
+                "queued": self.batcher.queued,
+                "admitted_bytes": budget.in_use,
+                "computing_bytes": budget.computing,
+            }
+            if stalled:
+                log.warning("stalled", extra=extra)
+            else:
+                log.info("moving", extra=extra)
+            if self.warm and not self.stopping.is_set():
+                await self.set_serving(not stalled)
 
     async def stop(self) -> None:
         """Drain in two steps, then close: nothing a door accepted is cut off.
@@ -248,6 +281,8 @@ class Worker:
         calls get ``grace`` seconds), the queue (answered), the compute threads, the audit,
         the collector's watch and the metrics port."""
         self.stopping.set()
+        if self.watch is not None:
+            self.watch.cancel()
         await self.server.stop(grace)
         if self.http is not None:
             await self.http.cleanup()
@@ -270,7 +305,7 @@ def use_compilation_cache(directory: str) -> None:
 
 def pipeline_for(config: WorkerConfig) -> Pipeline:
     """The pipeline: lanes, batcher, byte budget, limits, audit and metrics, from ``config``."""
-    budget = admission.ByteBudget(inflight_bytes(config))
+    budget = admission.ByteBudget(inflight_bytes(config), caller_share=config.max_caller_share)
     lanes = compute_lanes(config)
     log.info(
         "starting",
@@ -316,6 +351,7 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
         max_batch_items=config.max_batch_items,
         max_answer_bytes=config.max_message_bytes,
         queue_share=config.max_queue_share,
+        bulk_queue_share=config.max_bulk_queue_share,
     )
 
 
@@ -363,7 +399,11 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
     worker.pauses.watch()
     pipeline.metrics.watch_collector(worker.pauses)
     roundtrip = RoundTripDoor(pipeline, worker.info)
-    stream = StreamDoor(pipeline, max_stream_inflight=config.max_stream_inflight)
+    stream = StreamDoor(
+        pipeline,
+        max_stream_inflight=config.max_stream_inflight,
+        write_timeout_s=config.write_timeout_s,
+    )
     methods: dict[str, Callable[..., Any]] = {
         "RoundTrip": roundtrip.RoundTrip,
         "RoundTripBatch": roundtrip.RoundTripBatch,
@@ -402,6 +442,8 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
             max_json_bytes=config.max_json_bytes,
             max_json_output_elements=config.max_json_output_elements,
             read_timeout_s=config.http_read_timeout_s,
+            upload_timeout_s=config.http_upload_timeout_s,
+            write_timeout_s=config.write_timeout_s,
             token=token,
         )
         try:
@@ -419,6 +461,8 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
             ) from None
     pipeline.batcher.start()
     pipeline.auditor.start()
+    if config.max_stall_s > 0:
+        worker.watch = asyncio.create_task(worker.watch_progress(), name="progress-watch")
     await server.start()
 
 

@@ -70,6 +70,11 @@ class WorkerConfig:
     http_read_timeout_s: float = _knob(
         10.0, "Seconds a V2 REST upload may send nothing before it is dropped (408)."
     )
+    http_upload_timeout_s: float = _knob(
+        60.0,
+        "Seconds a whole V2 REST upload may take, however it trickles (408 beyond); the body "
+        "holds its bytes against the budget as they arrive, not as declared.",
+    )
     http_idle_timeout_s: float = _knob(
         15.0,
         "Seconds a V2 REST connection may go without a complete request, its headers "
@@ -123,9 +128,35 @@ class WorkerConfig:
     )
     max_queue_share: float = _knob(
         0.125,
-        "Share of max_queue_size one call of many requests (a RoundTripBatch, a V2 call) may "
-        "hold queued at once; its other requests wait in the call and are queued as earlier "
-        "ones are answered, so a few batch callers cannot fill the queue for everyone.",
+        "Share of max_queue_size one caller's calls of many requests (RoundTripBatch, V2 "
+        "calls of several seeds) may hold queued or computing at once; their other requests "
+        "wait in their calls and are queued in turn, caller after caller, as places come "
+        "back. A caller is one connection.",
+    )
+    max_bulk_queue_share: float = _knob(
+        0.75,
+        "Share of max_queue_size that calls of many requests may fill together; the rest is "
+        "kept for single calls (RoundTrip, stream messages, V2 calls of one seed), which are "
+        "refused with RESOURCE_EXHAUSTED only when the whole queue is full.",
+    )
+    max_caller_share: float = _knob(
+        0.5,
+        "Share of max_inflight_bytes one caller (one connection) may hold at once: its "
+        "messages, waiting inputs and unread answers. Beyond it that caller's new requests "
+        "get RESOURCE_EXHAUSTED, so one stream that does not read its answers, or one "
+        "connection, cannot take the whole budget.",
+    )
+    max_stall_s: float = _knob(
+        10.0,
+        "Seconds requests may wait while no batch runs, starts or finishes before health "
+        "says NOT_SERVING (and roundtrip_stalled reads 1); it says SERVING again once the "
+        "queue moves; 0 turns the watch off.",
+    )
+    write_timeout_s: float = _knob(
+        30.0,
+        "Seconds a caller gets to take an answer once the worker writes it (a stream "
+        "message's, a V2 REST body): past it the stream ends with DEADLINE_EXCEEDED, or the "
+        "connection is closed, and what the answer held is given back.",
     )
     max_inflight_bytes: int = _knob(
         0,
@@ -267,13 +298,17 @@ class WorkerConfig:
             "metrics_timeout_s",
             "http_read_timeout_s",
             "http_idle_timeout_s",
+            "http_upload_timeout_s",
+            "max_stall_s",
+            "write_timeout_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.max_x_rank > 64:  # validation.MAX_RANK (config imports no server module)
             raise ValueError(f"max_x_rank must be <= 64, numpy's limit (got {self.max_x_rank})")
-        if not 0 < self.max_queue_share <= 1:
-            raise ValueError(f"max_queue_share must be in (0, 1] (got {self.max_queue_share})")
+        for name in ("max_queue_share", "max_bulk_queue_share", "max_caller_share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1] (got {getattr(self, name)})")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:

@@ -24,8 +24,9 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from roundtrip.server import numerics
 from roundtrip.server.admission import Reservation
+from roundtrip.server.calls import Call
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
-from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.pipeline import Pipeline
 from roundtrip.server.wire_counts import check_counts
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -56,7 +57,7 @@ class Received:
     (handed on to the :class:`Call` that answers it)."""
 
     message: Any
-    held: Reservation
+    held: Reservation | None
 
 
 def tolerant_parser(
@@ -65,7 +66,10 @@ def tolerant_parser(
     descriptor: Descriptor = message_type.DESCRIPTOR  # type: ignore[assignment]
 
     def parse(data: bytes) -> Received:
-        held = pipeline.received(len(data))
+        try:
+            held = pipeline.received(len(data))
+        except RequestError as error:  # the budget cannot take it: dropped unparsed
+            return Received(Unparseable(error), None)
         try:
             check_counts(data, descriptor, pipeline.repeated_limits)
             return Received(message_type.FromString(data), held)
@@ -160,7 +164,9 @@ def unary(
         @functools.wraps(handler)
         async def answered(door: Door, received: Received, context: Context) -> Response:
             pipeline = door.pipeline
-            call = pipeline.call(deadline=deadline_of(context), message=received.held)
+            call = pipeline.call(
+                deadline=deadline_of(context), caller=context.peer(), message=received.held
+            )
             try:
                 dropped = functools.partial(dropped_code, context)
                 with pipeline.envelope(method, dropped=dropped, counts=counts) as envelope:
@@ -168,7 +174,7 @@ def unary(
                         raise received.message.error
                     if not about_the_worker:
                         metadata = context.invocation_metadata()
-                        pipeline.check_new_call(numerics.expected_fingerprint(metadata))
+                        pipeline.check_new_call(numerics.expected_fingerprint(metadata), call)
                     response = await handler(door, call, received.message, context)
             except BaseException:
                 call.close()

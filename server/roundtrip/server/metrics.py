@@ -57,7 +57,10 @@ METRIC_NAMES = (
     "roundtrip_queued_requests",
     "roundtrip_queue_wait_seconds",
     "roundtrip_admitted_bytes",
+    "roundtrip_admitted_bytes_peak",
     "roundtrip_admitted_bytes_limit",
+    "roundtrip_stalled",
+    "roundtrip_unread_answers_total",
     "roundtrip_computing_bytes",
     "roundtrip_numerics_info",
     "roundtrip_batch_size",
@@ -283,9 +286,28 @@ class WorkerMetrics:
             "computations' working sets).",
             registry=self.registry,
         )
+        self.admitted_bytes_peak = Gauge(
+            "roundtrip_admitted_bytes_peak",
+            "The most roundtrip_admitted_bytes has been since the worker started (never above "
+            "roundtrip_admitted_bytes_limit: every byte is reserved before it is held).",
+            registry=self.registry,
+        )
         self.admitted_bytes_limit = Gauge(
             "roundtrip_admitted_bytes_limit",
             "max_inflight_bytes: admission refuses (RESOURCE_EXHAUSTED) beyond it.",
+            registry=self.registry,
+        )
+        self.unread_answers = Counter(
+            "roundtrip_unread_answers",
+            "Answers their caller did not take within write_timeout_s, by method: the stream "
+            "was ended, or the REST connection closed.",
+            ["method"],
+            registry=self.registry,
+        )
+        self.stalled = Gauge(
+            "roundtrip_stalled",
+            "1 while requests have waited max_stall_s with no batch running, starting or "
+            "finishing (health then says NOT_SERVING), else 0.",
             registry=self.registry,
         )
         self.queue_wait = Histogram(
@@ -364,6 +386,7 @@ class WorkerMetrics:
     def watch_budget(self, budget: ByteBudget) -> None:
         self.admitted_bytes.set_function(lambda: budget.in_use)
         self.computing_bytes.set_function(lambda: budget.computing)
+        self.admitted_bytes_peak.set_function(lambda: budget.peak)
         self.admitted_bytes_limit.set(budget.limit)
 
     def observe_rpcs(self, method: str, codes: Sequence[str], started: float) -> None:

@@ -38,9 +38,10 @@ import numpy as np
 import numpy.typing as npt
 
 from roundtrip.server.admission import WorkingSet
+from roundtrip.server.calls import Call
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
 from roundtrip.server.metrics import Duration, InferenceTally
-from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.pipeline import Pipeline
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.validation import MAX_RANK, RequestLimits, weigh_shape
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
@@ -324,24 +325,29 @@ async def answer(
 
     Refused before any compute when its answer could not be sent (over
     ``max_message_bytes``). A call of B requests fails as a whole with its first failing
-    request's status, which names the request (:meth:`Unpacked.about`); ``call`` still
-    holds the answers' bytes.
+    request's status, which names the request (:meth:`Unpacked.about`), as soon as one
+    has failed: the door then closes ``call``, which takes its other requests out of the
+    queue (a retry does not find the first attempt's requests still queued).
     """
     if unpacked is None:
         unpacked = unpack(request, pipeline.limits, max_items=pipeline.max_batch_items)
-    pipeline.check_answer_size(unpacked.answer_wire_bytes())
+    answer_bytes = unpacked.answer_wire_bytes()
+    pipeline.check_answer_size(answer_bytes)
+    call.reserve(answer_bytes)  # the answers packed into one response, beside their own copies
     for index, size in enumerate(unpacked.sizes):
         try:
-            call.admit(size, functools.partial(unpacked.item, index))
+            call.admit(size, functools.partial(unpacked.item, index), all_or_nothing=True)
         except RequestError as error:
             raise unpacked.about(index, error) from None
-    answers = []
-    for index, outcome in enumerate(await call.answers()):
+    outcomes = await call.answers()
+    for index, outcome in enumerate(outcomes):
         if isinstance(outcome, RequestError):
             raise unpacked.about(index, outcome)
         if isinstance(outcome, Exception):
             raise outcome  # a bug: INTERNAL
-        answers.append(outcome)
+    answers = [outcome for outcome in outcomes if isinstance(outcome, RoundTripAnswer)]
+    if len(answers) != len(outcomes):
+        raise RuntimeError("a request of the call was never answered")  # a bug: INTERNAL
     return pack(request, unpacked, answers)
 
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from roundtrip.server.admission import WorkingSet
+from roundtrip.server.calls import Call
 from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.errors import Failure, LimitExceeded, failure_of
 from roundtrip.server.grpc_calls import Context, dropped_code, unary
-from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.pipeline import Pipeline
 from roundtrip.server.validation import decode, weigh
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -89,6 +90,8 @@ class RoundTripDoor:
         finally:
             pipeline.metrics.inflight.dec(count)
         for index, answer in zip(admitted, answers, strict=True):
+            if answer is None:  # not all or nothing: every request settles
+                answer = RuntimeError("a request of the batch was never answered")
             outcomes[index] = failure_of(answer) if isinstance(answer, Exception) else answer
         return self._response(outcomes, started)
 

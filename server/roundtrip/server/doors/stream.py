@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from roundtrip.server import numerics
+from roundtrip.server.calls import Call
 from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.errors import Failure, ShuttingDown
 from roundtrip.server.grpc_calls import Context, Received, Unparseable, deadline_of, dropped_code
-from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.pipeline import Pipeline
 from roundtrip.v1 import roundtrip_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 METHOD = "RoundTripStream"
 
@@ -33,13 +37,16 @@ class StreamDoor:
     """``RoundTripStream`` over ``pipeline``, at most ``max_stream_inflight`` unanswered
     (or unwritten) messages per stream."""
 
-    def __init__(self, pipeline: Pipeline, *, max_stream_inflight: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, *, max_stream_inflight: int, write_timeout_s: float = 30.0
+    ) -> None:
         self.pipeline = pipeline
         self.max_stream_inflight = max_stream_inflight
+        self.write_timeout_s = write_timeout_s
 
     async def RoundTripStream(  # noqa: N802 (the generated servicer's name)
         self, request_iterator: AsyncIterator[Received], context: Context
-    ) -> AsyncIterator[pb.RoundTripStreamResponse]:
+    ) -> None:
         pipeline = self.pipeline
         stream = _OpenStream(pipeline, context, self.max_stream_inflight)
         # grpc may end the call while an answer waits to be written, and never resume here
@@ -52,8 +59,7 @@ class StreamDoor:
                 pipeline.check_new_call(numerics.expected_fingerprint(metadata))
                 reader = stream.start_reading(request_iterator)
                 while (answer := await stream.answers.get()) is not None:
-                    yield answer.response
-                    stream.written(answer)  # only now may the stream read another message
+                    await stream.write(answer, self.write_timeout_s)
                 await reader  # re-raise a read error, if any
                 if stream.drained:
                     raise ShuttingDown(
@@ -79,8 +85,10 @@ class _OpenStream:
 
     def __init__(self, pipeline: Pipeline, context: Context, max_inflight: int) -> None:
         self._pipeline = pipeline
+        self._context = context
         self._dropped = functools.partial(dropped_code, context)
         self._deadline = deadline_of(context)
+        self._caller = context.peer()
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._owned: set[Call] = set()
@@ -93,8 +101,27 @@ class _OpenStream:
         self._reader = asyncio.create_task(self._read_all(request_iterator))
         return self._reader
 
-    def written(self, answer: _Answer) -> None:
-        """An answer is written: its call gives back its bytes and its place."""
+    async def write(self, answer: _Answer, timeout_s: float) -> None:
+        """Write ``answer``; once written, its call gives back its bytes and its place (only
+        now may the stream read another message). An answer its caller does not take within
+        ``timeout_s`` ends the stream: gRPC still holds that answer (its call closes when
+        gRPC ends the call: the caller's deadline, its connection closing or reaching
+        ``max_connection_age_s``), and everything else the stream holds is given back now.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._context.write(answer.response)
+        except TimeoutError:
+            self._owned.discard(answer.call)
+            self._context.add_done_callback(lambda _: answer.call.close())  # type: ignore[arg-type]
+            self._pipeline.metrics.unread_answers.labels(METHOD).inc()
+            log.warning(
+                "answer not taken",
+                extra={"method": METHOD, "caller": self._caller, "write_timeout_s": timeout_s},
+            )
+            # Ends the handler without a status (which gRPC would queue behind the answer the
+            # caller does not take); the stream's calls close in its finally.
+            raise asyncio.CancelledError from None
         answer.call.close()
         self._owned.discard(answer.call)
 
@@ -122,7 +149,9 @@ class _OpenStream:
         try:
             try:
                 async for received in request_iterator:
-                    call = self._pipeline.call(deadline=self._deadline, message=received.held)
+                    call = self._pipeline.call(
+                        deadline=self._deadline, caller=self._caller, message=received.held
+                    )
                     self._owned.add(call)  # the stream's from here: closed with it
                     if isinstance(received.message, Unparseable):  # no id to answer by: end
                         raise received.message.error
@@ -143,6 +172,7 @@ class _OpenStream:
     async def _answer_one(self, call: Call, message: pb.RoundTripStreamRequest) -> None:
         pipeline = self._pipeline
         with pipeline.envelope(METHOD, dropped=self._dropped, opens=False) as envelope:
+            call.claim()
             size, decode = weighed(
                 message.request, pipeline.limits, message_bytes=call.message_bytes
             )

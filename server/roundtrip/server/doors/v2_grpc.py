@@ -16,8 +16,9 @@ from typing import Any
 from google.protobuf import json_format
 
 from roundtrip.server import v2
+from roundtrip.server.calls import Call
 from roundtrip.server.grpc_calls import Context, unary
-from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.pipeline import Pipeline
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 
 SERVICE = v2pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]

@@ -29,6 +29,7 @@ from aiohttp import ClientConnectionError, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from roundtrip.server import openapi, v2, v2_json
+from roundtrip.server.calls import Call
 from roundtrip.server.errors import (
     BodyTooLarge,
     CallerGone,
@@ -38,7 +39,7 @@ from roundtrip.server.errors import (
     UploadTimedOut,
     failure_of,
 )
-from roundtrip.server.pipeline import Call, Pipeline
+from roundtrip.server.pipeline import Pipeline
 from roundtrip.server.security import TokenCheck
 from roundtrip.wire.metadata import FINGERPRINT_KEY
 
@@ -69,6 +70,8 @@ class V2RestDoor:
         max_json_bytes: int = 128 * 1024,
         max_json_output_elements: int = 65536,
         read_timeout_s: float = 10.0,
+        upload_timeout_s: float = 60.0,
+        write_timeout_s: float = 30.0,
         token: TokenCheck | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -77,6 +80,8 @@ class V2RestDoor:
         self._max_json_bytes = max_json_bytes
         self._max_json_output_elements = max_json_output_elements
         self._read_timeout_s = read_timeout_s
+        self._upload_timeout_s = upload_timeout_s
+        self._write_timeout_s = write_timeout_s
         self._token = token
 
     def application(self) -> web.Application:
@@ -183,62 +188,108 @@ class V2RestDoor:
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         """One V2 call: its body admitted by bytes as it arrives, decoded, answered, and
-        written while the call still holds its answer's bytes."""
+        written while the call still holds its answer's bytes (every copy the door makes of
+        it reserved before any compute)."""
         pipeline = self.pipeline
         model, version = request.match_info["model"], request.match_info.get("version", "")
-        with pipeline.call(deadline=None) as call:
+        with pipeline.call(deadline=None, caller=caller_of(request)) as call:
             with pipeline.envelope(METHOD, dropped=_cancelled) as envelope:
-                pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY))
+                pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY), call)
                 v2.check_model(model, version)
                 body, split = await self._read(request, call)
-                with self._decoding(call, split):
+                with self._decoding(call, split, len(body) - split):
                     message, binary_outputs = v2_json.infer_request(
                         memoryview(body)[:split], memoryview(body)[split:], model, version
                     )
                 del body
                 unpacked = v2.unpack(message, pipeline.limits, max_items=pipeline.max_batch_items)
                 self._check_json_outputs(unpacked, binary_outputs)
+                call.reserve(self._answer_copies(unpacked, binary_outputs))
                 response = await v2.answer(call, message, pipeline, unpacked=unpacked)
+                del message
                 text = await _joined(v2_json.answer_pieces(response, binary_outputs))
                 tail = v2_json.binary_tail(response, binary_outputs)
+                del response
             if envelope.failure is not None:
                 refusal = error_response(envelope.failure)
                 if envelope.failure.http_status in (408, 413, 499):
                     refusal.force_close()  # the rest of the body is never read
                 return refusal
-            if tail:
-                headers = {v2_json.HEADER_LENGTH: str(len(text))}
-                sent = web.Response(
-                    body=b"".join([text, *tail]),
-                    content_type="application/octet-stream",
-                    headers=headers,
-                )
-            else:
-                sent = web.Response(body=text, content_type="application/json")
-            await sent.prepare(request)
-            await sent.write_eof()
-            return sent
+            return await self._send(request, text, tail)
+
+    async def _send(
+        self, request: web.Request, text: bytes, tail: list[bytes]
+    ) -> web.StreamResponse:
+        """Write the answer (its JSON, then its binary outputs, not joined into one more
+        copy). A caller that does not take it within ``write_timeout_s`` has its connection
+        closed, which drops what the transport still buffers."""
+        if tail:
+            sent = web.StreamResponse(headers={v2_json.HEADER_LENGTH: str(len(text))})
+            sent.content_type = "application/octet-stream"
+        else:
+            sent = web.StreamResponse()
+            sent.content_type = "application/json"
+        sent.content_length = len(text) + sum(len(piece) for piece in tail)
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await sent.prepare(request)
+                await sent.write(text)
+                del text
+                while tail:
+                    await sent.write(tail.pop(0))
+                await sent.write_eof()
+        except TimeoutError:
+            self.pipeline.metrics.unread_answers.labels(METHOD).inc()
+            log.warning(
+                "answer not taken",
+                extra={
+                    "method": METHOD,
+                    "caller": caller_of(request),
+                    "write_timeout_s": self._write_timeout_s,
+                },
+            )
+            if request.transport is not None:
+                request.transport.abort()  # drops what it buffers for the caller
+        return sent
+
+    def _answer_copies(self, unpacked: v2.Unpacked, binary_outputs: set[str]) -> int:
+        """What this door holds of an answer beyond the pipeline's own copies: each binary
+        output read out of the response and buffered by the transport (2 x its bytes), and
+        the JSON text of the others (at most 64 bytes an element, in its pieces and joined).
+        """
+        output_bytes = sum(size.output_bytes for size in unpacked.sizes)
+        total = 64 * len(unpacked.seeds)
+        for name in ("orig_out", "merged_out"):
+            if name in unpacked.outputs:
+                binary = name in binary_outputs
+                total += 2 * output_bytes if binary else 64 * unpacked.output_elements()
+        return total
 
     async def _read(self, request: web.Request, call: Call) -> tuple[bytearray, int]:
-        """The body, held against the byte budget before it is held in memory: a declared
+        """The body, held against the byte budget as it arrives, never before: a declared
         length over the limits is refused before a byte is read (413); otherwise every
-        chunk is counted as it arrives (decompressed, when the body is), an upload that
-        sends nothing for ``http_read_timeout_s`` is dropped (408), and one whose caller
-        hangs up ends the call. Returns the body and its JSON part's length."""
+        chunk is counted as it arrives (decompressed, when the body is), so an upload that
+        trickles holds only what it sent; an upload that sends nothing for
+        ``http_read_timeout_s``, or is not whole within ``http_upload_timeout_s``, is
+        dropped (408), and one whose caller hangs up ends the call. Returns the body and its
+        JSON part's length."""
         declared_json = v2_json.header_length(request.headers.get(v2_json.HEADER_LENGTH))
         declared = request.content_length if "Content-Encoding" not in request.headers else None
         if declared is not None:
             self._check_lengths(declared, declared_json)
-            call.hold_message(declared)
         body = bytearray()
+        ends = asyncio.get_running_loop().time() + self._upload_timeout_s
         while True:
             try:
-                async with asyncio.timeout(self._read_timeout_s):
-                    chunk = await request.content.readany()
+                async with asyncio.timeout_at(ends):
+                    async with asyncio.timeout(self._read_timeout_s):
+                        chunk = await request.content.readany()
             except TimeoutError:
                 raise UploadTimedOut(
-                    f"the upload sent nothing for {self._read_timeout_s} s "
-                    "(http_read_timeout_s, env ROUNDTRIP_HTTP_READ_TIMEOUT_S)"
+                    f"the upload sent nothing for {self._read_timeout_s} s, or was not whole "
+                    f"within {self._upload_timeout_s} s (http_read_timeout_s, "
+                    "http_upload_timeout_s, env ROUNDTRIP_HTTP_READ_TIMEOUT_S, "
+                    "ROUNDTRIP_HTTP_UPLOAD_TIMEOUT_S)"
                 ) from None
             except (ConnectionError, ClientConnectionError) as error:
                 raise CallerGone(f"the caller hung up during its upload ({error})") from None
@@ -246,9 +297,9 @@ class V2RestDoor:
                 raise InvalidArgument(f"the request body cannot be read: {error}") from None
             if not chunk:
                 break
-            if declared is None:  # chunked or compressed: held as it arrives
+            if declared is None:  # chunked or compressed: checked as it arrives
                 self._check_lengths(len(body) + len(chunk), declared_json)
-                call.hold_message(len(chunk))
+            call.hold_message(len(chunk))
             body += chunk
         split = len(body) if declared_json is None else declared_json
         if split > len(body):
@@ -274,8 +325,10 @@ class V2RestDoor:
                 "extension) or over gRPC"
             )
 
-    def _decoding(self, call: Call, json_bytes: int) -> Any:
-        """Hold what decoding ``json_bytes`` of JSON may take (``JSON_EXPANSION`` x)."""
+    def _decoding(self, call: Call, json_bytes: int, binary_bytes: int) -> Any:
+        """Hold what decoding the body takes beside it: ``JSON_EXPANSION`` x its
+        ``json_bytes`` of JSON, and a copy of its ``binary_bytes`` of binary data (the
+        message's raw contents)."""
         nbytes = v2_json.JSON_EXPANSION * json_bytes
         limit = self.pipeline.budget.limit
         if nbytes > limit:
@@ -285,7 +338,7 @@ class V2RestDoor:
                 "ROUNDTRIP_MAX_INFLIGHT_BYTES): send large tensors as binary data "
                 "(parameters.binary_data_size, the binary tensor data extension) or over gRPC"
             )
-        return call.holding(nbytes)
+        return call.holding(nbytes + binary_bytes)
 
     def _check_json_outputs(self, unpacked: v2.Unpacked, binary_outputs: set[str]) -> None:
         """Refuse, before any compute, outputs too large to send as JSON."""
@@ -307,6 +360,24 @@ async def _joined(pieces: Iterator[str]) -> bytes:
         parts.append(piece)
         await asyncio.sleep(0)
     return "".join(parts).encode()
+
+
+def caller_of(request: web.Request) -> str:
+    """The caller a REST request is charged to: its connection (:func:`peer_name`)."""
+    transport = request.transport
+    return peer_name(transport.get_extra_info("peername") if transport is not None else None)
+
+
+def peer_name(address: Any) -> str:
+    """A socket's peer address named as gRPC names a peer.
+
+    >>> peer_name(("127.0.0.1", 5000)), peer_name(("::1", 5000, 0, 0)), peer_name(None)
+    ('ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000', 'unknown')
+    """
+    if not address:
+        return "unknown"
+    host, port = address[0], address[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
 def _cancelled() -> grpc.StatusCode:

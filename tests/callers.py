@@ -1,0 +1,99 @@
+"""Callers for the tests that attack the worker: work run in threads, a V2 REST post, and
+what watches the worker meanwhile (its health polled as a probe would, a metric sampled).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from support.workers import WorkerProcess
+
+INFER = "/v2/models/roundtrip/infer"
+
+
+def in_threads(*work: Callable[[], Any]) -> list[Any]:
+    results: list[Any] = [None] * len(work)
+
+    def run(index: int) -> None:
+        results[index] = work[index]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return results
+
+
+def post(
+    port: int, body: bytes, headers: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, bytes]:
+    """POST an infer body; (status, answer), or (0, b"") when the worker closed the
+    connection before the whole body was sent (it refused it mid-upload)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", INFER, body, headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0, b""
+    finally:
+        connection.close()
+
+
+class HealthPoller:
+    """gRPC health every ``every_s``, each with ``deadline_s``: the readiness probe, tighter."""
+
+    def __init__(self, target: str, every_s: float = 0.1, deadline_s: float = 0.25) -> None:
+        self.late: list[str] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target, every_s, deadline_s))
+
+    def _run(self, target: str, every_s: float, deadline_s: float) -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
+            while not self._stop.wait(every_s):
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=deadline_s)
+                except grpc.RpcError as error:
+                    self.late.append(f"{error.code().name} at poll {self.polls}")
+                self.polls += 1
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Sampler:
+    """A metric sampled every ``every_s`` while the block runs: its largest value."""
+
+    def __init__(self, worker: WorkerProcess, sample: str, every_s: float = 0.02) -> None:
+        self.most = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(worker, sample, every_s))
+
+    def _run(self, worker: WorkerProcess, sample: str, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.most = max(self.most, worker.metric(sample))
+            self.samples += 1
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
