@@ -5,6 +5,8 @@ what watches the worker meanwhile (its health polled as a probe would, a metric 
 from __future__ import annotations
 
 import http.client
+import json
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.workers import WorkerProcess
 
 INFER = "/v2/models/roundtrip/infer"
+MIB = 1024 * 1024
 
 
 def in_threads(*work: Callable[[], Any]) -> list[Any]:
@@ -97,3 +100,21 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def stalled_upload(port: int, declared: int, sent: int) -> socket.socket:
+    """An upload that declares ``declared`` bytes of binary tensor data, sends ``sent`` of
+    them and goes silent."""
+    head = json.dumps({"inputs": []}).encode()
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(
+        (
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n\r\n"
+        ).encode()
+        + head
+    )
+    chunk = bytes(MIB)
+    for _ in range(sent // MIB):
+        connection.sendall(chunk)
+    return connection

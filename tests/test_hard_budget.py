@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,11 +21,11 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-from callers import Sampler, in_threads, post
+from callers import INFER, HealthPoller, Sampler, in_threads, post, stalled_upload
 from grpc_health.v1 import health_pb2
 from reference import reference
 
-from roundtrip.client import RoundTripClient
+from roundtrip.client import RoundTripClient, RoundTripError
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request
 from roundtrip.server.admission import Reservation
@@ -34,6 +36,7 @@ from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.workers import (
     SERVING,
     InProcessWorker,
+    RssSampler,
     WorkerProcess,
     serving_process,
     serving_worker,
@@ -46,6 +49,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SMALL = (5, np.linspace(-1, 1, 3, dtype=np.float32), 4)
 
 
+UNREAD_REST = 'roundtrip_unread_answers_total{method="ModelInferHTTP"}'
+UNREAD_STREAM = 'roundtrip_unread_answers_total{method="RoundTripStream"}'
 ANSWERED_IN_STREAMS = 'roundtrip_requests_total{code="OK",method="RoundTripStream"}'
 
 
@@ -263,3 +268,174 @@ def test_admitted_bytes_never_exceed_the_limit_on_any_door() -> None:
         for door, codes in by_door.items():
             assert codes["OK"] + codes["200"] > 0, (door, codes)  # each door answered some
         assert wait_until_steady(worker, "roundtrip_admitted_bytes") == 0
+
+
+#: The budget of the worker the bounded-memory tests share, and the slack docs/operations.md
+#: allows beside it (what gRPC and the transports buffer, the allocator keeps, the audit).
+BUDGET = 1024 * MIB
+SLACK_MIB = 512
+
+
+@pytest.fixture(scope="module")
+def bounded() -> Iterator[WorkerProcess]:
+    """A worker with a 1 GiB budget, answers taken within 5 s, uploads whole within 8 s."""
+    with serving_process(
+        "--warmup-shapes",
+        "3:4,64:1024",
+        "--max-inflight-bytes",
+        str(BUDGET),
+        "--write-timeout-s",
+        "5",
+        "--http-upload-timeout-s",
+        "8",
+        "--http-read-timeout-s",
+        "5",
+    ) as worker:
+        yield worker
+
+
+def small_callers(worker: WorkerProcess, seconds: float, threads: int = 4) -> Counter[str]:
+    """Small RoundTrip calls from ``threads`` callers for ``seconds``: outcomes by code (an
+    OK only when exact)."""
+    expected = list(reference(*SMALL))
+
+    def caller() -> Counter[str]:
+        codes: Counter[str] = Counter()
+        until = time.monotonic() + seconds
+        with RoundTripClient(worker.target, timeout=10) as client:
+            while time.monotonic() < until:
+                try:
+                    exact = client.round_trip(*SMALL).as_list() == expected
+                    codes["OK" if exact else "WRONG"] += 1
+                except RoundTripError as error:
+                    codes[error.code.name] += 1
+                time.sleep(0.01)
+        return codes
+
+    return sum(in_threads(*[caller] * threads), Counter())
+
+
+def ok_share(codes: Counter[str]) -> float:
+    return codes["OK"] / max(1, sum(codes.values()))
+
+
+def unread_rest_call(port: int, body: bytes, headers: dict[str, str]) -> socket.socket:
+    """A V2 REST call sent whole whose answer is never read."""
+    connection = socket.create_connection(("127.0.0.1", port))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    connection.sendall(
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode()
+        + body
+    )
+    return connection
+
+
+def rest_32_mib_answer() -> tuple[bytes, dict[str, str]]:
+    """A REST call whose binary answer is 32 MiB (orig_out and merged_out, 1024 x 4096)."""
+    x = np.linspace(-1, 1, 1024 * 64, dtype=np.float32).reshape(1024, 64)
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "seed", "datatype": "INT64", "shape": [1], "data": [9]},
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                },
+                {"name": "features", "datatype": "INT64", "shape": [1], "data": [4096]},
+            ],
+            "outputs": [
+                {"name": "orig_out", "parameters": {"binary_data": True}},
+                {"name": "merged_out", "parameters": {"binary_data": True}},
+            ],
+        }
+    ).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def test_rest_callers_that_never_read_their_answers_stay_within_the_budget(
+    bounded: WorkerProcess,
+) -> None:
+    """Thirty-two REST calls asking for 32 MiB answers they never read (a few hundred KiB
+    each): every copy of an answer is reserved before compute, so the worker holds at most
+    its budget of them (the rest are refused), RSS stays within the budget and its slack,
+    health answers throughout, and each unread answer's connection is closed after
+    write_timeout_s. (The code before reached +5.7 GiB and health timed out for 10 s.)"""
+    body, headers = rest_32_mib_answer()
+    with RssSampler(bounded) as rss, HealthPoller(bounded.target, deadline_s=1.0) as health:
+        connections = in_threads(*[lambda: unread_rest_call(bounded.http_port, body, headers)] * 32)
+        try:
+            assert poll(lambda: bounded.metric(UNREAD_REST) > 0, 60)
+            assert wait_until_steady(bounded, "roundtrip_admitted_bytes") == 0
+        finally:
+            for connection in connections:
+                connection.close()
+    assert health.late == []
+    assert rss.peak - rss.before < BUDGET / MIB + SLACK_MIB, rss.peak - rss.before
+    assert bounded.metric("roundtrip_admitted_bytes_peak") <= BUDGET
+
+
+def test_one_stream_that_does_not_read_holds_only_its_share(bounded: WorkerProcess) -> None:
+    """One stream whose large answers are never read: it holds at most max_caller_share of
+    the budget, so small callers keep being answered (>= 90% OK; it was 0%), RSS stays within
+    the budget and its slack, and the stream is ended once an answer waits write_timeout_s."""
+    with grpc.insecure_channel(bounded.target, channel_options()) as channel:
+        stub = pb_grpc.RoundTripServiceStub(channel)
+        with RssSampler(bounded) as rss:
+            stream = stub.RoundTripStream(large_answers(400), timeout=120)
+            assert poll(lambda: bounded.metric("roundtrip_admitted_bytes") > BUDGET / 4, 30)
+            codes = small_callers(bounded, seconds=3)
+            assert poll(lambda: bounded.metric(UNREAD_STREAM) > 0, 30)
+            stream.cancel()
+    assert ok_share(codes) >= 0.9, codes
+    assert rss.peak - rss.before < BUDGET / MIB + SLACK_MIB, rss.peak - rss.before
+    assert bounded.metric("roundtrip_admitted_bytes_peak") <= BUDGET
+    assert wait_until_steady(bounded, "roundtrip_admitted_bytes") == 0
+
+
+def trickle(port: int, stop: threading.Event) -> bytes:
+    """An upload that declares 64 MiB of binary data and sends a byte every 4 s: what the
+    worker answered (its status line) once it stopped waiting."""
+    with stalled_upload(port, 64 * MIB, 0) as connection:
+        connection.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                return connection.recv(4096)
+            except TimeoutError:
+                pass
+            if stop.wait(4):
+                break
+            try:
+                connection.sendall(b"0")
+            except OSError:
+                return connection.recv(4096)
+    return b""
+
+
+def test_trickling_uploads_hold_what_they_sent_and_end_within_the_upload_deadline(
+    bounded: WorkerProcess,
+) -> None:
+    """Thirty-two uploads that declare 64 MiB and send a byte every 4 s (under the 5 s read
+    timeout): they hold only what they sent, so small callers keep being answered (it was
+    0%), and each is answered 408 once http_upload_timeout_s has passed (they used to stay
+    open as long as they kept trickling)."""
+    stop = threading.Event()
+    started = time.monotonic()
+    uploads = [
+        threading.Thread(target=lambda: answers.append(trickle(bounded.http_port, stop)))
+        for _ in range(32)
+    ]
+    answers: list[bytes] = []
+    for upload in uploads:
+        upload.start()
+    try:
+        codes = small_callers(bounded, seconds=4)
+        for upload in uploads:
+            upload.join(30)
+    finally:
+        stop.set()
+    assert ok_share(codes) >= 0.9, codes
+    assert len(answers) == 32
+    assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers[:2]
+    assert time.monotonic() - started < 8 + 10

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from callers import INFER, HealthPoller, in_threads, post
+from callers import INFER, HealthPoller, in_threads, post, stalled_upload
 from reference import reference
 
 from roundtrip.client import RoundTripClient, RoundTripError
@@ -87,24 +87,6 @@ def test_rest_abuse_never_delays_grpc_health_or_other_callers(worker: WorkerProc
     assert small == [True] * 20
     assert rss.peak < BUDGET_MIB + 512
     assert worker.metric('roundtrip_requests_total{code="INTERNAL",method="ModelInferHTTP"}') == 0
-
-
-def stalled_upload(port: int, declared: int, sent: int) -> socket.socket:
-    """An upload that declares ``declared`` bytes of binary tensor data, sends ``sent`` of
-    them and goes silent."""
-    head = json.dumps({"inputs": []}).encode()
-    connection = socket.create_connection(("127.0.0.1", port))
-    connection.sendall(
-        (
-            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n"
-            f"Inference-Header-Content-Length: {len(head)}\r\n\r\n"
-        ).encode()
-        + head
-    )
-    chunk = bytes(MIB)
-    for _ in range(sent // MIB):
-        connection.sendall(chunk)
-    return connection
 
 
 def test_stalled_uploads_hold_what_they_sent_then_time_out(worker: WorkerProcess) -> None:
