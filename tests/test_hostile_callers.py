@@ -174,6 +174,73 @@ def test_huge_v2_seed_tensors_are_refused_before_they_are_parsed(worker: WorkerP
     assert rss.peak - rss.before < 512
 
 
+def delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+#: An unknown group (field 1000, wire types 3 and 4) holding an unknown varint: valid, kept
+#: by protobuf as bytes; the old check gave up on it and let protobuf parse what followed.
+GROUP = _varint(1000 << 3 | 3) + _varint(1001 << 3) + b"\x01" + _varint(1000 << 3 | 4)
+
+
+def walked_around() -> dict[str, bytes]:
+    """Messages that once walked around the pre-parse check, each some 57-60 MB: what
+    protobuf would build of them is GiBs (a group before the big field), or one merged
+    sub-message of tens of millions of elements given piece by piece."""
+    seed_tensor = delimited(1, b"seed") + delimited(2, b"INT64")
+    thousand_zeros = delimited(5, delimited(3, bytes(1000)))  # contents: 1,000 packed zeros
+    thirty_two_dims = delimited(2, delimited(2, bytes(32)))  # x: Array.shape of 32 zeros
+    return {
+        "RoundTripBatch of 30 M items after a group": GROUP + delimited(1, b"") * 30_000_000,
+        "60 M seeds after a group": delimited(1, b"roundtrip")
+        + delimited(5, GROUP + seed_tensor + delimited(5, delimited(3, bytes(60_000_000)))),
+        "a seed tensor's contents given 59,001 times": delimited(1, b"roundtrip")
+        + delimited(5, seed_tensor + thousand_zeros * 59_001),
+        "x's shape given 1.7 M times": thirty_two_dims * 1_700_000,
+        "RoundTripBatch of 8 M items": delimited(1, b"") * 8_000_000,
+    }
+
+
+WALKED_AROUND_METHODS = {
+    "RoundTripBatch of 30 M items after a group": "/roundtrip.v1.RoundTripService/RoundTripBatch",
+    "60 M seeds after a group": "/inference.GRPCInferenceService/ModelInfer",
+    "a seed tensor's contents given 59,001 times": "/inference.GRPCInferenceService/ModelInfer",
+    "x's shape given 1.7 M times": "/roundtrip.v1.RoundTripService/RoundTrip",
+    "RoundTripBatch of 8 M items": "/roundtrip.v1.RoundTripService/RoundTripBatch",
+}
+
+
+@pytest.mark.parametrize("attack", list(WALKED_AROUND_METHODS))
+def test_encodings_that_walked_around_the_check_are_refused_before_the_parse(
+    worker: WorkerProcess, attack: str
+) -> None:
+    """Each message is refused INVALID_ARGUMENT naming its limit, RSS grows by less than
+    256 MiB for two at once (it was 0.9-3.1 GiB), and gRPC health answers within 1 s
+    throughout (the check ran per field on the event loop: it was blocked 8-17 s)."""
+    message = walked_around()[attack]
+    assert len(message) < 64 * MIB
+    with worker.channel() as channel:
+        call = channel.unary_unary(
+            WALKED_AROUND_METHODS[attack],
+            request_serializer=lambda data: data,
+            response_deserializer=lambda data: data,
+        )
+
+        def send() -> str:
+            try:
+                call(message, timeout=60)
+            except grpc.RpcError as error:
+                return f"{error.code().name}: {error.details()}"
+            return "OK"
+
+        with RssSampler(worker) as rss, HealthPoller(worker.target, deadline_s=1.0) as health:
+            codes = in_threads(send, send)
+    assert all(code.startswith("INVALID_ARGUMENT") for code in codes), codes
+    assert all("limit" in code for code in codes), codes
+    assert rss.peak - rss.before < 256, f"RSS grew {rss.peak - rss.before:.0f} MiB"
+    assert health.late == []
+
+
 def test_refused_messages_are_freed_as_their_calls_end(worker: WorkerProcess) -> None:
     """Thirty 32 MiB RoundTrip messages, each refused (features 0), one after another: each
     is freed as its call ends, so memory holds one at a time. (grpc keeps an aborted call's

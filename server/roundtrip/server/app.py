@@ -143,6 +143,10 @@ class Worker:
     metrics_port: int = 0
     stopping: threading.Event = field(default_factory=threading.Event)
     serving: bool = False
+    #: The thread that checks and parses large messages off the event loop.
+    parser: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+    )
     #: Warmed up and self-checked (serving, unless stalled or draining).
     warm: bool = False
     watch: asyncio.Task[None] | None = None
@@ -291,6 +295,7 @@ class Worker:
         await self.batcher.drain()
         for lane in self.batcher.lanes:
             lane.executor.shutdown(wait=True)
+        self.parser.shutdown(wait=True)
         self.pipeline.auditor.stop()
         self.pauses.unwatch()
         self.metrics.close()
@@ -410,8 +415,9 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
         "GetServerInfo": roundtrip.GetServerInfo,
         "RoundTripStream": stream.RoundTripStream,
     }
-    add_to_server(methods, ROUNDTRIP_SERVICE, server, pipeline)
-    add_to_server(V2GrpcDoor(pipeline, ready=worker.ready).methods(), V2_SERVICE, server, pipeline)
+    add_to_server(methods, ROUNDTRIP_SERVICE, server, pipeline, worker.parser)
+    v2_methods = V2GrpcDoor(pipeline, ready=worker.ready).methods()
+    add_to_server(v2_methods, V2_SERVICE, server, pipeline, worker.parser)
     health_pb2_grpc.add_HealthServicer_to_server(worker.health, server)
     services = [ROUNDTRIP_SERVICE.full_name, V2_SERVICE.full_name, health.SERVICE_NAME]
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)

@@ -4,17 +4,21 @@ answered in the pipeline's envelope.
 
 grpcio's own parser answers bytes that are not a valid message with UNKNOWN, and a stream
 would hang; :func:`tolerant_parser` hands the handler an :class:`Unparseable` instead, and
-counts the message against the byte budget the moment gRPC hands it over (it is in memory,
-refused or not). :func:`unary` wraps a handler so that it gets the :class:`Call` holding
-that message, answers in :meth:`Pipeline.envelope`, aborts with the failure's status, and
-gives the call's bytes back once the answer is sent.
+counts the message against the byte budget the moment gRPC hands it over (or drops it
+unparsed when the budget cannot take it). A large message is checked on the wire
+(:mod:`~roundtrip.server.wire_counts`) and parsed on the parse thread, not on the event
+loop (:class:`Deferred`): the handler awaits it. :func:`unary` wraps a handler so that it
+gets the :class:`Call` holding that message, answers in :meth:`Pipeline.envelope`, aborts
+with the failure's status, and gives the call's bytes back once the answer is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -27,7 +31,7 @@ from roundtrip.server.admission import Reservation
 from roundtrip.server.calls import Call
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
 from roundtrip.server.pipeline import Pipeline
-from roundtrip.server.wire_counts import check_counts
+from roundtrip.server.wire_counts import WALKED_ABOVE, check_counts
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response")
@@ -52,6 +56,32 @@ class Unparseable:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """A message larger than :data:`~roundtrip.server.wire_counts.WALKED_ABOVE`: its bytes,
+    checked and parsed on ``executor`` (the parse thread) when its handler asks, so that the
+    walk over its fields and the parse never hold the event loop."""
+
+    data: bytes
+    parse: Callable[[bytes], Any]
+    executor: Executor
+
+    async def parsed(self) -> Any:
+        """The message, or an :class:`Unparseable`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.parse, self.data)
+
+
+async def opened(message: Any) -> Any:
+    """A received message as its handler reads it: parsed (a :class:`Deferred` on the parse
+    thread), or an :class:`Unparseable`'s error raised."""
+    if isinstance(message, Deferred):
+        message = await message.parsed()
+    if isinstance(message, Unparseable):
+        raise message.error
+    return message
+
+
+@dataclass(frozen=True, slots=True)
 class Received:
     """A message as the parser hands it over, with the bytes it holds against the budget
     (handed on to the :class:`Call` that answers it)."""
@@ -61,25 +91,29 @@ class Received:
 
 
 def tolerant_parser(
-    message_type: type[message.Message], pipeline: Pipeline
+    message_type: type[message.Message], pipeline: Pipeline, executor: Executor | None = None
 ) -> Callable[[bytes], Received]:
     descriptor: Descriptor = message_type.DESCRIPTOR  # type: ignore[assignment]
+
+    def parse_now(data: bytes) -> Any:
+        try:
+            check_counts(data, descriptor, pipeline.repeated_limits)
+            return message_type.FromString(data)
+        except message.DecodeError as error:
+            return Unparseable(
+                InvalidArgument(f"request is not a valid {descriptor.full_name} message: {error}")
+            )
+        except LimitExceeded as error:
+            return Unparseable(error)
 
     def parse(data: bytes) -> Received:
         try:
             held = pipeline.received(len(data))
         except RequestError as error:  # the budget cannot take it: dropped unparsed
             return Received(Unparseable(error), None)
-        try:
-            check_counts(data, descriptor, pipeline.repeated_limits)
-            return Received(message_type.FromString(data), held)
-        except message.DecodeError as error:
-            invalid = InvalidArgument(
-                f"request is not a valid {descriptor.full_name} message: {error}"
-            )
-            return Received(Unparseable(invalid), held)
-        except LimitExceeded as error:
-            return Received(Unparseable(error), held)
+        if executor is not None and len(data) > WALKED_ABOVE:
+            return Received(Deferred(data, parse_now, executor), held)
+        return Received(parse_now(data), held)
 
     return parse
 
@@ -89,8 +123,10 @@ def add_to_server(
     service: ServiceDescriptor,
     server: grpc.aio.Server,
     pipeline: Pipeline,
+    executor: Executor | None = None,
 ) -> None:
-    """Register ``methods`` (by their names in ``service``) with :func:`tolerant_parser`."""
+    """Register ``methods`` (by their names in ``service``) with :func:`tolerant_parser`,
+    large messages parsed on ``executor``."""
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
@@ -99,7 +135,7 @@ def add_to_server(
         method.name: kinds[method.client_streaming, method.server_streaming](
             methods[method.name],
             request_deserializer=tolerant_parser(
-                message_factory.GetMessageClass(method.input_type), pipeline
+                message_factory.GetMessageClass(method.input_type), pipeline, executor
             ),
             response_serializer=message_factory.GetMessageClass(
                 method.output_type
@@ -170,12 +206,10 @@ def unary(
             try:
                 dropped = functools.partial(dropped_code, context)
                 with pipeline.envelope(method, dropped=dropped, counts=counts) as envelope:
-                    if isinstance(received.message, Unparseable):
-                        raise received.message.error
                     if not about_the_worker:
                         metadata = context.invocation_metadata()
                         pipeline.check_new_call(numerics.expected_fingerprint(metadata), call)
-                    response = await handler(door, call, received.message, context)
+                    response = await handler(door, call, await opened(received.message), context)
             except BaseException:
                 call.close()
                 raise

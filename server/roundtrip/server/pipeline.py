@@ -52,7 +52,9 @@ from roundtrip.server.wire_counts import RepeatedLimits
 def repeated_limits(limits: RequestLimits, max_batch_items: int) -> RepeatedLimits:
     """The repeated fields of every door's messages and the knobs that bound them: a batch's
     requests and V2's seed and features elements by ``max_batch_items``, shapes by
-    ``max_x_rank`` (V2's by its own rank limit, checked after the parse with its message)."""
+    ``max_x_rank`` (V2's by its own rank limit, checked after the parse with its message);
+    and the most fields a message may hold: 64 a request of a full batch, plus 65,536 (a
+    request's x sent as unpacked floats, which no protobuf library does)."""
     items = (max_batch_items, "max_batch_items, env ROUNDTRIP_MAX_BATCH_ITEMS")
     rank = (limits.max_x_rank, "max_x_rank, env ROUNDTRIP_MAX_X_RANK")
     contents = "inference.InferTensorContents."
@@ -62,7 +64,8 @@ def repeated_limits(limits: RequestLimits, max_batch_items: int) -> RepeatedLimi
             "roundtrip.v1.Array.shape": rank,
             "inference.ModelInferRequest.InferInputTensor.shape": (MAX_RANK, "numpy's rank limit"),
             **{contents + kind: items for kind in ("int64_contents", "int_contents")},
-        }
+        },
+        max_fields=64 * max_batch_items + 65536,
     )
 
 

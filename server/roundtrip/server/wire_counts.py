@@ -1,13 +1,25 @@
-"""Counting a message's repeated fields on the wire, before protobuf parses it.
+"""Counting what a message will hold once parsed, on the wire, before protobuf parses it.
 
 Parsing is where a small message becomes a large one: a packed ``int64`` of zeros takes one
 byte on the wire and eight once parsed, an empty sub-message two bytes and some sixty. So a
 57 MiB ``ModelInferRequest`` whose ``seed`` holds 60,000,000 packed zeros would hold half a
 GiB before any limit could look at it. :func:`check_counts` walks the message's tags and
-lengths (never its payloads: O(fields), not O(bytes)) and refuses, before the parse, a
-repeated field holding more elements than :class:`RepeatedLimits` allows it, naming the
-limit. Only messages larger than :data:`WALKED_ABOVE` are walked: a smaller one cannot grow
-past a few MiB whatever it holds.
+lengths (never its payloads) and refuses, before the parse, a repeated field that would hold
+more elements than :class:`RepeatedLimits` allows it, naming the limit. It counts what the
+parser will build, not what the bytes look like:
+
+* occurrences of a singular sub-message are merged by the parser, so their repeated fields
+  are counted together (a tensor's contents given 59,001 times is one tensor of 59 M
+  elements);
+* a packed field may come in parts, and a repeated scalar packed or not: all are counted;
+* unknown fields of every wire type, groups included (nested ones too), are skipped, not a
+  reason to stop counting; varints of up to ten bytes are valid.
+
+The walk stops at the first field over its limit, and at ``max_fields`` fields in all (a
+message of more fields than any valid request holds is refused: what the walk costs is
+bounded whatever the bytes). Only messages larger than :data:`WALKED_ABOVE` are walked: a
+smaller one cannot grow past a few MiB whatever it holds. Malformed bytes are left to the
+parser, which refuses them with its own message.
 
 >>> from roundtrip.v1 import roundtrip_pb2 as pb
 >>> limits = RepeatedLimits({"roundtrip.v1.Array.shape": (2, "max_x_rank")})
@@ -16,12 +28,17 @@ past a few MiB whatever it holds.
 Traceback (most recent call last):
 ...
 roundtrip.server.errors.LimitExceeded: roundtrip.v1.Array.shape holds more than 2 elements, ...
+>>> halves = pb.RoundTripRequest(x=pb.Array(shape=[1, 2])).SerializeToString() * 2  # merged
+>>> check_counts(halves, pb.RoundTripRequest.DESCRIPTOR, limits, 0)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+roundtrip.server.errors.LimitExceeded: roundtrip.v1.Array.shape holds more than 2 elements, ...
 >>> check_counts(data, pb.RoundTripRequest.DESCRIPTOR, limits)  # small: parsed unwalked
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -43,19 +60,33 @@ _VARINTS = frozenset(
         FieldDescriptor.TYPE_ENUM,
     }
 )
+#: Field types whose packed elements take a fixed number of bytes: they do not grow.
+_FIXED = {
+    FieldDescriptor.TYPE_FIXED64: 8,
+    FieldDescriptor.TYPE_SFIXED64: 8,
+    FieldDescriptor.TYPE_DOUBLE: 8,
+    FieldDescriptor.TYPE_FIXED32: 4,
+    FieldDescriptor.TYPE_SFIXED32: 4,
+    FieldDescriptor.TYPE_FLOAT: 4,
+}
+_BYTES = frozenset({FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_STRING})
 #: Bytes >= 0x80 continue a varint: deleting them leaves one byte per packed element.
 _CONTINUATIONS = bytes(range(0x80, 0x100))
 _PIECE = 64 * 1024
+#: Fields walked in all when the limits do not say (:class:`RepeatedLimits`).
+DEFAULT_MAX_FIELDS = 1 << 17
 
 
 @dataclass(frozen=True, slots=True)
 class RepeatedLimits:
     """The most elements each named repeated field may hold, with the knob that sets it, by
     the field's full name; ``default``: any other repeated field of messages, varints or
-    bytes (those that grow when parsed)."""
+    bytes (those that grow when parsed); ``max_fields``: the most fields (occurrences, at
+    any depth, unknown ones and groups' included) a message may hold."""
 
     by_field: dict[str, tuple[int, str]]
     default: tuple[int, str] = (1024, "a fixed limit of this worker")
+    max_fields: int = DEFAULT_MAX_FIELDS
 
     def most(self, field: FieldDescriptor) -> tuple[int, str]:
         """The most elements ``field`` may hold, and the knob that says so."""
@@ -65,13 +96,14 @@ class RepeatedLimits:
 def check_counts(
     data: bytes, descriptor: Descriptor, limits: RepeatedLimits, walked_above: int = WALKED_ABOVE
 ) -> None:
-    """Raise :class:`LimitExceeded` if a repeated field in ``data`` (a serialized
-    ``descriptor`` message longer than ``walked_above``) holds more elements than ``limits``
-    allows. Malformed bytes are left to the parser, which refuses them with its own
-    message."""
+    """Raise :class:`LimitExceeded` if ``data`` (a serialized ``descriptor`` message longer
+    than ``walked_above``), once parsed, would hold a repeated field of more elements than
+    ``limits`` allows, or if it holds more than ``limits.max_fields`` fields. Malformed
+    bytes are left to the parser, which refuses them with its own message."""
     if len(data) > walked_above:
+        walk = _Walk(memoryview(data), limits)
         try:
-            _walk(memoryview(data), 0, len(data), descriptor, limits)
+            walk.message(0, len(data), descriptor, _Counts())
         except (IndexError, _Malformed):
             return
 
@@ -80,68 +112,151 @@ class _Malformed(Exception):
     """The bytes are not a message: the parser will say so."""
 
 
-def _varint(data: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
+@dataclass(slots=True)
+class _Counts:
+    """One message the parser will build: its repeated fields' elements so far, and its
+    singular sub-messages (each occurrence of one merges into the same)."""
+
+    repeated: dict[int, int] = field(default_factory=dict)
+    singular: dict[int, _Counts] = field(default_factory=dict)
+
+
+class _Walk:
+    """One walk over a message's bytes, with its count of fields walked."""
+
+    __slots__ = ("data", "fields", "limits")
+
+    def __init__(self, data: memoryview, limits: RepeatedLimits) -> None:
+        self.data = data
+        self.limits = limits
+        self.fields = 0
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        data = self.data
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value, pos
+            shift += 7
+            if shift > 63:
+                raise _Malformed
+
+    def counted(self) -> None:
+        self.fields += 1
+        if self.fields > self.limits.max_fields:
+            raise LimitExceeded(
+                f"the message holds more than {self.limits.max_fields} fields, more than any "
+                "valid request holds: send repeated numbers packed (as protobuf does)"
+            )
+
+    def message(self, pos: int, end: int, descriptor: Descriptor, counts: _Counts) -> None:
+        """Walk one occurrence of a ``descriptor`` message in ``[pos, end)``."""
+        fields = descriptor.fields_by_number
+        while pos < end:
+            key, pos = self.varint(pos)
+            number, wire_type = key >> 3, key & 7
+            self.counted()
+            found = fields.get(number)
+            if wire_type == 0:
+                _, pos = self.varint(pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = self.varint(pos)
+                if pos + length > end:
+                    raise _Malformed
+                if found is not None:
+                    self.delimited(found, pos, pos + length, counts)
+                pos += length
+                continue
+            elif wire_type == 3:
+                pos = self.group(pos, end, number)
+                continue
+            else:
+                raise _Malformed  # an end of group with no start
+            # one element of a repeated scalar, unpacked (another wire type: an unknown field)
+            if found is not None and found.is_repeated and _wire_type(found) == wire_type:
+                self.add(counts, found, 1)
+        if pos != end:
             raise _Malformed
 
-
-def _walk(
-    data: memoryview, pos: int, end: int, descriptor: Descriptor, limits: RepeatedLimits
-) -> None:
-    counts: dict[int, int] = {}
-    fields = descriptor.fields_by_number
-    while pos < end:
-        key, pos = _varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        field = fields.get(number)
-        elements = 1
-        if wire_type == 0:
-            _, pos = _varint(data, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            if pos + length > end:
-                raise _Malformed
-            if field is not None and field.message_type is not None:
-                _walk(data, pos, pos + length, field.message_type, limits)
-            elif field is not None and field.type in _VARINTS:  # packed
-                most = limits.most(field)[0] - counts.get(number, 0)
-                elements = _packed_count(data, pos, pos + length, most)
-            pos += length
+    def delimited(self, found: FieldDescriptor, start: int, end: int, counts: _Counts) -> None:
+        """A length-delimited field of ``counts``'s message: a sub-message, a packed run,
+        or bytes."""
+        if found.message_type is not None:
+            if found.is_repeated:
+                self.add(counts, found, 1)
+                self.message(start, end, found.message_type, _Counts())
+            else:
+                merged = counts.singular.get(found.number)
+                if merged is None:
+                    merged = counts.singular[found.number] = _Counts()
+                self.message(start, end, found.message_type, merged)
+        elif not found.is_repeated:
+            return
+        elif found.type in _VARINTS:  # packed (perhaps one of several parts)
+            most = self.limits.most(found)[0] - counts.repeated.get(found.number, 0)
+            self.add(counts, found, _packed_count(self.data, start, end, most))
+        elif found.type in _FIXED:
+            self.add(counts, found, (end - start) // _FIXED[found.type])
         else:
-            raise _Malformed  # groups: the parser refuses or skips them
-        if field is not None and field.is_repeated:
-            counts[number] = counts.get(number, 0) + elements
-    for number, count in counts.items():
-        field = fields[number]
-        grows = (
-            field.message_type is not None
-            or field.type in _VARINTS
-            or (field.type in (FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_STRING))
-        )
-        most, knob = limits.most(field) if grows else (count, "")
+            self.add(counts, found, 1)
+
+    def add(self, counts: _Counts, found: FieldDescriptor, elements: int) -> None:
+        """``elements`` more of ``found`` in ``counts``'s message; refused at once beyond its
+        limit when they grow once parsed."""
+        count = counts.repeated.get(found.number, 0) + elements
+        counts.repeated[found.number] = count
+        if found.type in _FIXED:
+            return
+        most, knob = self.limits.most(found)
         if count > most:
             raise LimitExceeded(
-                f"{field.full_name} holds more than {most} elements, this worker's limit ({knob})"
+                f"{found.full_name} holds more than {most} elements, this worker's limit ({knob})"
             )
+
+    def group(self, pos: int, end: int, number: int) -> int:
+        """Skip a group (an unknown field: the parser keeps its bytes as they are) that
+        started before ``pos``, nested groups included; the position after its end."""
+        while pos < end:
+            key, pos = self.varint(pos)
+            self.counted()
+            wire_type = key & 7
+            if wire_type == 0:
+                _, pos = self.varint(pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = self.varint(pos)
+                pos += length
+            elif wire_type == 3:
+                pos = self.group(pos, end, key >> 3)
+            elif wire_type == 4:
+                if key >> 3 != number:
+                    raise _Malformed
+                return pos
+            else:
+                raise _Malformed
+        raise _Malformed  # no end
+
+
+def _wire_type(found: FieldDescriptor) -> int:
+    """The wire type of one element of ``found`` sent unpacked."""
+    if found.type in _FIXED:
+        return 1 if _FIXED[found.type] == 8 else 5
+    return 0 if found.type in _VARINTS else 2
 
 
 def _packed_count(data: memoryview, start: int, end: int, most: int) -> int:
     """How many varints ``data[start:end]`` packs, counted a piece at a time (no copy of the
     whole field), or a count over ``most`` as soon as there is one."""
-    if end - start <= most:  # each element takes at least one byte
-        return end - start
     count = 0
     for piece in range(start, end, _PIECE):
         count += len(

@@ -24,7 +24,7 @@ from roundtrip.server import numerics
 from roundtrip.server.calls import Call
 from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.errors import Failure, ShuttingDown
-from roundtrip.server.grpc_calls import Context, Received, Unparseable, deadline_of, dropped_code
+from roundtrip.server.grpc_calls import Context, Received, deadline_of, dropped_code, opened
 from roundtrip.server.pipeline import Pipeline
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -153,11 +153,10 @@ class _OpenStream:
                         deadline=self._deadline, caller=self._caller, message=received.held
                     )
                     self._owned.add(call)  # the stream's from here: closed with it
-                    if isinstance(received.message, Unparseable):  # no id to answer by: end
-                        raise received.message.error
+                    message = await opened(received.message)  # unparseable: no id, so end
                     await self._slots.acquire()
                     call.occupy(self._slots)
-                    task = asyncio.create_task(self._answer_one(call, received.message))
+                    task = asyncio.create_task(self._answer_one(call, message))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
             except asyncio.CancelledError:
