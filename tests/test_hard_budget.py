@@ -439,3 +439,57 @@ def test_trickling_uploads_hold_what_they_sent_and_end_within_the_upload_deadlin
     assert len(answers) == 32
     assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers[:2]
     assert time.monotonic() - started < 8 + 10
+
+
+def latencies(worker: WorkerProcess, seconds: float, threads: int = 4) -> list[float]:
+    """Seconds each small exact RoundTrip took, from ``threads`` callers for ``seconds``."""
+    expected = list(reference(*SMALL))
+
+    def caller() -> list[float]:
+        took: list[float] = []
+        until = time.monotonic() + seconds
+        with RoundTripClient(worker.target, timeout=30) as client:
+            client.round_trip(*SMALL)  # connected
+            while time.monotonic() < until:
+                started = time.perf_counter()
+                assert client.round_trip(*SMALL).as_list() == expected
+                took.append(time.perf_counter() - started)
+        return took
+
+    return [seconds for took in in_threads(*[caller] * threads) for seconds in took]
+
+
+def test_a_compile_storm_does_not_take_the_compute_lane() -> None:
+    """Two callers sending a never-seen shape on every call: each shape compiles off the
+    compute lane, so other callers' median stays within 20 x its baseline (it went from
+    1 ms to 724 ms), and their programs stay compiled (compiled once, used many times)."""
+    with serving_process("--warmup-shapes", "3:4", "--max-compiled", "16") as worker:
+        baseline = float(np.median(latencies(worker, seconds=3)))
+        stop = threading.Event()
+        storm: Counter[str] = Counter()
+
+        def new_shapes(first: int) -> None:
+            with RoundTripClient(worker.target, timeout=120) as client:
+                width = first
+                while not stop.is_set():
+                    x = np.linspace(-1, 1, width, dtype=np.float32)
+                    exact = client.round_trip(1, x, 3).as_list() == list(reference(1, x, 3))
+                    storm["exact" if exact else "wrong"] += 1
+                    width += 2
+
+        storms = [threading.Thread(target=new_shapes, args=(first,)) for first in (5, 6)]
+        for thread in storms:
+            thread.start()
+        try:
+            time.sleep(1)
+            during = float(np.median(latencies(worker, seconds=8)))
+        finally:
+            stop.set()
+            for thread in storms:
+                thread.join(120)
+        compilations = worker.metric("roundtrip_compilations_total")
+        assert storm["exact"] >= 4, storm
+        assert storm["wrong"] == 0, storm
+        assert during <= 20 * baseline, (during, baseline)
+        latencies(worker, seconds=1)  # the small shape is still compiled: nothing to compile
+        assert worker.metric("roundtrip_compilations_total") == compilations

@@ -114,6 +114,8 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
     counted = 'roundtrip_requests_total{{code="{}",method="RoundTrip"}}'
     with serving_worker("--warmup-shapes", "3:4") as worker, worker.channel() as channel:
         stub = pb_grpc.RoundTripServiceStub(channel)
+        stub.RoundTrip(slow, timeout=120)  # compiled (off the compute thread)
+        started = time.monotonic()
         busy = stub.RoundTrip.future(slow, timeout=120)  # holds the compute thread
         time.sleep(0.2)
         expiring = [stub.RoundTrip.future(quick, timeout=0.5) for _ in range(5)]
@@ -124,6 +126,7 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
         codes = [call.exception().code() for call in expiring]  # type: ignore[union-attr]
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5
         busy.result()
+        assert time.monotonic() - started > 0.7  # it held the compute thread past the deadlines
         text = worker.scrape()
         assert metric_value(text, counted.format("DEADLINE_EXCEEDED")) == 5
         assert metric_value(text, counted.format("CANCELLED")) == 5

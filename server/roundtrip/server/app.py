@@ -295,6 +295,8 @@ class Worker:
         await self.batcher.drain()
         for lane in self.batcher.lanes:
             lane.executor.shutdown(wait=True)
+        if self.batcher.compiler is not None:
+            self.batcher.compiler.shutdown(wait=True)
         self.parser.shutdown(wait=True)
         self.pipeline.auditor.stop()
         self.pauses.unwatch()
@@ -332,6 +334,7 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
         max_queue_size=config.max_queue_size,
         budget=budget,
         on_batch=metrics.observe_batch,
+        compiler=ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-compile"),
     )
     metrics.watch_lanes({lane.name: lane.engine for lane in lanes})
     metrics.watch_queue(lambda: batcher.queued)

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 Outcome = RoundTripAnswer | RequestError
 
+#: Signatures the batcher remembers a lane has run (it asks the engine beyond them).
+WARM_MEMO = 1024
+
 
 class Gathering:
     """What the requests one call queued together (a RoundTripBatch, a V2 call) report to:
@@ -163,6 +166,7 @@ class Batcher:
         max_queue_size: int,
         budget: ByteBudget | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        compiler: Executor | None = None,
     ) -> None:
         if not lanes:
             raise ValueError("a batcher needs at least one lane")
@@ -178,6 +182,14 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
+        #: The compile thread: a signature a lane has never run is compiled there, so that
+        #: new shapes never hold a lane others' batches need (None: on the lane).
+        self.compiler = compiler
+        self._compiling: set[tuple[str, ShapeSignature]] = set()
+        #: Signatures each lane has run lately (a bounded memo of ``Engine.knows``).
+        self._warm: collections.OrderedDict[tuple[str, ShapeSignature], None] = (
+            collections.OrderedDict()
+        )
         #: Called when requests leave the queue for a batch (places come back).
         self.on_taken: Callable[[], None] | None = None
         self._budget = budget
@@ -199,7 +211,7 @@ class Batcher:
     def stalled_for(self) -> float:
         """Seconds requests have waited while no batch ran, started or finished (0 while the
         queue moves or is empty): what the worker's watch reads to stop saying SERVING."""
-        if self._running or not (self._queued or self._held_back):
+        if self._running or self._compiling or not (self._queued or self._held_back):
             return 0.0
         return time.monotonic() - self._moved
 
@@ -293,23 +305,35 @@ class Batcher:
                 continue
             lane = await self._idle.get()  # a lane is free: form its batch now
             batch: list[Ticket] = []
-            if self._queued:
-                signature = await self._next_signature()
+            signature = await self._next_signature(lane) if self._queued else None
+            if signature is not None:
                 batch = self._take(signature)
                 if self.on_taken is not None:
                     self.on_taken()
-            if batch:
+            if batch and signature is not None:
                 computing, batch = await self._reserve(signature, batch)
-            if not batch:
+            if not batch or signature is None:
                 self._idle.put_nowait(lane)
+                if signature is None and self._queued:  # every queued shape is compiling
+                    self._arrival.clear()
+                    await self._arrival.wait()
                 continue
             task = asyncio.create_task(self._execute(lane, signature, batch, computing))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _next_signature(self) -> ShapeSignature:
-        """The signature of the oldest request, once its batch is full or its window is over."""
-        signature = min(self._queues, key=lambda sig: self._queues[sig][0].arrived)
+    async def _next_signature(self, lane: Lane) -> ShapeSignature | None:
+        """The signature of the oldest request that ``lane`` can run now, once its batch is
+        full or its window is over; None when every queued signature is being compiled for
+        it. A signature the lane has never run is handed to the compile thread first."""
+        while True:
+            ready = [sig for sig in self._queues if (lane.name, sig) not in self._compiling]
+            if not ready:
+                return None
+            signature = min(ready, key=lambda sig: self._queues[sig][0].arrived)
+            if self.compiler is None or self._is_warm(lane, signature):
+                break
+            self._start_compiling(lane, signature)
         queue = self._queues[signature]
         window_end = queue[0].arrived + self.max_queue_delay_s
         while len(queue) < self.max_batch_size and self._accepting:
@@ -321,7 +345,50 @@ class Batcher:
                 await asyncio.wait_for(self._arrival.wait(), remaining)
             except TimeoutError:
                 break
+        if signature not in self._queues:  # every request of it left while the window was open
+            return None
         return signature
+
+    def _is_warm(self, lane: Lane, signature: ShapeSignature) -> bool:
+        key = (lane.name, signature)
+        if key in self._warm:
+            self._warm.move_to_end(key)
+            return True
+        if lane.engine.knows(signature):
+            self._remember_warm(key)
+            return True
+        return False
+
+    def _remember_warm(self, key: tuple[str, ShapeSignature]) -> None:
+        self._warm[key] = None
+        while len(self._warm) > WARM_MEMO:
+            self._warm.popitem(last=False)
+
+    def _start_compiling(self, lane: Lane, signature: ShapeSignature) -> None:
+        """Compile ``signature`` for ``lane`` on the compile thread; its requests stay queued
+        (other signatures' batches run meanwhile) and are taken once it is done."""
+        key = (lane.name, signature)
+        self._compiling.add(key)
+        bucket = lane.engine.bucket_for(min(len(self._queues[signature]), self.max_batch_size))
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.compiler, lane.engine.prepare, signature, bucket)
+
+        async def compiled() -> None:
+            try:
+                await work
+            except Exception as error:  # the lane will try again and fail its requests
+                log.warning(
+                    "compile failed", extra={"signature": str(signature), "error": repr(error)}
+                )
+            finally:
+                self._compiling.discard(key)
+                self._remember_warm(key)
+                self._moved = time.monotonic()
+                self._arrival.set()
+
+        task = asyncio.create_task(compiled())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _reserve(
         self, signature: ShapeSignature, batch: list[Ticket]

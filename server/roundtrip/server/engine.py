@@ -17,7 +17,11 @@ device, drawn by an executable of their own, and a seed's requests run together 
 one set; smaller sets (from :data:`ROW_CACHE_MIN_ELEMENTS`) come back as host copies from
 the executable that drew them and are stacked per batch (docs/adr/0004).
 
-The engine is not thread-safe: one compute thread owns it (see ``batcher``).
+One compute thread runs the engine's batches (see ``batcher``); a second, the compile
+thread, may :meth:`Engine.prepare` a signature never seen while the first runs others:
+the caches' bookkeeping is under a lock, the compilations and runs are not. Executables
+are evicted least recently used first among those used once (a caller's one-off shapes),
+so the programs that serve repeated traffic stay compiled.
 
 >>> import numpy as np
 >>> engine = Engine(max_compiled=8)
@@ -29,6 +33,7 @@ The engine is not thread-safe: one compute thread owns it (see ``batcher``).
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -146,6 +151,9 @@ class Engine:
         self._inits: collections.OrderedDict[tuple[int, int], CompiledInit] = (
             collections.OrderedDict()
         )
+        #: Executables used more than once (or compiled at warm-up): evicted last.
+        self._proven: set[Any] = set()
+        self._lock = threading.Lock()
 
     @property
     def max_batch_size(self) -> int:
@@ -175,14 +183,21 @@ class Engine:
         """Whether requests of ``signature`` may run from cached parameters."""
         return self.param_tier(signature) is not None
 
-    def prepare(self, signature: ShapeSignature, batch_size: int) -> None:
-        """Compile what a batch of ``signature`` at ``batch_size`` may run (warm-up)."""
+    def knows(self, signature: ShapeSignature) -> bool:
+        """Whether ``signature`` has an executable here (its next batch needs no compilation
+        of a new shape, at most one of another batch size)."""
+        with self._lock:
+            return any(key[0] == signature for key in self._cache)
+
+    def prepare(self, signature: ShapeSignature, batch_size: int, *, keep: bool = False) -> None:
+        """Compile what a batch of ``signature`` at ``batch_size`` may run (warm-up, or the
+        compile thread for a signature never seen); ``keep``: evicted last, as if used."""
         tier = self.param_tier(signature)
         if tier == "shared":
-            self.initializer(signature.x_shape[-1], signature.features)
+            self.initializer(signature.x_shape[-1], signature.features, keep=keep)
         if tier is not None:
-            self.executable(signature, batch_size, source=tier)
-        self.executable(signature, batch_size, emit_params=tier == "rows")
+            self.executable(signature, batch_size, source=tier, keep=keep)
+        self.executable(signature, batch_size, emit_params=tier == "rows", keep=keep)
 
     def executable(
         self,
@@ -191,18 +206,36 @@ class Engine:
         *,
         source: ParamSource = "seed",
         emit_params: bool = False,
+        keep: bool = False,
     ) -> CompiledRoundTrip:
         """The cached executable for ``signature`` at ``batch_size``, compiling it if needed."""
         key = (signature, batch_size, source, emit_params)
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            self.stats.cache_hits += 1
-            return compiled
+        found = self._cached(self._cache, key, keep)
+        if found is not None:
+            return found
         compiled = self._compile(lambda: self._build(signature, batch_size, source, emit_params))
-        self._cache[key] = compiled
-        self._evict()
+        self._keep(self._cache, key, compiled, keep)
         return compiled
+
+    def _cached(self, cache: collections.OrderedDict[Any, T], key: Any, keep: bool) -> T | None:
+        """``cache``'s entry for ``key`` (now the most recently used; proven from its second
+        use, or when ``keep``), or None."""
+        with self._lock:
+            found = cache.get(key)
+            if found is not None:
+                cache.move_to_end(key)
+                self.stats.cache_hits += 1
+                self._proven.add(key)
+            elif keep:
+                self._proven.add(key)
+            return found
+
+    def _keep(self, cache: collections.OrderedDict[Any, T], key: Any, value: T, keep: bool) -> None:
+        with self._lock:
+            cache[key] = value
+            if keep:
+                self._proven.add(key)
+            self._evict()
 
     def _build(
         self, signature: ShapeSignature, batch_size: int, source: ParamSource, emit_params: bool
@@ -211,31 +244,38 @@ class Engine:
             return FromSeeds(signature, batch_size, emit_params=emit_params, device=self.device)
         return EXECUTABLES[source](signature, batch_size, device=self.device)
 
-    def initializer(self, width: int, features: int) -> CompiledInit:
+    def initializer(self, width: int, features: int, *, keep: bool = False) -> CompiledInit:
         """The compiled parameter initializer for (width, features)."""
         key = (width, features)
-        compiled = self._inits.get(key)
-        if compiled is not None:
-            self._inits.move_to_end(key)
-            return compiled
+        found = self._cached(self._inits, key, keep)
+        if found is not None:
+            return found
         compiled = self._compile(lambda: CompiledInit(width, features, self.device))
-        self._inits[key] = compiled
-        self._evict()
+        self._keep(self._inits, key, compiled, keep)
         return compiled
 
     def _compile(self, build: Callable[[], T]) -> T:
         started = time.perf_counter()
         compiled = build()
-        self.stats.compile_seconds += time.perf_counter() - started
-        self.stats.compilations += 1
+        with self._lock:
+            self.stats.compile_seconds += time.perf_counter() - started
+            self.stats.compilations += 1
         return compiled
 
     def _evict(self) -> None:
+        """Down to ``max_compiled``: the least recently used executable among those used
+        once, or among all when every one is proven (under the lock)."""
         while self.cached > self.max_compiled:
-            if self._inits and (not self._cache or len(self._inits) > len(self._cache)):
-                self._inits.popitem(last=False)
-            else:
-                self._cache.popitem(last=False)
+            cache: collections.OrderedDict[Any, Any] = (
+                self._inits
+                if self._inits and (not self._cache or len(self._inits) > len(self._cache))
+                else self._cache
+            )
+            key = next((key for key in cache if key not in self._proven), None)
+            if key is None:
+                key = next(iter(cache))
+            del cache[key]
+            self._proven.discard(key)
             self.stats.evictions += 1
 
     def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:

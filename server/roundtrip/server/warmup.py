@@ -114,7 +114,7 @@ def compile_shapes(
         signature = ShapeSignature((width,), "float32", features)
         for batch_size in engine.buckets:
             _check_stop(stop, f"{count} compilations")
-            engine.prepare(signature, batch_size)
+            engine.prepare(signature, batch_size, keep=True)
             count += 1
         log.info(
             "warm-up: compiled",
