@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from support.workers import (
     InProcessWorker,
     RssSampler,
     WorkerProcess,
+    metric_value,
     serving_process,
     serving_worker,
 )
@@ -549,3 +551,39 @@ def test_many_v2_calls_of_many_seeds_leave_unary_callers_served() -> None:
     assert v2 == Counter({"OK": 24}), v2
     assert unary["OK"] > 0
     assert unary["RESOURCE_EXHAUSTED"] <= 0.02 * sum(unary.values()), unary
+
+
+MALFORMED_HTTP = (
+    b"GARBAGE\\r\\n\\r\\n",
+    b"GET /v2 HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: abc\\r\\n\\r\\n",
+    b"POST /v2/models/roundtrip/infer HTTP/1.1\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\nzz\\r\\n",
+)
+
+
+def test_callers_that_hang_up_or_send_garbage_are_no_error_of_the_workers(
+    bounded: WorkerProcess,
+) -> None:
+    """Malformed HTTP, and a REST caller that resets its connection while its answer is
+    written: WARNING or DEBUG lines, counted by what the caller did (400, CANCELLED), never
+    an ERROR line or an INTERNAL count (they were both)."""
+    seen = len(bounded.events)
+    for raw in MALFORMED_HTTP:
+        with socket.create_connection(("127.0.0.1", bounded.http_port), timeout=10) as sock:
+            sock.sendall(raw)
+            assert sock.recv(100).startswith(b"HTTP/1.0 400") or raw.startswith(b"GARBAGE")
+    body, headers = rest_32_mib_answer()
+    sock = unread_rest_call(bounded.http_port, body, headers)
+    assert poll(lambda: bounded.metric("roundtrip_admitted_bytes") > 32 * MIB, 30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, while the worker writes its answer
+    assert wait_until_steady(bounded, "roundtrip_admitted_bytes") == 0
+    levels = Counter(event.get("level") for event in bounded.events[seen:])
+    assert levels["ERROR"] == 0, [e for e in bounded.events[seen:] if e.get("level") == "ERROR"]
+    assert levels["WARNING"] >= 2  # the malformed requests aiohttp did not answer at DEBUG
+    text = bounded.scrape()
+    assert 'code="INTERNAL"' not in text
+    assert (
+        metric_value(text, 'roundtrip_requests_total{code="INVALID_ARGUMENT",method="HTTP"}') >= 2
+    )
+    cancelled = 'roundtrip_requests_total{code="CANCELLED",method="ModelInferHTTP"}'
+    assert metric_value(text, cancelled) == 1

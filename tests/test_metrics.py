@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -92,6 +93,33 @@ def thread_count(worker: WorkerProcess) -> int:
 
 
 @pytest.mark.slow
+def test_a_scrape_is_served_at_once_while_slow_clients_hold_every_slot() -> None:
+    """Slow clients trickling a request a byte at a time hold every slot: a scrape is still
+    served within a second (the slowest gives its slot up), and no client holds one past
+    metrics_timeout_s in all (each read used to have its own timeout, so a trickle never
+    ended)."""
+    flags = ("--warmup-shapes", "3:4", "--metrics-max-connections", "4", "--metrics-timeout-s", "3")
+    with serving_process(*flags) as worker:
+        slow = [socket.create_connection(("127.0.0.1", worker.metrics_port)) for _ in range(4)]
+        try:
+            for connection in slow:
+                connection.sendall(b"GET /metr")
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert "roundtrip_requests_total" in worker.scrape()
+            assert time.monotonic() - started < 1.0
+            for _ in range(5):  # trickling under the per-read timeout the old server had
+                for connection in slow[1:]:
+                    with contextlib.suppress(OSError):
+                        connection.sendall(b"i")
+                time.sleep(1)
+            slow[-1].settimeout(1)
+            assert slow[-1].recv(1) == b""  # closed after 3 s in all
+        finally:
+            for connection in slow:
+                connection.close()
+
+
 def test_idle_metrics_connections_are_bounded_and_time_out() -> None:
     flags = ("--warmup-shapes", "3:4", "--metrics-max-connections", "4", "--metrics-timeout-s", "1")
     with serving_process(*flags) as worker:

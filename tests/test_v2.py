@@ -8,6 +8,7 @@ tritonclient, the client other teams use, is in tests/test_tritonclient.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -415,6 +416,12 @@ MALFORMED_JSON = {
         "binary_data_output",
     ),
     "nested 2000 deep": (b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}", "JSON"),
+    "x NaN": (with_input("x", data=[1.0, float("nan"), 3.0]), "NaN is not a JSON number"),
+    "x -Infinity": (with_input("x", data=[-math.inf, 2.0, 3.0]), "Infinity is not a JSON"),
+    "x 1e400": (
+        json.dumps(with_input("x", data=[1.0, 2.5, 3.0])).replace("2.5", "1e400").encode(),
+        "x: 'data' holds inf",
+    ),
 }
 
 

@@ -82,12 +82,13 @@ class WorkerConfig:
     )
     metrics_max_connections: int = _knob(
         8,
-        "Most connections the metrics port serves at once (one thread each); more wait in "
-        "its listen backlog.",
+        "Most connections the metrics port serves at once (one thread each); a new one that "
+        "finds them all taken closes the one that has held its slot longest, so a scraper "
+        "always gets in.",
         minimum=1,
     )
     metrics_timeout_s: float = _knob(
-        5.0, "Seconds a metrics connection may stay idle before it is closed."
+        5.0, "Seconds a metrics connection may stay open in all before it is closed."
     )
     max_message_bytes: int = _knob(
         64 * MIB,

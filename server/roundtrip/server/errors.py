@@ -114,6 +114,13 @@ class DeadlineExpired(RequestError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class AnswerNotTaken(RequestError):
+    """The caller did not take its answer within ``write_timeout_s``; its connection or
+    stream was ended."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ComputeFailed(RequestError):
     """JAX failed on this request alone; the worker keeps serving."""
 

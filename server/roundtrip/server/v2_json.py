@@ -71,7 +71,7 @@ def infer_request(
     """A REST infer body (its JSON ``text``, the ``binary`` data after it) as the
     ``ModelInferRequest`` it means, and the names of the outputs wanted in binary."""
     try:
-        document = json.loads(bytes(text))
+        document = json.loads(bytes(text), parse_constant=_not_json)
     except RecursionError:
         raise InvalidArgument("the request body is JSON nested too deep") from None
     except (ValueError, UnicodeDecodeError) as error:
@@ -118,6 +118,11 @@ def infer_request(
     if wanted_binary and not outputs:
         binary_outputs.update(v2.DEFAULT_OUTPUTS)
     return request, binary_outputs
+
+
+def _not_json(constant: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python's json reads them, JSON has none."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _is_int(value: Any) -> bool:
@@ -203,9 +208,11 @@ def _element(value: Any, name: str, datatype: str, kind: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-    elif isinstance(value, int | float):
+    elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
         return value
-    raise InvalidArgument(f"{name}: 'data' holds {value!r}, which is not a {datatype} value")
+    raise InvalidArgument(
+        f"{name}: 'data' holds {value!r}, which is not a {datatype} value (a finite number)"
+    )
 
 
 def answer_pieces(response: v2pb.ModelInferResponse, binary_outputs: set[str]) -> Iterator[str]:

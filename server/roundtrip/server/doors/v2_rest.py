@@ -21,16 +21,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 from aiohttp import ClientConnectionError, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from roundtrip.server import openapi, v2, v2_json
 from roundtrip.server.calls import Call
 from roundtrip.server.errors import (
+    AnswerNotTaken,
     BodyTooLarge,
     CallerGone,
     Failure,
@@ -192,6 +195,7 @@ class V2RestDoor:
         it reserved before any compute)."""
         pipeline = self.pipeline
         model, version = request.match_info["model"], request.match_info.get("version", "")
+        sent: web.StreamResponse | None = None
         with pipeline.call(deadline=None, caller=caller_of(request)) as call:
             with pipeline.envelope(METHOD, dropped=_cancelled) as envelope:
                 pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY), call)
@@ -210,26 +214,24 @@ class V2RestDoor:
                 text = await _joined(v2_json.answer_pieces(response, binary_outputs))
                 tail = v2_json.binary_tail(response, binary_outputs)
                 del response
-            if envelope.failure is not None:
-                refusal = error_response(envelope.failure)
-                if envelope.failure.http_status in (408, 413, 499):
-                    refusal.force_close()  # the rest of the body is never read
-                return refusal
-            return await self._send(request, text, tail)
+                sent = _answer(text, tail)
+                await self._write(request, sent, text, tail)
+                return sent
+            assert envelope.failure is not None
+            if sent is not None and sent.prepared:  # the caller left mid-answer: nothing to add
+                return sent
+            refusal = error_response(envelope.failure)
+            if envelope.failure.http_status in (408, 413, 499):
+                refusal.force_close()  # the rest of the body is never read
+            return refusal
 
-    async def _send(
-        self, request: web.Request, text: bytes, tail: list[bytes]
-    ) -> web.StreamResponse:
+    async def _write(
+        self, request: web.Request, sent: web.StreamResponse, text: bytes, tail: list[bytes]
+    ) -> None:
         """Write the answer (its JSON, then its binary outputs, not joined into one more
-        copy). A caller that does not take it within ``write_timeout_s`` has its connection
-        closed, which drops what the transport still buffers."""
-        if tail:
-            sent = web.StreamResponse(headers={v2_json.HEADER_LENGTH: str(len(text))})
-            sent.content_type = "application/octet-stream"
-        else:
-            sent = web.StreamResponse()
-            sent.content_type = "application/json"
-        sent.content_length = len(text) + sum(len(piece) for piece in tail)
+        copy). A caller that hangs up ends the call (CANCELLED); one that does not take the
+        answer within ``write_timeout_s`` has its connection closed, which drops what the
+        transport still buffers (DEADLINE_EXCEEDED)."""
         try:
             async with asyncio.timeout(self._write_timeout_s):
                 await sent.prepare(request)
@@ -250,7 +252,12 @@ class V2RestDoor:
             )
             if request.transport is not None:
                 request.transport.abort()  # drops what it buffers for the caller
-        return sent
+            raise AnswerNotTaken(
+                f"the caller did not take its answer within {self._write_timeout_s} s "
+                "(write_timeout_s, env ROUNDTRIP_WRITE_TIMEOUT_S)"
+            ) from None
+        except (ConnectionError, ClientConnectionError) as error:
+            raise CallerGone(f"the caller hung up while its answer was written ({error})") from None
 
     def _answer_copies(self, unpacked: v2.Unpacked, binary_outputs: set[str]) -> int:
         """What this door holds of an answer beyond the pipeline's own copies: each binary
@@ -362,6 +369,18 @@ async def _joined(pieces: Iterator[str]) -> bytes:
     return "".join(parts).encode()
 
 
+def _answer(text: bytes, tail: list[bytes]) -> web.StreamResponse:
+    """The answer's response, its length and type set: JSON, or JSON then binary outputs."""
+    if tail:
+        sent = web.StreamResponse(headers={v2_json.HEADER_LENGTH: str(len(text))})
+        sent.content_type = "application/octet-stream"
+    else:
+        sent = web.StreamResponse()
+        sent.content_type = "application/json"
+    sent.content_length = len(text) + sum(len(piece) for piece in tail)
+    return sent
+
+
 def caller_of(request: web.Request) -> str:
     """The caller a REST request is charged to: its connection (:func:`peer_name`)."""
     transport = request.transport
@@ -384,6 +403,28 @@ def _cancelled() -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+class HttpErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger aiohttp's connection handler reports to. A malformed request, or a caller
+    that hung up, is the caller's doing: a WARNING (or DEBUG) line naming it, counted as
+    the status it got (INVALID_ARGUMENT, CANCELLED), never an ERROR with a traceback; what
+    is left is a failure of this worker's and logged as one."""
+
+    def __init__(self, count: Callable[[str], None]) -> None:
+        super().__init__(log, {})
+        self._count = count
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(error, HttpProcessingError):
+            self._count("INVALID_ARGUMENT")
+            log.warning("malformed HTTP request", extra={"status": 400, "error": str(error)})
+        elif isinstance(error, ConnectionError | ClientConnectionError):
+            self._count("CANCELLED")
+            log.debug("HTTP caller gone", extra={"error": repr(error)})
+        else:
+            log.error(str(msg) % args if args else str(msg), exc_info=exc_info)
+
+
 async def start(
     door: V2RestDoor, host: str, port: int, *, tls: ssl.SSLContext | None, idle_timeout_s: float
 ) -> tuple[web.AppRunner, int]:
@@ -395,8 +436,10 @@ async def start(
     """
     # the drain has already waited for open calls (they count in OpenCalls) when the runner
     # is cleaned up, so its own wait is short
+    metrics = door.pipeline.metrics
     runner = web.AppRunner(
         door.application(),
+        logger=HttpErrorLog(lambda code: metrics.observe_rpc("HTTP", code, 0.0)),
         access_log=None,
         shutdown_timeout=1.0,
         keepalive_timeout=idle_timeout_s,
