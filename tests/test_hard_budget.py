@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import queue
 import socket
 import struct
 import threading
@@ -67,13 +68,13 @@ def wait_until_steady(worker: WorkerProcess, sample: str, seconds: float = 2.0) 
     return last
 
 
-def large_answers(count: int) -> Iterator[pb.RoundTripStreamRequest]:
-    """Stream messages whose answers carry both outputs: 64 x 1024 -> 64 x 1024 (256 KiB an
-    output), each a fresh seed."""
+def large_answers(count: int, features: int = 1024) -> Iterator[pb.RoundTripStreamRequest]:
+    """Stream messages whose answers carry both outputs: 64 x 1024 -> 64 x ``features``
+    (256 KiB an output at 1024), each a fresh seed."""
     x = np.linspace(-1, 1, 64 * 1024, dtype=np.float32).reshape(64, 1024)
     for index in range(count):
         yield pb.RoundTripStreamRequest(
-            id=index, request=build_request(index, x, 1024, return_outputs=True)
+            id=index, request=build_request(index, x, features, return_outputs=True)
         )
 
 
@@ -587,3 +588,71 @@ def test_callers_that_hang_up_or_send_garbage_are_no_error_of_the_workers(
     )
     cancelled = 'roundtrip_requests_total{code="CANCELLED",method="ModelInferHTTP"}'
     assert metric_value(text, cancelled) == 1
+
+
+def test_a_stream_message_refused_before_its_parse_is_answered_by_its_id(
+    bounded: WorkerProcess,
+) -> None:
+    """While one caller's unread stream holds its share and its batches fill the rest of
+    the budget, another caller's stream messages are dropped before their parse: each still
+    gets its own RESOURCE_EXHAUSTED by its id (read from the wire), and that stream goes on
+    to its end (it ended RESOURCE_EXHAUSTED at the first such message)."""
+    small = [pb.RoundTripStreamRequest(id=i, request=build_request(*SMALL)) for i in range(200)]
+    with grpc.insecure_channel(bounded.target, channel_options()) as hog_channel:
+        hog = pb_grpc.RoundTripServiceStub(hog_channel).RoundTripStream(
+            large_answers(600, features=4096), timeout=120
+        )
+        try:
+            assert poll(lambda: bounded.metric("roundtrip_computing_bytes") > BUDGET / 4, 60)
+            with grpc.insecure_channel(bounded.target, channel_options()) as channel:
+                answers = pb_grpc.RoundTripServiceStub(channel).RoundTripStream(
+                    iter(small), timeout=60
+                )
+                outcomes = {a.id: a.error.code if a.HasField("error") else "OK" for a in answers}
+        finally:
+            hog.cancel()
+    assert sorted(outcomes) == list(range(200))  # every message answered, by its own id
+    codes = Counter(outcomes.values())
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]] > 0, codes
+    assert set(codes) <= {"OK", grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}, codes
+
+
+def test_connections_and_their_streams_are_bounded_as_configured() -> None:
+    """What gRPC holds of messages still arriving is bounded by max_connections x
+    max_concurrent_streams x max_message_bytes (docs/operations.md#memory): a connection
+    beyond max_connections is refused UNAVAILABLE (retryable elsewhere), and a call beyond
+    max_concurrent_streams on one connection waits until another ends."""
+    flags = ("--warmup-shapes", "3:4", "--max-connections", "2", "--max-concurrent-streams", "2")
+    with serving_worker(*flags) as worker:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+        channels = [grpc.insecure_channel(worker.target, options) for _ in range(3)]
+        try:
+            codes = []
+            for channel in channels:
+                try:
+                    pb_grpc.RoundTripServiceStub(channel).RoundTrip(
+                        build_request(*SMALL), timeout=10
+                    )
+                    codes.append("OK")
+                except grpc.RpcError as error:
+                    codes.append(error.code().name)
+            assert codes == ["OK", "OK", "UNAVAILABLE"], codes
+            stub = pb_grpc.RoundTripServiceStub(channels[0])
+            held = [queue.Queue[pb.RoundTripStreamRequest | None]() for _ in range(3)]
+            streams = [stub.RoundTripStream(iter(q.get, None), timeout=30) for q in held]
+            for index, q in enumerate(held):
+                q.put(pb.RoundTripStreamRequest(id=index, request=build_request(*SMALL)))
+            assert next(streams[0]).id == 0
+            assert next(streams[1]).id == 1
+            third = threading.Thread(target=lambda: next(streams[2]))
+            third.start()
+            third.join(1.0)
+            assert third.is_alive()  # its stream waits for one of the two to end
+            held[0].put(None)
+            third.join(10)
+            assert not third.is_alive()
+            for q in held[1:]:
+                q.put(None)
+        finally:
+            for channel in channels:
+                channel.close()

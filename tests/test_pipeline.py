@@ -159,6 +159,7 @@ A_CALLS_OBJECTS = {
     "RoundTripStreamRequest",
     "ModelInferRequest",
     "Received",
+    "Unparseable",
     "Call",
     "Ticket",
     "Reservation",
@@ -269,3 +270,18 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_a_message_dropped_before_its_parse_leaves_nothing_for_the_cycle_collector() -> None:
+    """A message the byte budget cannot take is dropped unparsed: what the parser hands on
+    in its stead keeps no exception (whose frames held the message's bytes, for as long as
+    gRPC keeps the call: 64 such 16 MiB messages held 2.4 GiB), so the call's objects are
+    freed by reference counting as it ends."""
+    big = build_request(0, np.ones(200_000, np.float32), 4)  # 800 KB, held twice: over 1 MiB
+    flags = ("--warmup-shapes", "3:4", "--max-inflight-bytes", str(1 << 20))
+    with serving_worker(*flags) as worker, nothing_left_for_the_cycle_collector():
+        for _ in range(3):
+            with worker.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.RoundTripServiceStub(channel).RoundTrip(big, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        settles_to_zero(worker)

@@ -185,6 +185,11 @@ class Caller:
         self.outstanding = 0
 
 
+#: What a gRPC message holds for as long as its call lives: the bytes gRPC hands over (it
+#: keeps them until the call ends) and the message parsed from them.
+MESSAGE_COPIES = 2
+
+
 class Reservation:
     """Bytes one request (or one batch, computing) holds, charged to its caller when it has
     one; :meth:`release` gives them back (once, however often called), and from then on it
@@ -297,11 +302,13 @@ class ByteBudget:
             caller.held += nbytes
 
     def received(self, nbytes: int) -> Reservation:
-        """Count a message gRPC has received, or raise :class:`Overloaded` (the message is
-        then dropped unparsed) when the budget cannot take it now."""
-        self._check(nbytes, nbytes, None)
-        self._take(nbytes, None)
-        return Reservation(self, nbytes)
+        """Count a message of ``nbytes`` gRPC has received: :data:`MESSAGE_COPIES` times its
+        size, or raise :class:`Overloaded` (the message is then dropped unparsed) when the
+        budget cannot take it now."""
+        held = MESSAGE_COPIES * nbytes
+        self._check(held, held, None)
+        self._take(held, None)
+        return Reservation(self, held)
 
     def charge(self, reservation: Reservation, caller: Caller) -> None:
         """Charge a reservation made before its caller was known (a message, counted as it

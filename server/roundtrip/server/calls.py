@@ -12,9 +12,9 @@ reservation itself.
 >>> from roundtrip.server.admission import ByteBudget, Caller
 >>> budget = ByteBudget(100)
 >>> with Call(Holdings(budget, None, None, None), Caller("a"), None, budget.received(10)) as call:
-...     with call.holding(60):  # decoding a body, say
+...     with call.holding(60):  # decoding a body, say (the message: 2 x 10)
 ...         print(budget.in_use)
-70
+80
 >>> budget.in_use  # the call closed: everything it held is back
 0
 """
@@ -133,6 +133,7 @@ class Call:
         "_held",
         "_holdings",
         "_message",
+        "_message_size",
         "_on_close",
         "_outstanding",
         "_place",
@@ -150,12 +151,14 @@ class Call:
         deadline: float | None,
         message: Reservation | None,
         on_close: Callable[[Caller], None] | None = None,
+        message_size: int = 0,
     ) -> None:
         self._holdings = holdings
         self.caller = caller
         caller.calls += 1
         self.deadline = deadline
         self._message = message
+        self._message_size = message_size
         self._on_close = on_close
         self._held: list[Reservation] = []
         self._queued: list[Ticket] = []
@@ -173,13 +176,13 @@ class Call:
 
     @property
     def message_bytes(self) -> int:
-        """The size of the message the call's requests came in (0 when not counted)."""
-        return self._message.nbytes if self._message is not None else 0
+        """The size on the wire of the message the call's requests came in (0: unknown)."""
+        return self._message_size
 
     @property
     def held_bytes(self) -> int:
         """Bytes the call holds now: its message (until answered) and its requests'."""
-        held = self.message_bytes
+        held = self._message.nbytes if self._message is not None else 0
         for reservation in self._held:
             held += reservation.nbytes
         return held

@@ -174,6 +174,23 @@ class WorkerConfig:
         "how long calls wait when the RPC layer itself is saturated.",
         minimum=1,
     )
+    max_connections: int = _knob(
+        256,
+        "Most gRPC connections the worker holds at once (gRPC refuses more). With "
+        "max_concurrent_streams and max_message_bytes it bounds the bytes of messages still "
+        "arriving, which gRPC holds before the byte budget can count them "
+        "(docs/operations.md#memory).",
+        minimum=1,
+    )
+    max_concurrent_streams: int = _knob(
+        0,
+        "Most calls one gRPC connection may have open at once (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS); its caller queues the rest (a burst on a new "
+        "connection, sent before the caller has read the setting, is refused UNAVAILABLE). "
+        "0: no limit, gRPC's default. Set it where callers are not trusted: "
+        "docs/operations.md#memory.",
+        minimum=0,
+    )
     max_stream_inflight: int = _knob(
         256,
         "Most unanswered requests one RoundTripStream may have; the worker stops reading "

@@ -31,7 +31,7 @@ from roundtrip.server.admission import Reservation
 from roundtrip.server.calls import Call
 from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
 from roundtrip.server.pipeline import Pipeline
-from roundtrip.server.wire_counts import WALKED_ABOVE, check_counts
+from roundtrip.server.wire_counts import WALKED_ABOVE, check_counts, varint_field
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response")
@@ -50,34 +50,63 @@ DEADLINE_SLACK_S = 0.25
 @dataclass(frozen=True, slots=True)
 class Unparseable:
     """What the parser hands the handler for bytes it would not parse: not a valid message,
-    or one whose repeated fields hold more than the worker's limits (counted on the wire)."""
+    one whose repeated fields hold more than the worker's limits (counted on the wire), or
+    one the byte budget could not take. ``id``: the message's own ``id`` field read from
+    the wire, when its type has one (a stream message: it is answered by it).
 
-    error: RequestError
+    It keeps the refusal's kind and text, not the exception: gRPC keeps what its parser
+    returned for as long as the call lives, and an exception once raised keeps its frames
+    (the parser's held the message's bytes), which only a collector pass would free.
+    """
+
+    kind: type[RequestError]
+    detail: str
+    id: int | None = None
+
+    @classmethod
+    def of(cls, error: RequestError, message_id: int | None = None) -> Unparseable:
+        return cls(type(error), error.message, message_id)
+
+    @property
+    def error(self) -> RequestError:
+        """The refusal, as a new exception each time it is asked for."""
+        return self.kind(self.detail)
 
 
-@dataclass(frozen=True, slots=True)
 class Deferred:
     """A message larger than :data:`~roundtrip.server.wire_counts.WALKED_ABOVE`: its bytes,
     checked and parsed on ``executor`` (the parse thread) when its handler asks, so that the
-    walk over its fields and the parse never hold the event loop."""
+    walk over its fields and the parse never hold the event loop. The bytes are let go of
+    once parsed (gRPC keeps what its parser returned for the whole call)."""
 
-    data: bytes
-    parse: Callable[[bytes], Any]
-    executor: Executor
+    __slots__ = ("data", "executor", "parse")
+
+    def __init__(self, data: bytes, parse: Callable[[bytes], Any], executor: Executor) -> None:
+        self.data = data
+        self.parse = parse
+        self.executor = executor
 
     async def parsed(self) -> Any:
         """The message, or an :class:`Unparseable`."""
+        data, self.data = self.data, b""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.parse, self.data)
+        return await loop.run_in_executor(self.executor, self.parse, data)
 
 
 async def opened(message: Any) -> Any:
     """A received message as its handler reads it: parsed (a :class:`Deferred` on the parse
     thread), or an :class:`Unparseable`'s error raised."""
-    if isinstance(message, Deferred):
-        message = await message.parsed()
+    message = await unpacked(message)
     if isinstance(message, Unparseable):
         raise message.error
+    return message
+
+
+async def unpacked(message: Any) -> Any:
+    """A received message parsed (a :class:`Deferred` on the parse thread): the message, or
+    an :class:`Unparseable`."""
+    if isinstance(message, Deferred):
+        return await message.parsed()
     return message
 
 
@@ -88,32 +117,40 @@ class Received:
 
     message: Any
     held: Reservation | None
+    #: The message's size on the wire.
+    size: int = 0
 
 
 def tolerant_parser(
     message_type: type[message.Message], pipeline: Pipeline, executor: Executor | None = None
 ) -> Callable[[bytes], Received]:
     descriptor: Descriptor = message_type.DESCRIPTOR  # type: ignore[assignment]
+    id_field = descriptor.fields_by_name.get("id")
+    id_number = id_field.number if id_field is not None and id_field.message_type is None else 0
+
+    def unparseable(error: RequestError, data: bytes) -> Unparseable:
+        return Unparseable.of(error, varint_field(data, id_number) if id_number else None)
 
     def parse_now(data: bytes) -> Any:
         try:
             check_counts(data, descriptor, pipeline.repeated_limits)
             return message_type.FromString(data)
         except message.DecodeError as error:
-            return Unparseable(
-                InvalidArgument(f"request is not a valid {descriptor.full_name} message: {error}")
+            invalid = InvalidArgument(
+                f"request is not a valid {descriptor.full_name} message: {error}"
             )
+            return unparseable(invalid, data)
         except LimitExceeded as error:
-            return Unparseable(error)
+            return unparseable(error, data)
 
     def parse(data: bytes) -> Received:
         try:
             held = pipeline.received(len(data))
         except RequestError as error:  # the budget cannot take it: dropped unparsed
-            return Received(Unparseable(error), None)
+            return Received(unparseable(error, data), None, len(data))
         if executor is not None and len(data) > WALKED_ABOVE:
-            return Received(Deferred(data, parse_now, executor), held)
-        return Received(parse_now(data), held)
+            return Received(Deferred(data, parse_now, executor), held, len(data))
+        return Received(parse_now(data), held, len(data))
 
     return parse
 
@@ -201,7 +238,10 @@ def unary(
         async def answered(door: Door, received: Received, context: Context) -> Response:
             pipeline = door.pipeline
             call = pipeline.call(
-                deadline=deadline_of(context), caller=context.peer(), message=received.held
+                deadline=deadline_of(context),
+                caller=context.peer(),
+                message=received.held,
+                message_size=received.size,
             )
             try:
                 dropped = functools.partial(dropped_code, context)

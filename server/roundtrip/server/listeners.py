@@ -13,10 +13,15 @@ from roundtrip.server.config import WorkerConfig
 
 
 def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
-    """gRPC server options: one message limit both ways, pending calls, connection age, keepalive.
+    """gRPC server options: one message limit both ways, pending calls, connections and
+    streams per connection, connection age, keepalive.
 
-    The client library pings every 30 s during calls; the server accepts pings
-    down to every 10 s so it never answers them with "too many pings".
+    What gRPC holds of messages still arriving is bounded by ``max_connections`` x
+    ``max_concurrent_streams`` x ``max_message_bytes``, for as long as a connection lives:
+    the server pings every 20 s and drops a peer that does not answer within 10 s (a caller
+    that stalled, or vanished), and asks every connection to go away at
+    ``max_connection_age_s``. The client library pings every 30 s during calls; the server
+    accepts pings down to every 10 s so it never answers them with "too many pings".
     """
     options = [
         # grpcio binds with SO_REUSEPORT by default: a second worker on a taken port would
@@ -28,10 +33,13 @@ def server_options(config: WorkerConfig) -> list[tuple[str, int]]:
         # the batcher's bounded queue, which answers RESOURCE_EXHAUSTED instead
         ("grpc.server.max_pending_requests", config.max_pending_rpcs),
         ("grpc.server.max_pending_requests_hard_limit", config.max_pending_rpcs),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ]
+    if config.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
     if config.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),

@@ -20,9 +20,9 @@ back into their wire format. What they share is here:
 >>> pipeline = Pipeline(batcher=None, budget=ByteBudget(100), limits=limits, auditor=None,
 ...                     metrics=None, max_batch_items=1)
 >>> with pipeline.call(deadline=None, message=pipeline.received(10), caller="a") as call:
-...     with call.holding(60):  # decoding a body, say
+...     with call.holding(60):  # decoding a body, say (the message: 2 x 10)
 ...         print(pipeline.budget.in_use)
-70
+80
 >>> pipeline.budget.in_use  # the call closed: everything it held is back
 0
 """
@@ -192,15 +192,21 @@ class Pipeline:
         return self.budget.received(nbytes)
 
     def call(
-        self, *, deadline: float | None, caller: str, message: Reservation | None = None
+        self,
+        *,
+        deadline: float | None,
+        caller: str,
+        message: Reservation | None = None,
+        message_size: int = 0,
     ) -> Call:
         """A new call of ``caller`` (a connection's peer address) whose requests must be
         answered by ``deadline`` (``time.monotonic()``; None: none), holding its
-        ``message``'s bytes from now on (charged to the caller by :meth:`Call.claim`)."""
+        ``message``'s reservation from now on (charged to the caller by :meth:`Call.claim`);
+        ``message_size``: that message's size on the wire."""
         found = self.callers.get(caller)
         if found is None:
             found = self.callers[caller] = Caller(caller)
-        return Call(self._holdings, found, deadline, message, self._forget_caller)
+        return Call(self._holdings, found, deadline, message, self._forget_caller, message_size)
 
     def _forget_caller(self, caller: Caller) -> None:
         if not caller.calls and self.callers.get(caller.key) is caller:

@@ -108,6 +108,46 @@ def check_counts(
             return
 
 
+def varint_field(data: bytes, number: int, max_fields: int = DEFAULT_MAX_FIELDS) -> int | None:
+    """The value of top-level varint field ``number`` in ``data`` (the last one given, as the
+    parser takes it), read without parsing the rest: a stream message's ``id``, so a
+    message refused before its parse can still be answered by it. 0 (the default) when
+    absent; None when the bytes are malformed or hold over ``max_fields`` fields.
+
+    >>> from roundtrip.v1 import roundtrip_pb2 as pb
+    >>> varint_field(pb.RoundTripStreamRequest(id=300).SerializeToString(), 1)
+    300
+    >>> varint_field(pb.RoundTripStreamRequest(id=0).SerializeToString(), 1)
+    0
+    """
+    walk = _Walk(memoryview(data), RepeatedLimits({}, max_fields=max_fields))
+    found = 0
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = walk.varint(pos)
+            walk.counted()
+            wire_type = key & 7
+            if wire_type == 0:
+                value, pos = walk.varint(pos)
+                if key >> 3 == number:
+                    found = value
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = walk.varint(pos)
+                pos += length
+            elif wire_type == 3:
+                pos = walk.group(pos, len(data), key >> 3)
+            else:
+                return None
+    except (IndexError, _Malformed, LimitExceeded):
+        return None
+    return found if pos == len(data) else None
+
+
 class _Malformed(Exception):
     """The bytes are not a message: the parser will say so."""
 

@@ -24,7 +24,14 @@ from roundtrip.server import numerics
 from roundtrip.server.calls import Call
 from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.errors import Failure, ShuttingDown
-from roundtrip.server.grpc_calls import Context, Received, deadline_of, dropped_code, opened
+from roundtrip.server.grpc_calls import (
+    Context,
+    Received,
+    Unparseable,
+    deadline_of,
+    dropped_code,
+    unpacked,
+)
 from roundtrip.server.pipeline import Pipeline
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -150,10 +157,15 @@ class _OpenStream:
             try:
                 async for received in request_iterator:
                     call = self._pipeline.call(
-                        deadline=self._deadline, caller=self._caller, message=received.held
+                        deadline=self._deadline,
+                        caller=self._caller,
+                        message=received.held,
+                        message_size=received.size,
                     )
                     self._owned.add(call)  # the stream's from here: closed with it
-                    message = await opened(received.message)  # unparseable: no id, so end
+                    message = await unpacked(received.message)
+                    if isinstance(message, Unparseable) and message.id is None:
+                        raise message.error  # no id to answer it by: the stream ends
                     await self._slots.acquire()
                     call.occupy(self._slots)
                     task = asyncio.create_task(self._answer_one(call, message))
@@ -168,9 +180,16 @@ class _OpenStream:
         finally:
             self.answers.put_nowait(None)
 
-    async def _answer_one(self, call: Call, message: pb.RoundTripStreamRequest) -> None:
+    async def _answer_one(
+        self, call: Call, message: pb.RoundTripStreamRequest | Unparseable
+    ) -> None:
+        """Answer one message, or its own refusal (one refused before its parse: the byte
+        budget could not take it, or it is over a limit) by its id; the stream goes on."""
         pipeline = self._pipeline
+        message_id = message.id or 0  # an Unparseable is only answered when it has one
         with pipeline.envelope(METHOD, dropped=self._dropped, opens=False) as envelope:
+            if isinstance(message, Unparseable):
+                raise message.error
             call.claim()
             size, decode = weighed(
                 message.request, pipeline.limits, message_bytes=call.message_bytes
@@ -178,9 +197,9 @@ class _OpenStream:
             pipeline.check_answer_size(answer_wire_bytes(size))
             answer = await call.answer(size, decode)
         if envelope.failure is not None:
-            self.answers.put_nowait(_Answer(stream_error(message.id, envelope.failure), call))
+            self.answers.put_nowait(_Answer(stream_error(message_id, envelope.failure), call))
             return
-        response = pb.RoundTripStreamResponse(id=message.id, response=encode_result(answer))
+        response = pb.RoundTripStreamResponse(id=message_id, response=encode_result(answer))
         self.answers.put_nowait(_Answer(response, call))
 
 
