@@ -142,7 +142,9 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
     counted = 'roundtrip_requests_total{{code="{}",method="RoundTrip"}}'
     with serving_worker("--warmup-shapes", "3:4") as worker, worker.channel() as channel:
         stub = pb_grpc.RoundTripServiceStub(channel)
-        stub.RoundTrip(slow, timeout=120)  # compiled (off the compute thread)
+        # compiled (off the compute thread), with another seed: the busy call draws its
+        # parameters again (a repeated seed's would come from the parameter cache)
+        stub.RoundTrip(build_request(2, np.ones((1, 8191), np.float32), 8192), timeout=120)
         started = time.monotonic()
         busy = stub.RoundTrip.future(slow, timeout=120)  # holds the compute thread
         time.sleep(0.2)
