@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,56 +50,76 @@ def post(
         connection.close()
 
 
-class HealthPoller:
+class _Watch:
+    """Something checked every ``every_s`` on a thread while the ``with`` block runs."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self.check()
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class HealthPoller(_Watch):
     """gRPC health every ``every_s``, each with ``deadline_s``: the readiness probe, tighter."""
 
     def __init__(self, target: str, every_s: float = 0.1, deadline_s: float = 0.25) -> None:
+        super().__init__(every_s)
         self.late: list[str] = []
         self.polls = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(target, every_s, deadline_s))
+        self._deadline_s = deadline_s
+        self._channel = grpc.insecure_channel(target)
+        self._stub = health_pb2_grpc.HealthStub(self._channel)
+        self._stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
 
-    def _run(self, target: str, every_s: float, deadline_s: float) -> None:
-        with grpc.insecure_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
-            while not self._stop.wait(every_s):
-                try:
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=deadline_s)
-                except grpc.RpcError as error:
-                    self.late.append(f"{error.code().name} at poll {self.polls}")
-                self.polls += 1
-
-    def __enter__(self) -> HealthPoller:
-        self._thread.start()
-        return self
+    def check(self) -> None:
+        try:
+            self._stub.Check(health_pb2.HealthCheckRequest(), timeout=self._deadline_s)
+        except grpc.RpcError as error:
+            self.late.append(f"{error.code().name} at poll {self.polls}")
+        self.polls += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__exit__(*exc)
+        self._channel.close()
 
 
-class Sampler:
+class Sampler(_Watch):
     """A metric sampled every ``every_s`` while the block runs: its largest value."""
 
     def __init__(self, worker: WorkerProcess, sample: str, every_s: float = 0.02) -> None:
+        super().__init__(every_s)
         self.most = 0.0
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(worker, sample, every_s))
+        self._worker = worker
+        self._sample = sample
 
-    def _run(self, worker: WorkerProcess, sample: str, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            self.most = max(self.most, worker.metric(sample))
-            self.samples += 1
+    def check(self) -> None:
+        self.most = max(self.most, self._worker.metric(self._sample))
+        self.samples += 1
 
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+def outcome(call: Callable[..., Any], message: Any) -> str:
+    """How one call of ``message`` ended: OK, or its code and details."""
+    try:
+        call(message, timeout=60)
+    except grpc.RpcError as error:
+        return f"{error.code().name}: {error.details()}"
+    return "OK"
 
 
 def stalled_upload(port: int, declared: int, sent: int) -> socket.socket:

@@ -170,8 +170,8 @@ def v2_large_answers(seeds: list[int]) -> v2pb.ModelInferRequest:
     return request
 
 
-def rest_large_answer(seed: int) -> tuple[bytes, dict[str, str]]:
-    """A V2 REST body of WIDE_X as binary data, asking for both outputs as binary data."""
+def rest_binary_call(seed: int, x: np.ndarray, features: int) -> tuple[bytes, dict[str, str]]:
+    """A V2 REST body with ``x`` as binary data, asking for both outputs as binary data."""
     binary = {"binary_data": True}
     head = json.dumps(
         {
@@ -180,10 +180,10 @@ def rest_large_answer(seed: int) -> tuple[bytes, dict[str, str]]:
                 {
                     "name": "x",
                     "datatype": "FP32",
-                    "shape": list(WIDE_X.shape),
-                    "parameters": {"binary_data_size": WIDE_X.nbytes},
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
                 },
-                {"name": "features", "datatype": "INT64", "shape": [1], "data": [1024]},
+                {"name": "features", "datatype": "INT64", "shape": [1], "data": [features]},
             ],
             "outputs": [
                 {"name": "orig_out", "parameters": binary},
@@ -191,7 +191,7 @@ def rest_large_answer(seed: int) -> tuple[bytes, dict[str, str]]:
             ],
         }
     ).encode()
-    return head + WIDE_X.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
 
 
 def door_loads(worker: WorkerProcess, seconds: float) -> dict[str, Callable[[], Counter[str]]]:
@@ -222,7 +222,7 @@ def door_loads(worker: WorkerProcess, seconds: float) -> dict[str, Callable[[], 
     batch = pb.RoundTripBatchRequest(
         requests=[build_request(seed, WIDE_X, 1024, return_outputs=True) for seed in range(8)]
     )
-    body, headers = rest_large_answer(3)
+    body, headers = rest_binary_call(3, WIDE_X, 1024)
     two = v2_large_answers([5, 6])
 
     def round_trip() -> list[str]:
@@ -336,25 +336,7 @@ def unread_rest_call(port: int, body: bytes, headers: dict[str, str]) -> socket.
 def rest_32_mib_answer() -> tuple[bytes, dict[str, str]]:
     """A REST call whose binary answer is 32 MiB (orig_out and merged_out, 1024 x 4096)."""
     x = np.linspace(-1, 1, 1024 * 64, dtype=np.float32).reshape(1024, 64)
-    head = json.dumps(
-        {
-            "inputs": [
-                {"name": "seed", "datatype": "INT64", "shape": [1], "data": [9]},
-                {
-                    "name": "x",
-                    "datatype": "FP32",
-                    "shape": list(x.shape),
-                    "parameters": {"binary_data_size": x.nbytes},
-                },
-                {"name": "features", "datatype": "INT64", "shape": [1], "data": [4096]},
-            ],
-            "outputs": [
-                {"name": "orig_out", "parameters": {"binary_data": True}},
-                {"name": "merged_out", "parameters": {"binary_data": True}},
-            ],
-        }
-    ).encode()
-    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+    return rest_binary_call(9, x, 4096)
 
 
 def test_rest_callers_that_never_read_their_answers_stay_within_the_budget(

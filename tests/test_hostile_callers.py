@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from callers import INFER, HealthPoller, in_threads, post, stalled_upload
+from callers import INFER, HealthPoller, in_threads, outcome, post, stalled_upload
 from reference import reference
 
 from roundtrip.client import RoundTripClient, RoundTripError
@@ -158,15 +158,8 @@ def test_huge_v2_seed_tensors_are_refused_before_they_are_parsed(worker: WorkerP
             response_deserializer=v2pb.ModelInferResponse.FromString,
         )
 
-        def send() -> str:
-            try:
-                infer(message, timeout=60)
-            except grpc.RpcError as error:
-                return f"{error.code().name}: {error.details()}"
-            return "OK"
-
         with RssSampler(worker) as rss:
-            codes = in_threads(*[send] * 4)
+            codes = in_threads(*[lambda: outcome(infer, message)] * 4)
     assert all(code.startswith("INVALID_ARGUMENT") for code in codes), codes
     assert all("max_batch_items" in code for code in codes), codes
     # gRPC holds each message (57 MiB) and hands the parser a copy before any handler runs:
@@ -226,15 +219,8 @@ def test_encodings_that_walked_around_the_check_are_refused_before_the_parse(
             response_deserializer=lambda data: data,
         )
 
-        def send() -> str:
-            try:
-                call(message, timeout=60)
-            except grpc.RpcError as error:
-                return f"{error.code().name}: {error.details()}"
-            return "OK"
-
         with RssSampler(worker) as rss, HealthPoller(worker.target, deadline_s=1.0) as health:
-            codes = in_threads(send, send)
+            codes = in_threads(*[lambda: outcome(call, message)] * 2)
     assert all(code.startswith("INVALID_ARGUMENT") for code in codes), codes
     assert all("limit" in code for code in codes), codes
     assert rss.peak - rss.before < 256, f"RSS grew {rss.peak - rss.before:.0f} MiB"

@@ -8,7 +8,11 @@ of its requests together on that lane;
 if the batch is not full it waits at most until the oldest request's arrival
 plus ``max_queue_delay_us`` (``time.monotonic``), so the window cannot close
 early or stretch. With a delay of 0, batches form from whatever queued while
-the previous batch ran.
+the previous batch ran. A signature a lane has never run is first compiled on
+the compile thread (``compiler``) while other signatures' batches run; its
+requests wait in the queue meanwhile. A batch reserves its computation's bytes
+before it runs (:class:`~roundtrip.server.admission.ByteBudget`) and, when they
+do not fit, waits until bytes come back.
 
 Every request gets exactly its own answer: the engine's batches are
 bit-identical per request (a loop over the batch's requests inside one

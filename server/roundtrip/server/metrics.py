@@ -476,11 +476,11 @@ class _BoundedServer(ThreadingWSGIServer):
     timeout_s = 5.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._open: dict[Any, float] = {}  # socket -> when it must end, oldest first
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        super().__init__(*args, **kwargs)  # closes itself when it cannot bind: set up first
         self._reaper = threading.Thread(target=self._reap, name="metrics-reaper", daemon=True)
         self._reaper.start()
 

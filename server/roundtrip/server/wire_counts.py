@@ -127,22 +127,9 @@ def varint_field(data: bytes, number: int, max_fields: int = DEFAULT_MAX_FIELDS)
         while pos < len(data):
             key, pos = walk.varint(pos)
             walk.counted()
-            wire_type = key & 7
-            if wire_type == 0:
-                value, pos = walk.varint(pos)
-                if key >> 3 == number:
-                    found = value
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            elif wire_type == 2:
-                length, pos = walk.varint(pos)
-                pos += length
-            elif wire_type == 3:
-                pos = walk.group(pos, len(data), key >> 3)
-            else:
-                return None
+            pos, value = walk.skip(key, pos, len(data))
+            if key == number << 3:  # wire type 0
+                found = value
     except (IndexError, _Malformed, LimitExceeded):
         return None
     return found if pos == len(data) else None
@@ -197,33 +184,38 @@ class _Walk:
         fields = descriptor.fields_by_number
         while pos < end:
             key, pos = self.varint(pos)
-            number, wire_type = key >> 3, key & 7
             self.counted()
-            found = fields.get(number)
-            if wire_type == 0:
-                _, pos = self.varint(pos)
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            elif wire_type == 2:
-                length, pos = self.varint(pos)
-                if pos + length > end:
-                    raise _Malformed
-                if found is not None:
-                    self.delimited(found, pos, pos + length, counts)
-                pos += length
-                continue
-            elif wire_type == 3:
-                pos = self.group(pos, end, number)
-                continue
-            else:
-                raise _Malformed  # an end of group with no start
-            # one element of a repeated scalar, unpacked (another wire type: an unknown field)
-            if found is not None and found.is_repeated and _wire_type(found) == wire_type:
-                self.add(counts, found, 1)
+            after, value = self.skip(key, pos, end)
+            found = fields.get(key >> 3)
+            if found is not None:
+                if key & 7 == 2:
+                    self.delimited(found, after - value, after, counts)
+                elif found.is_repeated and _wire_type(found) == key & 7:
+                    self.add(counts, found, 1)  # one element of a repeated scalar, unpacked
+            pos = after
         if pos != end:
             raise _Malformed
+
+    def skip(self, key: int, pos: int, end: int) -> tuple[int, int]:
+        """Past the payload of a field whose ``key`` was just read: the position after it,
+        and its value (a varint) or its length (length-delimited). A field of another wire
+        type than its declaration's is an unknown field to the parser, and skipped alike."""
+        wire_type = key & 7
+        if wire_type == 0:
+            value, pos = self.varint(pos)
+            return pos, value
+        if wire_type == 1:
+            return pos + 8, 8
+        if wire_type == 5:
+            return pos + 4, 4
+        if wire_type == 2:
+            length, pos = self.varint(pos)
+            if pos + length > end:
+                raise _Malformed
+            return pos + length, length
+        if wire_type == 3:
+            return self.group(pos, end, key >> 3), 0
+        raise _Malformed  # an end of group with no start, or no wire type at all
 
     def delimited(self, found: FieldDescriptor, start: int, end: int, counts: _Counts) -> None:
         """A length-delimited field of ``counts``'s message: a sub-message, a packed run,
@@ -266,24 +258,11 @@ class _Walk:
         while pos < end:
             key, pos = self.varint(pos)
             self.counted()
-            wire_type = key & 7
-            if wire_type == 0:
-                _, pos = self.varint(pos)
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            elif wire_type == 2:
-                length, pos = self.varint(pos)
-                pos += length
-            elif wire_type == 3:
-                pos = self.group(pos, end, key >> 3)
-            elif wire_type == 4:
+            if key & 7 == 4:
                 if key >> 3 != number:
                     raise _Malformed
                 return pos
-            else:
-                raise _Malformed
+            pos, _ = self.skip(key, pos, end)
         raise _Malformed  # no end
 
 
