@@ -44,7 +44,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -190,7 +190,7 @@ class Batcher:
         #: new shapes never hold a lane others' batches need (None: on the lane).
         self.compiler = compiler
         self._compiling: set[tuple[str, ShapeSignature]] = set()
-        #: Signatures each lane has run lately (a bounded memo of ``Engine.knows``).
+        #: Signatures each lane has run (a memo of ``Engine.knows``, oldest forgotten first).
         self._warm: collections.OrderedDict[tuple[str, ShapeSignature], None] = (
             collections.OrderedDict()
         )
@@ -331,9 +331,11 @@ class Batcher:
         full or its window is over; None when every queued signature is being compiled for
         it. A signature the lane has never run is handed to the compile thread first."""
         while True:
-            ready = [sig for sig in self._queues if (lane.name, sig) not in self._compiling]
-            if not ready:
-                return None
+            ready: Iterable[ShapeSignature] = self._queues
+            if self._compiling:
+                ready = [sig for sig in ready if (lane.name, sig) not in self._compiling]
+                if not ready:
+                    return None
             signature = min(ready, key=lambda sig: self._queues[sig][0].arrived)
             if self.compiler is None or self._is_warm(lane, signature):
                 break
@@ -356,7 +358,6 @@ class Batcher:
     def _is_warm(self, lane: Lane, signature: ShapeSignature) -> bool:
         key = (lane.name, signature)
         if key in self._warm:
-            self._warm.move_to_end(key)
             return True
         if lane.engine.knows(signature):
             self._remember_warm(key)

@@ -32,6 +32,7 @@ from roundtrip.server.admission import (
     Caller,
     Reservation,
     WorkingSet,
+    answer_bytes,
     compute_bytes,
     held_bytes,
 )
@@ -129,6 +130,7 @@ class Call:
     """
 
     __slots__ = (
+        "_answers",
         "_closed",
         "_held",
         "_holdings",
@@ -161,6 +163,7 @@ class Call:
         self._message_size = message_size
         self._on_close = on_close
         self._held: list[Reservation] = []
+        self._answers = 0
         self._queued: list[Ticket] = []
         self._requests: list[_Request] = []
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -180,12 +183,10 @@ class Call:
         return self._message_size
 
     @property
-    def held_bytes(self) -> int:
-        """Bytes the call holds now: its message (until answered) and its requests'."""
-        held = self._message.nbytes if self._message is not None else 0
-        for reservation in self._held:
-            held += reservation.nbytes
-        return held
+    def answer_bytes(self) -> int:
+        """What its requests' answers hold (reserved at admission): what gRPC still holds
+        of the call once its handler has returned."""
+        return self._answers
 
     def claim(self) -> None:
         """Charge the message the call came with to its caller, or raise Overloaded when
@@ -208,9 +209,10 @@ class Call:
             budget.grow(self._message, nbytes)
 
     def reserve(self, nbytes: int) -> None:
-        """Hold ``nbytes`` more until the call closes (a door's copies of the answer, say),
-        or raise the budget's refusal."""
+        """Hold ``nbytes`` more until the call closes (a door's copies of the answer), or
+        raise the budget's refusal."""
         self._held.append(self._holdings.budget.reserve(nbytes, self.caller))
+        self._answers += nbytes
 
     @contextmanager
     def holding(self, nbytes: int) -> Iterator[None]:
@@ -231,6 +233,7 @@ class Call:
         holdings = self._holdings
         compute = compute_bytes(size)
         held = holdings.budget.admit(held_bytes(size), compute, self.caller)
+        self._answers += answer_bytes(size)
         try:
             item = decode()
             assert holdings.batcher is not None
@@ -264,10 +267,11 @@ class Call:
             self._outstanding = _Outstanding(self, all_or_nothing)
         request = _Request(size, decode)
         turns = self._holdings.turns
-        if self._waiting or (turns is not None and not turns.may_queue(self.caller)):
+        if self._waiting:
             self._waiting.append(request)
-            if turns is not None:
-                turns.wait(self)
+        elif turns is not None and not turns.may_queue(self.caller):
+            self._waiting.append(request)
+            turns.wait(self)
         else:
             self._queue_request(request)
         self._requests.append(request)
@@ -291,7 +295,7 @@ class Call:
         """A queued request of this call was answered: its caller has a place back."""
         self.caller.outstanding -= 1
         turns = self._holdings.turns
-        if turns is not None:
+        if turns is not None and turns.waiting:
             turns.grant()
 
     async def answers(self) -> list[RoundTripAnswer | Exception | None]:

@@ -204,7 +204,7 @@ def dropped_code(context: Context) -> grpc.StatusCode:
 def close_when_sent(call: Call, context: Context) -> None:
     """Give back what ``call`` holds now when it is small, else once gRPC has sent the
     answer (however the call ends: the callback runs on cancel too)."""
-    if call.held_bytes > SMALL_ANSWER_BYTES:
+    if call.answer_bytes > SMALL_ANSWER_BYTES:
         context.add_done_callback(lambda _: call.close())  # type: ignore[arg-type]
     else:
         call.close()

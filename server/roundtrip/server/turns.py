@@ -10,6 +10,9 @@ queue, a call gone), the waiting calls get them in turn, one caller after anothe
 refused for want of a place: only their deadline ends their wait.
 
 >>> from roundtrip.server.admission import Caller
+
+#: Requests a waiting caller may queue in one turn before the next caller's turn.
+TURN = 8
 >>> queued = [0]
 >>> turns = QueueTurns(queued=lambda: queued[0], line=2, per_caller=1)
 >>> first, second = Caller("a"), Caller("b")
@@ -27,6 +30,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from roundtrip.server.admission import Caller
+
+#: Requests a waiting caller may queue in one turn before the next caller's turn.
+TURN = 8
 
 
 class Waiting(Protocol):
@@ -46,34 +52,33 @@ class QueueTurns:
         self.line = line
         self.per_caller = per_caller
         #: Waiting calls by caller, callers in the order their turn comes.
-        self._waiting: dict[Caller, collections.deque[Waiting]] = {}
+        self.waiting: dict[Caller, collections.deque[Waiting]] = {}
         self._granting = False
 
     @property
     def waiting_calls(self) -> int:
-        return sum(len(calls) for calls in self._waiting.values())
+        return sum(len(calls) for calls in self.waiting.values())
 
     def may_queue(self, caller: Caller) -> bool:
         """Whether a request of ``caller``'s call of many may be queued now, ahead of none."""
         return (
-            caller not in self._waiting
+            caller not in self.waiting
             and caller.outstanding < self.per_caller
             and self._queued() < self.line
         )
 
     def wait(self, call: Waiting) -> None:
-        """``call`` has requests waiting: it gets places in its caller's turn."""
-        calls = self._waiting.setdefault(call.caller, collections.deque())
-        if call not in calls:
-            calls.append(call)
+        """``call`` has requests waiting (it says so once, as its first one waits): it gets
+        places in its caller's turn."""
+        self.waiting.setdefault(call.caller, collections.deque()).append(call)
 
     def leave(self, call: Waiting) -> None:
         """``call`` is gone (closed): it waits no more."""
-        calls = self._waiting.get(call.caller)
+        calls = self.waiting.get(call.caller)
         if calls is not None and call in calls:
             calls.remove(call)
             if not calls:
-                del self._waiting[call.caller]
+                del self.waiting[call.caller]
 
     def grant(self) -> None:
         """Give the places free now to waiting calls, one caller after another."""
@@ -81,14 +86,14 @@ class QueueTurns:
             return
         self._granting = True
         try:
-            while self._waiting and self._queued() < self.line:
-                caller = next((c for c in self._waiting if c.outstanding < self.per_caller), None)
+            while self.waiting and self._queued() < self.line:
+                caller = next((c for c in self.waiting if c.outstanding < self.per_caller), None)
                 if caller is None:
                     return
-                calls = self._waiting.pop(caller)
+                calls = self.waiting.pop(caller)
                 if calls[0].take_turn() is False:
                     calls.popleft()
                 if calls:
-                    self._waiting[caller] = calls  # to the back of the turn order
+                    self.waiting[caller] = calls  # to the back of the turn order
         finally:
             self._granting = False
