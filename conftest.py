@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from roundtrip.client import RoundTripClient
-from support.workers import ROOT, SharedWorkers, WorkerProcess, serving_process
+from support.workers import ROOT, WorkerProcess, serving_process
 
 #: Run in their own environments (tritonclient, MLServer), never imported here.
 collect_ignore = ["tests/tritonclient", "bench/mlserver"]
@@ -64,17 +64,6 @@ def worker() -> Iterator[WorkerProcess]:
     """One worker process shared by the contract tests (small batches, short delay)."""
     with serving_process("--max-queue-delay-us", "500", "--warmup-shapes", "3:4") as process:
         yield process
-
-
-@pytest.fixture(scope="session")
-def shared_workers() -> Iterator[SharedWorkers]:
-    """In-process workers shared by flags (``shared_workers.get(*flags)``), for tests that
-    leave a worker as they found it."""
-    workers = SharedWorkers()
-    try:
-        yield workers
-    finally:
-        workers.close()
 
 
 @pytest.fixture(autouse=True)

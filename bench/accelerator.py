@@ -32,7 +32,7 @@ import grpc
 import jax
 import numpy as np
 
-from bench import harness
+from bench import checks, harness, launch
 from bench.run import Bodies, report, run_rounds, table
 from bench.scenarios import SCENARIOS, SERVERS, WORKER_FLAGS, Scenario
 from roundtrip.client.messages import build_request
@@ -75,25 +75,25 @@ async def _sweep_calls(port: int, requests: list[pb.RoundTripRequest]) -> list[A
     return [*unary, *(o.error if o.HasField("error") else o.response for o in batch.outcomes)]
 
 
-def sweep(launched: harness.Launched) -> dict[str, Any]:
+def sweep(launched: launch.Launched) -> dict[str, Any]:
     """The sweep against one worker: answers that differ from the reference, batch sizes."""
     sent = sweep_requests()
     want = {}
     for seed, x, features in sent:
         key = (seed, x.tobytes(), features)
         if key not in want:
-            want[key] = harness.reference(seed, x, features)
-    batches = harness.metric(launched, "roundtrip_batch_size_count")
-    requests = harness.metric(launched, "roundtrip_batch_size_sum")
+            want[key] = checks.reference(seed, x, features)
+    batches = launch.metric(launched, "roundtrip_batch_size_count")
+    requests = launch.metric(launched, "roundtrip_batch_size_sum")
     got = asyncio.run(_sweep_calls(launched.port, [build_request(s, x, f) for s, x, f in sent]))
-    batches = harness.metric(launched, "roundtrip_batch_size_count") - batches
-    requests = harness.metric(launched, "roundtrip_batch_size_sum") - requests
+    batches = launch.metric(launched, "roundtrip_batch_size_count") - batches
+    requests = launch.metric(launched, "roundtrip_batch_size_sum") - requests
     errors = mismatches = 0
     differing: set[str] = set()
     for (seed, x, features), answer in zip([*sent, *sent], got, strict=True):
         if not isinstance(answer, pb.RoundTripResponse):
             errors += 1
-        elif not harness.same(harness.answer_of(answer), want[(seed, x.tobytes(), features)]):
+        elif not checks.same(checks.answer_of(answer), want[(seed, x.tobytes(), features)]):
             mismatches += 1
             differing.add(f"{list(x.shape)}->{features}")
     return {
@@ -132,11 +132,11 @@ def main() -> None:
         print("JAX sees no accelerator: both workers run on the CPUs (a smoke run)", flush=True)
     workers = {
         "worker on the accelerator": (
-            harness.ServerSpec("worker on the accelerator", "worker", WORKER_FLAGS),
+            launch.ServerSpec("worker on the accelerator", "worker", WORKER_FLAGS),
             accelerator,
         ),
         "worker on the CPUs": (
-            harness.ServerSpec(
+            launch.ServerSpec(
                 "worker on the CPUs", "worker", WORKER_FLAGS, {"JAX_PLATFORMS": "cpu"}
             ),
             cpu,
@@ -145,13 +145,13 @@ def main() -> None:
     bodies = {name: Bodies(device) for name, (_, device) in workers.items()}
     found: dict[str, Any] = {"workers": {}, "exactness": {}}
     for name, (spec, device) in workers.items():
-        with harness.launched(spec) as launched, jax.default_device(device):
+        with launch.launched(spec) as launched, jax.default_device(device):
             found["workers"][name] = server_info(launched.port)
             found["exactness"][name] = sweep(launched)
             print(name, found["workers"][name], found["exactness"][name], flush=True)
     peers = {"naive": ("W2 unary", "W3 unary (one seed repeated)"), "empty handler": ("W2 unary",)}
 
-    def runs_on(scenario: Scenario, spec: harness.ServerSpec) -> bool:
+    def runs_on(scenario: Scenario, spec: launch.ServerSpec) -> bool:
         return spec.name in workers or scenario.name in peers.get(spec.name, ())
 
     run = run_rounds(

@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.harness import OUT
 from roundtrip.client.messages import build_request
-from roundtrip.server.engine import Engine
+from roundtrip.server.engine.engine import Engine
 from roundtrip.server.values import RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 from support.workers import serving_process

@@ -33,9 +33,9 @@ import numpy as np
 from bench.harness import OUT, machine
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request, parse_response
-from roundtrip.server.admission import working_set_bytes
-from roundtrip.server.engine import Engine
-from roundtrip.server.validation import RequestLimits, weigh
+from roundtrip.server.engine.engine import Engine
+from roundtrip.server.pipeline.admission import working_set_bytes
+from roundtrip.server.pipeline.validation import RequestLimits, weigh
 from roundtrip.server.values import RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc

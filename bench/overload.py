@@ -28,7 +28,9 @@ from collections import Counter
 import grpc
 import numpy as np
 
-from bench.harness import OUT, ROUNDTRIP, percentiles
+from bench.checks import ROUNDTRIP
+from bench.harness import OUT
+from bench.loads import percentiles
 from roundtrip.client.messages import build_request
 from support.workers import serving_process
 

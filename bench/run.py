@@ -31,52 +31,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import harness
-from bench.harness import OUT, BatchBody, Body, Launched, ServerSpec
-from bench.scenarios import RATIOS, SCENARIOS, SERVERS, Scenario
+from bench import checks, harness, launch, loads
+from bench.checks import Bodies
+from bench.harness import OUT
+from bench.launch import Launched, ServerSpec
+from bench.report import ratios, table, write_page_table
+from bench.scenarios import SCENARIOS, SERVERS, Scenario
 from support.workers import ROOT
-
-BENCHMARKS_PAGE = ROOT / "docs" / "benchmarks.md"
-TABLE_START = "<!-- make bench writes the table below from docs/bench/results.json -->"
-TABLE_END = "<!-- end of make bench's table -->"
-
-
-class Bodies:
-    """Every body the scenarios send, with its reference answer, built once per run; on
-    ``device`` (a JAX device: the reference runs on the backend of the worker it checks)."""
-
-    def __init__(self, device: Any = None) -> None:
-        self.device = device
-        self._made: dict[Any, Any] = {}
-
-    def on_device(self) -> AbstractContextManager[Any]:
-        """Where references run while this body set is in use."""
-        if self.device is None:
-            return nullcontext()
-        import jax
-
-        return jax.default_device(self.device)
-
-    def one(self, workload: str) -> Body:
-        return self._get(("one", workload), lambda: harness.workload_body(workload))
-
-    def many(self, workload: str, count: int = 64) -> list[Body]:
-        return self._get(
-            ("many", workload),
-            lambda: [harness.workload_body(workload, index) for index in range(count)],
-        )
-
-    def batch(self, workload: str) -> BatchBody:
-        return self._get(("batch", workload), lambda: BatchBody(workload))
-
-    def _get(self, key: Any, make: Callable[[], Any]) -> Any:
-        if key not in self._made:
-            self._made[key] = make()
-        return self._made[key]
 
 
 def ok_rate(rate: float, ok: int, not_ok: int) -> float:
@@ -110,13 +75,16 @@ class Run:
         of OK answers only: h2load counts a gRPC error (an HTTP 200) as a success, so its
         rate is scaled by the share of the worker's answers that were OK.
         """
-        before = harness.codes(launched)
-        value, checked = self._load(scenario, spec, launched, bodies)
-        harness.settled(launched)  # the load's last calls counted in its own figures
-        codes = harness.codes(launched) - before
+        before = launch.codes(launched)
+        ran = LOADS[scenario.path](Load(self, scenario, spec, launched, bodies))
+        if ran.result is not None:
+            self.checks["mismatches"] += int(ran.result["mismatches"])
+            self.checks["call errors"] += int(ran.result["errors"])
+        value, checked = ran.value, ran.checked
+        launch.settled(launched)  # the load's last calls counted in its own figures
+        codes = launch.codes(launched) - before
         ok = codes.pop("OK", 0)
-        items = len(bodies.batch(scenario.workload).items) if scenario.path == "batch" else 1
-        if 0 < codes["CANCELLED"] <= scenario.clients * scenario.streams * items:
+        if 0 < codes["CANCELLED"] <= scenario.clients * scenario.streams * ran.items:
             self.checks["cancelled as a load ended"] += codes.pop("CANCELLED")
         not_ok = codes.total()
         value = ok_rate(value, ok, not_ok)
@@ -127,70 +95,125 @@ class Run:
             f"{scenario.name}, {spec.name}: {value:,.0f} {scenario.unit}", dict(codes), flush=True
         )
 
-    def _load(
-        self, scenario: Scenario, spec: ServerSpec, launched: Launched, bodies: Bodies
-    ) -> tuple[float, int]:
-        """The scenario's figure on ``launched``, and how many answers were compared (the
-        empty handler's constant answer is not the computation's: it is not checked)."""
-        port = launched.port
-        load = {"duration": self.duration, "clients": scenario.clients, "streams": scenario.streams}
-        body = bodies.one(scenario.workload)
-        if scenario.path == "unary":
-            rps = harness.h2load_grpc
-            if not spec.computes:
-                return rps(port, harness.ROUNDTRIP, body.request, **load)["rps"], 0
-            harness.check_unary(port, body)
-            return rps(port, harness.ROUNDTRIP, body.request, **load)["rps"], 1
-        if scenario.path == "batch":
-            batch = bodies.batch(scenario.workload)
-            harness.check_batch(port, batch)
-            rps = harness.h2load_grpc(port, harness.ROUNDTRIP_BATCH, batch.request, **load)["rps"]
-            return rps * len(batch.items), len(batch.items)
-        if scenario.path == "v2":
-            harness.check_v2(port, body)
-            return harness.h2load_grpc(port, harness.MODEL_INFER, body.v2, **load)["rps"], 1
-        if scenario.path == "perf":  # perf_analyzer over V2 gRPC
-            harness.check_v2(port, body)
-            concurrency = scenario.clients * scenario.streams
-            perf = harness.perf_analyzer(
-                port, "grpc", body, duration=self.duration, concurrency=concurrency
-            )
-            return perf["rps"], 1
-        if scenario.path == "rest":
-            harness.check_json(launched.http_port, body)
-            url = f"http://127.0.0.1:{launched.http_port}{harness.INFER_PATH}"
-            headers = ["content-type: application/json"]
-            return harness.h2load(url, body.json, headers, h1=True, **load)["rps"], 1
-        if scenario.path == "stream":
-            result = harness.stream_load(
-                port, bodies.many(scenario.workload), count=3000 * self.duration
-            )
-        elif scenario.path == "callers":
-            result = harness.callers(
-                port,
-                bodies.many(scenario.workload),
-                concurrency=scenario.clients,
-                duration=self.duration,
-            )
-        else:  # fresh
-            result = harness.fresh_seed_callers(
-                port,
-                scenario.workload,
-                self.next_fresh_seed,
-                duration=self.duration,
-                concurrency=scenario.clients,
-            )
-            self.next_fresh_seed += 10**6
-        self.checks["mismatches"] += int(result["mismatches"])
-        self.checks["call errors"] += int(result["errors"])
-        checked = 24 if scenario.path == "fresh" else int(result["rps"] * self.duration)
-        return result["rps"], checked
-
     def medians(self) -> dict[str, dict[str, float]]:
         return {
             name: {server: statistics.median(values) for server, values in by_server.items()}
             for name, by_server in self.figures.items()
         }
+
+
+@dataclass(frozen=True)
+class Load:
+    """One scenario's load about to run: the rounds it is part of, the server, the bodies."""
+
+    run: Run
+    scenario: Scenario
+    spec: ServerSpec
+    launched: Launched
+    bodies: Bodies
+
+    @property
+    def h2load(self) -> dict[str, Any]:
+        scenario = self.scenario
+        duration = self.run.duration
+        return {"duration": duration, "clients": scenario.clients, "streams": scenario.streams}
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A load's figure, how many answers it compared, and the asyncio callers' own tally."""
+
+    value: float
+    checked: int
+    result: dict[str, float] | None = None
+    #: Requests per call: the calls h2load cancels as a load ends are counted in items.
+    items: int = 1
+
+
+def _unary(load: Load) -> Ran:
+    body = load.bodies.one(load.scenario.workload)
+    if load.spec.computes:
+        checks.check_unary(load.launched.port, body)
+    rps = loads.h2load_grpc(load.launched.port, checks.ROUNDTRIP, body.request, **load.h2load)
+    return Ran(rps["rps"], 1 if load.spec.computes else 0)
+
+
+def _batch(load: Load) -> Ran:
+    batch = load.bodies.batch(load.scenario.workload)
+    checks.check_batch(load.launched.port, batch)
+    rps = loads.h2load_grpc(
+        load.launched.port, checks.ROUNDTRIP_BATCH, batch.request, **load.h2load
+    )
+    return Ran(rps["rps"] * len(batch.items), len(batch.items), items=len(batch.items))
+
+
+def _v2(load: Load) -> Ran:
+    body = load.bodies.one(load.scenario.workload)
+    checks.check_v2(load.launched.port, body)
+    return Ran(
+        loads.h2load_grpc(load.launched.port, checks.MODEL_INFER, body.v2, **load.h2load)["rps"], 1
+    )
+
+
+def _perf(load: Load) -> Ran:
+    """perf_analyzer over V2 gRPC."""
+    body = load.bodies.one(load.scenario.workload)
+    checks.check_v2(load.launched.port, body)
+    concurrency = load.scenario.clients * load.scenario.streams
+    perf = loads.perf_analyzer(
+        load.launched.port, "grpc", body, duration=load.run.duration, concurrency=concurrency
+    )
+    return Ran(perf["rps"], 1)
+
+
+def _rest(load: Load) -> Ran:
+    body = load.bodies.one(load.scenario.workload)
+    checks.check_json(load.launched.http_port, body)
+    url = f"http://127.0.0.1:{load.launched.http_port}{checks.INFER_PATH}"
+    headers = ["content-type: application/json"]
+    return Ran(loads.h2load(url, body.json, headers, h1=True, **load.h2load)["rps"], 1)
+
+
+def _stream(load: Load) -> Ran:
+    bodies = load.bodies.many(load.scenario.workload)
+    result = loads.stream_load(load.launched.port, bodies, count=3000 * load.run.duration)
+    return Ran(result["rps"], int(result["rps"] * load.run.duration), result)
+
+
+def _callers(load: Load) -> Ran:
+    result = loads.callers(
+        load.launched.port,
+        load.bodies.many(load.scenario.workload),
+        concurrency=load.scenario.clients,
+        duration=load.run.duration,
+    )
+    return Ran(result["rps"], int(result["rps"] * load.run.duration), result)
+
+
+def _fresh(load: Load) -> Ran:
+    run = load.run
+    result = loads.fresh_seed_callers(
+        load.launched.port,
+        load.scenario.workload,
+        run.next_fresh_seed,
+        duration=run.duration,
+        concurrency=load.scenario.clients,
+    )
+    run.next_fresh_seed += 10**6
+    return Ran(result["rps"], 24, result)
+
+
+#: How each scenario path is loaded: the one place a path is switched on.
+LOADS: dict[str, Callable[[Load], Ran]] = {
+    "unary": _unary,
+    "batch": _batch,
+    "v2": _v2,
+    "perf": _perf,
+    "rest": _rest,
+    "stream": _stream,
+    "callers": _callers,
+    "fresh": _fresh,
+}
 
 
 def run_rounds(
@@ -214,11 +237,11 @@ def run_rounds(
             if not mine:
                 continue
             bodies = bodies_for(spec) if bodies_for is not None else shared
-            with harness.launched(spec) as launched, bodies.on_device():
+            with launch.launched(spec) as launched, bodies.on_device():
                 for scenario in mine:
                     try:
                         run.measure(scenario, spec, launched, bodies)
-                    except harness.Mismatch as error:
+                    except checks.Mismatch as error:
                         run.checks["mismatches"] += 1
                         print(f"MISMATCH in {scenario.name} on {spec.name}: {error}", flush=True)
     return run
@@ -247,76 +270,6 @@ def report(run: Run, args: argparse.Namespace, extra: dict[str, Any]) -> dict[st
         "checks": dict(run.checks),
         **extra,
     }
-
-
-def ratios(medians: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The :data:`~bench.scenarios.RATIOS` whose two figures this run has."""
-    found = {}
-    for name, (top_scenario, top_server), (bottom_scenario, bottom_server) in RATIOS:
-        top = medians.get(top_scenario, {}).get(top_server)
-        bottom = medians.get(bottom_scenario, {}).get(bottom_server)
-        if top is not None and bottom:
-            found[name] = round(top / bottom, 2)
-    return found
-
-
-def table(results: dict[str, Any]) -> str:
-    """The report as markdown: a row per scenario (medians), then the ratios.
-
-    >>> print(table({"machine": {"cpus": 2, "cpu_model": "Xeon", "cpu_isa": "AVX2",
-    ...     "memory_gib": 23.5, "engine, W2 batch of 16, ms": 0.5}, "started": "today",
-    ...     "rounds": 3, "duration_s": 10, "checks": {"mismatches": 0},
-    ...     "scenarios": {"W2 unary": {"load": "h2load 8 x 16", "unit": "req/s",
-    ...     "medians": {"worker": 3210.4, "empty handler": 6420.0}}}}))
-    ... # doctest: +NORMALIZE_WHITESPACE
-    Run today on 2 cores (Xeon, AVX2), 23.5 GiB; a W2 batch of 16 through the engine alone: 0.5 ms.
-    Medians of 3 rounds of 10 s loads. Checks: mismatches 0.
-    <BLANKLINE>
-    | scenario | load | worker | empty handler | unit |
-    | --- | --- | ---: | ---: | --- |
-    | W2 unary | h2load 8 x 16 | 3,210 | 6,420 | req/s |
-    <BLANKLINE>
-    | ratio | value |
-    | --- | ---: |
-    | W2 unary: worker / empty handler | 0.50 |
-    """
-    scenarios = results["scenarios"]
-    servers = [name for name in SERVERS if any(name in s["medians"] for s in scenarios.values())]
-    servers += sorted(
-        {server for s in scenarios.values() for server in s["medians"]} - set(servers)
-    )
-    machine = results["machine"]
-    checks = ", ".join(f"{name} {count}" for name, count in sorted(results["checks"].items()))
-    lines = [
-        f"Run {results['started']} on {machine['cpus']} cores ({machine['cpu_model']}, "
-        f"{machine['cpu_isa']}), {machine['memory_gib']} GiB; a W2 batch of 16 through the "
-        f"engine alone: {machine['engine, W2 batch of 16, ms']} ms.",
-        f"Medians of {results['rounds']} rounds of {results['duration_s']} s loads. "
-        f"Checks: {checks}.",
-        "",
-        "| scenario | load | " + " | ".join(servers) + " | unit |",
-        "| --- | --- | " + " | ".join("---:" for _ in servers) + " | --- |",
-    ]
-    for name, scenario in scenarios.items():
-        cells = [
-            f"{scenario['medians'][s]:,.0f}" if s in scenario["medians"] else "" for s in servers
-        ]
-        lines.append(
-            f"| {name} | {scenario['load']} | " + " | ".join(cells) + f" | {scenario['unit']} |"
-        )
-    found = results.get("ratios") or ratios({n: s["medians"] for n, s in scenarios.items()})
-    if found:
-        lines += ["", "| ratio | value |", "| --- | ---: |"]
-        lines += [f"| {name} | {value:.2f} |" for name, value in found.items()]
-    return "\n".join(lines)
-
-
-def write_page_table(rendered: str, page: Path = BENCHMARKS_PAGE) -> None:
-    """Put ``rendered`` between the benchmark page's markers."""
-    text = page.read_text()
-    head, _, rest = text.partition(TABLE_START)
-    _, _, tail = rest.partition(TABLE_END)
-    page.write_text(f"{head}{TABLE_START}\n{rendered}\n{TABLE_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +318,7 @@ def side_by_side(args: argparse.Namespace, scenarios: list[Scenario]) -> int:
     ours = SERVERS[args.servers or "worker"]
     if ours.kind != "worker":
         raise SystemExit(f"--baseline compares a worker, not {ours.name!r}")
-    with harness.worktree(args.baseline) as tree:
+    with launch.worktree(args.baseline) as tree:
         theirs = ServerSpec(f"{ours.name} at {args.baseline}", "worker", ours.flags, tree=tree)
         run = run_rounds(
             [ours, theirs],

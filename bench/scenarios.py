@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.harness import ServerSpec
+from bench.launch import ServerSpec
 
 WORKER_FLAGS = ("--warmup-shapes", "3:4,64:64,1024:1024")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from roundtrip.server.eventloop import EVENT_LOOPS, loop_factory
+from roundtrip.server.ops.eventloop import EVENT_LOOPS, loop_factory
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
@@ -38,7 +38,7 @@ class NaiveServicer(pb_grpc.RoundTripServiceServicer):
 
     @staticmethod
     def _eager(request: pb.RoundTripRequest) -> pb.RoundTripResponse:
-        from roundtrip.server.reference import eager_round_trip
+        from roundtrip.server.numerics.reference import eager_round_trip
         from roundtrip.wire import arrays
 
         result = eager_round_trip(

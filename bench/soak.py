@@ -27,7 +27,7 @@ import numpy as np
 
 from bench.harness import OUT
 from roundtrip.client.messages import build_request
-from roundtrip.server.reference import eager_round_trip
+from roundtrip.server.numerics.reference import eager_round_trip
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.wire import arrays
 from support.workers import WorkerProcess, serving_process

@@ -247,35 +247,12 @@ class WorkerProcess(ServerProcess):
         )
 
 
-class RssSampler:
-    """The worker's peak RSS, sampled every 20 ms while in the ``with`` block."""
-
-    def __init__(self, worker: ServerProcess) -> None:
-        self.worker = worker
-        self.before = worker.rss_mib()
-        self.peak = self.before
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.worker.rss_mib())
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
 class _Events(logging.Handler):
     """Collects the worker's log records as the JSON objects its log lines would hold."""
 
     def __init__(self, events: list[dict[str, Any]]) -> None:
         super().__init__()
-        from roundtrip.server.logs import JsonFormatter
+        from roundtrip.server.ops.logs import JsonFormatter
 
         self.setFormatter(JsonFormatter())
         self._events = events
@@ -290,13 +267,15 @@ class InProcessWorker(_Served):
 
     Its warm-up runs in the background as in a process: health is NOT_SERVING until
     :meth:`wait_serving` has seen it finish. ``terminate()`` drains it as SIGTERM would
-    and returns 0 when the drain ends cleanly. Not for the CPU pin (XLA reads its flags
-    once per process) nor anything measured on the process (RSS, signals, exit codes).
+    and returns 0 when every call finished within the grace, 1 when one was cut off. Not for
+    the CPU pin (XLA reads its flags once per process) nor anything measured on the process
+    (RSS, signals, exit codes).
     """
 
     def __init__(self, *flags: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        from roundtrip.server import app, eventloop
+        from roundtrip.server import app
         from roundtrip.server.config import WorkerConfig
+        from roundtrip.server.ops import eventloop
 
         self.credentials = credentials
         self.config = WorkerConfig.from_sources(
@@ -335,17 +314,19 @@ class InProcessWorker(_Served):
         self._warming.result(timeout)
 
     def terminate(self, timeout: float = 60) -> int:
-        """Drain and stop the worker (what SIGTERM does); 0 when it stopped cleanly."""
+        """Drain and stop the worker (what SIGTERM does): 0 when every open call finished
+        within the drain's grace, 1 when the drain cut one off (a drain that fails
+        raises). Once stopped, 0."""
         if self.stopped:
             return 0
         self.stopped = True
         try:
-            self.run(self.worker.stop(), timeout)
+            finished = self.run(self.worker.stop(), timeout)
             if not self._warming.done():
                 self._warming.cancel()
         finally:
             self._close_loop()
-        return 0
+        return 0 if finished else 1
 
     def kill(self) -> None:
         """Stop it however it is (a test that failed midway)."""
@@ -397,29 +378,3 @@ def serving_process(
 ) -> AbstractContextManager[WorkerProcess]:
     """A worker subprocess that reports SERVING; on leaving, SIGTERM must stop it with 0."""
     return _serving(WorkerProcess(*flags, credentials=credentials, env=env))
-
-
-class SharedWorkers:
-    """In-process workers shared by every test that asks for the same flags and leaves the
-    worker as it found it (no counters asserted, no drain): started on first use, stopped
-    once at the end of the session."""
-
-    def __init__(self) -> None:
-        self._workers: dict[tuple[str, ...], InProcessWorker] = {}
-
-    def get(self, *flags: str) -> InProcessWorker:
-        worker = self._workers.get(flags)
-        if worker is None:
-            worker = InProcessWorker(*flags)
-            try:
-                worker.wait_serving()
-            except BaseException:
-                worker.kill()
-                raise
-            self._workers[flags] = worker
-        return worker
-
-    def close(self) -> None:
-        for worker in self._workers.values():
-            assert worker.terminate() == 0
-        self._workers.clear()

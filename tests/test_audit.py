@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from roundtrip.client import RoundTripClient
-from roundtrip.server.audit import Auditor, AuditOutcome
-from roundtrip.server.reference import eager_round_trip
+from roundtrip.server.engine.audit import Auditor, AuditOutcome
+from roundtrip.server.numerics.reference import eager_round_trip
 from roundtrip.server.values import RoundTripInput
 from support.workers import InProcessWorker, metric_value, serving_worker
 
@@ -30,7 +30,7 @@ def test_a_wrong_answer_in_one_bit_is_caught_and_logged_with_the_request(
 ) -> None:
     right = eager_round_trip(7, ITEM.x, 3)
     wrong = dataclasses.replace(right, merged_sum=float(np.nextafter(right.merged_sum, np.inf)))
-    with caplog.at_level(logging.ERROR, logger="roundtrip.server.audit"):
+    with caplog.at_level(logging.ERROR, logger="roundtrip.server.engine.audit"):
         assert not Auditor(1.0, 4).check(ITEM, wrong).matched
     (record,) = caplog.records
     assert record.getMessage().startswith("audit mismatch")

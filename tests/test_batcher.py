@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from reference import reference
 
-from roundtrip.server.batcher import Batcher, BatchRecord, Lane
-from roundtrip.server.engine import Engine
+from roundtrip.server.engine.engine import Engine
 from roundtrip.server.errors import ComputeFailed, DeadlineExpired, QueueFull, ShuttingDown
+from roundtrip.server.pipeline.batcher import Batcher
+from roundtrip.server.pipeline.lanes import BatchRecord, Lane
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import TABLE_END, TABLE_START, table
-from roundtrip.server.numerics import cpu_flags, supported_levels
+from bench.report import TABLE_END, TABLE_START, table
+from roundtrip.server.numerics.numerics import cpu_flags, supported_levels
 from support.workers import ROOT
 
 DOCS = ROOT / "docs"
@@ -117,3 +117,31 @@ def test_the_numerics_page_reproduces_a_workers_bits_as_it_says() -> None:
         check=True,
     )
     assert "orig_sum=-4.221933364868164" in done.stdout
+
+
+#: A repository path as code and comments name one (``docs/operations.md``, a test module).
+NAMED_PATH = re.compile(r"(?<![\w/.-])((?:docs|tests|bench|support|deploy|examples)/[\w./-]*\w)")
+
+
+def exists(named: str) -> bool:
+    """Whether ``named`` is in the repository (an ADR may be named by its number alone)."""
+    path = ROOT / named.split("#")[0]
+    return path.exists() or any(path.parent.glob(f"{path.name}-*.md"))
+
+
+def test_every_path_named_in_the_code_exists() -> None:
+    """A docstring or comment that sends a reader to ``docs/...`` (or a test, a bench script)
+    sends them somewhere real: moved or deleted pages fail here, not in a reader's hands."""
+    sources = [
+        path
+        for folder in ("server", "client", "support", "bench", "tests", "examples")
+        for path in (ROOT / folder).rglob("*.py")
+        if "v2proto" not in path.parts and "/v1/" not in path.as_posix()
+    ]
+    missing = sorted(
+        f"{path.relative_to(ROOT)}: {named}"
+        for path in sources
+        for named in set(NAMED_PATH.findall(path.read_text()))
+        if not exists(named)
+    )
+    assert missing == []

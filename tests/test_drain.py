@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import grpc
@@ -15,6 +14,7 @@ from reference import reference
 from roundtrip.client import RoundTripClient, RoundTripError
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.polling import wait_for
 from support.workers import WorkerProcess
 
 CASE = (11, np.linspace(-1, 1, 64, dtype=np.float32), 64)
@@ -53,7 +53,7 @@ def test_sigterm_under_load_fails_no_accepted_request() -> None:
         callers = [threading.Thread(target=caller) for _ in range(16)]
         for thread in callers:
             thread.start()
-        time.sleep(2)  # let load build up
+        wait_for(lambda: outcomes["ok"] >= 200, "load built up")
         worker.process.send_signal(15)
         assert worker.process.wait(60) == 0
         stop.set()
@@ -84,8 +84,8 @@ def test_calls_during_the_announce_are_answered_then_new_ones_refused() -> None:
         with RoundTripClient(worker.target, timeout=30) as client:
             client.round_trip(*CASE)
             worker.process.send_signal(15)
-            time.sleep(0.5)
-            assert worker.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            wait_for(lambda: worker.health() == not_serving, "health NOT_SERVING", timeout=2)
             # a caller that ignores health is still answered during the announce
             with grpc.insecure_channel(worker.target) as channel:
                 stub = pb_grpc.RoundTripServiceStub(channel)
@@ -93,7 +93,8 @@ def test_calls_during_the_announce_are_answered_then_new_ones_refused() -> None:
                 assert [response.orig_sum, response.merged_sum, response.max_abs_diff] == list(
                     reference(*CASE)
                 )
-                time.sleep(3)
+                refusing = lambda: any(e["event"] == "refusing" for e in worker.events)  # noqa: E731
+                wait_for(refusing, "the announce over", timeout=10)
                 with pytest.raises(grpc.RpcError) as refused:
                     stub.RoundTrip(build_request(*CASE), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from reference import reference_with_outputs
 
-from roundtrip.server.engine import Engine, batch_buckets
-from roundtrip.server.executables import CompiledInit, merged_sums
-from roundtrip.server.fencing import isolate_primitives
-from roundtrip.server.programs import orig_reductions, round_trip, seed_operand
+from roundtrip.server.engine.engine import Engine, batch_buckets
+from roundtrip.server.numerics.executables import CompiledInit, merged_sums
+from roundtrip.server.numerics.fencing import isolate_primitives
+from roundtrip.server.numerics.programs import orig_reductions, round_trip, seed_operand
 from roundtrip.server.values import RoundTripInput, ShapeSignature
 
 

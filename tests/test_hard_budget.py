@@ -30,15 +30,17 @@ from reference import reference
 from roundtrip.client import RoundTripClient, RoundTripError
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request
-from roundtrip.server.admission import Reservation
+from roundtrip.server.pipeline.admission import Reservation
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.polling import holds_within
+from support.rss import RssSampler
+from support.v2_stub import V2Stub
 from support.workers import (
     SERVING,
     InProcessWorker,
-    RssSampler,
     WorkerProcess,
     metric_value,
     serving_process,
@@ -114,12 +116,12 @@ def test_a_queue_that_stops_moving_turns_health_not_serving_until_it_moves() -> 
             return every_byte, ticket.future
 
         every_byte, answer = worker.run(hold_everything())
-        assert poll(lambda: worker.health() == NOT_SERVING, 10)
+        assert holds_within(lambda: worker.health() == NOT_SERVING, 10)
         assert worker.metric("roundtrip_stalled") == 1
         assert worker.event("stalled")["queued"] == 0  # the batch waits for bytes, taken
         assert rest_ready(worker) == 503
         worker.loop.call_soon_threadsafe(every_byte.release)
-        assert poll(lambda: worker.health() == SERVING, 10)
+        assert holds_within(lambda: worker.health() == SERVING, 10)
         assert worker.metric("roundtrip_stalled") == 0
         assert rest_ready(worker) == 200
 
@@ -127,16 +129,6 @@ def test_a_queue_that_stops_moving_turns_health_not_serving_until_it_moves() -> 
             return await answer
 
         assert worker.run(computed()).as_list() == list(reference(*SMALL))
-
-
-def poll(condition: Callable[[], bool], seconds: float) -> bool:
-    """Whether ``condition`` holds within ``seconds`` (checked every 50 ms)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def rest_ready(worker: InProcessWorker) -> int:
@@ -150,7 +142,6 @@ def rest_ready(worker: InProcessWorker) -> int:
 
 #: x of 64 rows of 1024, features 1024: 256 KiB an output, about 20 MiB a working set.
 WIDE_X = np.linspace(-1, 1, 64 * 1024, dtype=np.float32).reshape(64, 1024)
-INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def v2_large_answers(seeds: list[int]) -> v2pb.ModelInferRequest:
@@ -213,11 +204,7 @@ def door_loads(worker: WorkerProcess, seconds: float) -> dict[str, Callable[[], 
 
     channel = worker.channel()
     stub = pb_grpc.RoundTripServiceStub(channel)
-    infer = channel.unary_unary(
-        INFER_PATH,
-        request_serializer=v2pb.ModelInferRequest.SerializeToString,
-        response_deserializer=v2pb.ModelInferResponse.FromString,
-    )
+    infer = V2Stub(channel).ModelInfer
     one = build_request(1, WIDE_X, 1024, return_outputs=True)
     batch = pb.RoundTripBatchRequest(
         requests=[build_request(seed, WIDE_X, 1024, return_outputs=True) for seed in range(8)]
@@ -351,7 +338,7 @@ def test_rest_callers_that_never_read_their_answers_stay_within_the_budget(
     with RssSampler(bounded) as rss, HealthPoller(bounded.target, deadline_s=1.0) as health:
         connections = in_threads(*[lambda: unread_rest_call(bounded.http_port, body, headers)] * 32)
         try:
-            assert poll(lambda: bounded.metric(UNREAD_REST) > 0, 60)
+            assert holds_within(lambda: bounded.metric(UNREAD_REST) > 0, 60)
             assert wait_until_steady(bounded, "roundtrip_admitted_bytes") == 0
         finally:
             for connection in connections:
@@ -369,9 +356,9 @@ def test_one_stream_that_does_not_read_holds_only_its_share(bounded: WorkerProce
         stub = pb_grpc.RoundTripServiceStub(channel)
         with RssSampler(bounded) as rss:
             stream = stub.RoundTripStream(large_answers(400), timeout=120)
-            assert poll(lambda: bounded.metric("roundtrip_admitted_bytes") > BUDGET / 4, 30)
+            assert holds_within(lambda: bounded.metric("roundtrip_admitted_bytes") > BUDGET / 4, 30)
             codes = small_callers(bounded, seconds=3)
-            assert poll(lambda: bounded.metric(UNREAD_STREAM) > 0, 30)
+            assert holds_within(lambda: bounded.metric(UNREAD_STREAM) > 0, 30)
             stream.cancel()
     assert ok_share(codes) >= 0.9, codes
     assert rss.peak - rss.before < BUDGET / MIB + SLACK_MIB, rss.peak - rss.before
@@ -466,7 +453,7 @@ def test_a_compile_storm_does_not_take_the_compute_lane() -> None:
         for thread in storms:
             thread.start()
         try:
-            time.sleep(1)
+            assert holds_within(lambda: storm.total() >= 2, 60)  # the storm is compiling
             during = float(np.median(latencies(worker, seconds=8)))
         finally:
             stop.set()
@@ -509,11 +496,7 @@ def test_many_v2_calls_of_many_seeds_leave_unary_callers_served() -> None:
         def v2_caller() -> Counter[str]:
             codes: Counter[str] = Counter()
             with worker.channel() as channel:
-                infer = channel.unary_unary(
-                    INFER_PATH,
-                    request_serializer=v2pb.ModelInferRequest.SerializeToString,
-                    response_deserializer=v2pb.ModelInferResponse.FromString,
-                )
+                infer = V2Stub(channel).ModelInfer
                 for _ in range(2):
                     try:
                         answer = infer(call, timeout=120)
@@ -556,7 +539,7 @@ def test_callers_that_hang_up_or_send_garbage_are_no_error_of_the_workers(
             assert sock.recv(100).startswith(b"HTTP/1.0 400") or raw.startswith(b"GARBAGE")
     body, headers = rest_32_mib_answer()
     sock = unread_rest_call(bounded.http_port, body, headers)
-    assert poll(lambda: bounded.metric("roundtrip_admitted_bytes") > 32 * MIB, 30)
+    assert holds_within(lambda: bounded.metric("roundtrip_admitted_bytes") > 32 * MIB, 30)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # a reset, while the worker writes its answer
     assert wait_until_steady(bounded, "roundtrip_admitted_bytes") == 0
@@ -585,7 +568,9 @@ def test_a_stream_message_refused_before_its_parse_is_answered_by_its_id(
             large_answers(600, features=4096), timeout=120
         )
         try:
-            assert poll(lambda: bounded.metric("roundtrip_computing_bytes") > BUDGET / 4, 60)
+            assert holds_within(
+                lambda: bounded.metric("roundtrip_computing_bytes") > BUDGET / 4, 60
+            )
             with grpc.insecure_channel(bounded.target, channel_options()) as channel:
                 answers = pb_grpc.RoundTripServiceStub(channel).RoundTripStream(
                     iter(small), timeout=60

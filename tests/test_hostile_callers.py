@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,7 +26,10 @@ from roundtrip.client.messages import build_request
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
-from support.workers import RssSampler, WorkerProcess, serving_process, serving_worker
+from support.polling import wait_for
+from support.rss import RssSampler
+from support.v2_stub import V2Stub
+from support.workers import WorkerProcess, serving_process, serving_worker
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +78,7 @@ def test_rest_abuse_never_delays_grpc_health_or_other_callers(worker: WorkerProc
                 lambda: post(port, json.dumps(largest_json_outputs).encode()),
                 lambda: [exact_round_trip(client, seed) for seed in range(20)],
             )
-        time.sleep(0.5)
+        wait_for(lambda: health.polls >= 5, "health polled")
     assert health.polls >= 5
     assert health.late == []
     outputs, small = answers[12:]
@@ -108,8 +110,7 @@ def test_stalled_uploads_hold_what_they_sent_then_time_out(worker: WorkerProcess
     finally:
         for upload in uploads:
             upload.close()
-    time.sleep(1)
-    assert worker.metric("roundtrip_admitted_bytes") == 0
+    wait_for(lambda: worker.metric("roundtrip_admitted_bytes") == 0, "the uploads' bytes back")
     assert worker.rss_mib() < before * 1.1
 
 
@@ -152,11 +153,7 @@ def test_huge_v2_seed_tensors_are_refused_before_they_are_parsed(worker: WorkerP
     message = packed_seed_infer(60_000_000)
     assert 56 * MIB < len(message) < 64 * MIB
     with worker.channel() as channel:
-        infer = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=lambda data: data,
-            response_deserializer=v2pb.ModelInferResponse.FromString,
-        )
+        infer = V2Stub(channel).ModelInferBytes
 
         with RssSampler(worker) as rss:
             codes = in_threads(*[lambda: outcome(infer, message)] * 4)
@@ -263,11 +260,7 @@ def test_answers_too_large_to_send_are_refused_before_compute() -> None:
                 ),
                 timeout=30,
             ),
-            "ModelInfer": lambda: channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelInfer",
-                request_serializer=v2pb.ModelInferRequest.SerializeToString,
-                response_deserializer=v2pb.ModelInferResponse.FromString,
-            )(
+            "ModelInfer": lambda: V2Stub(channel).ModelInfer(
                 v2pb.ModelInferRequest(
                     model_name="roundtrip",
                     inputs=[

@@ -25,10 +25,10 @@ def modules_after_import(module: str) -> set[str]:
 @pytest.mark.parametrize(
     ("module", "forbidden"),
     [
-        ("roundtrip.server.engine", {"grpc", "google"}),  # the engine knows nothing of gRPC
+        ("roundtrip.server.engine.engine", {"grpc", "google"}),  # the engine knows nothing of gRPC
         ("roundtrip.server.values", {"jax", "jaxlib", "flax", "grpc"}),  # every codec's types
-        ("roundtrip.server.reference", {"grpc", "google"}),
-        ("roundtrip.server.metrics", {"jax", "jaxlib", "flax"}),
+        ("roundtrip.server.numerics.reference", {"grpc", "google"}),
+        ("roundtrip.server.ops.metrics", {"jax", "jaxlib", "flax"}),
         ("roundtrip.server.config", {"jax", "jaxlib", "flax", "grpc"}),
         ("roundtrip.client", {"jax", "jaxlib", "flax"}),  # the client nothing of JAX
         ("roundtrip.client.cli", {"jax", "jaxlib", "flax"}),
@@ -48,9 +48,26 @@ def test_the_worker_does_not_load_the_client_library() -> None:
 SERVER = Path(__file__).resolve().parent.parent / "server" / "roundtrip" / "server"
 DOORS = "roundtrip.server.doors"
 
+#: The worker's layers, bottom to top: a module imports from its own layer or below, never
+#: above (the README's layout lists the same folders). Inside a layer, the import graph has
+#: no circle.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("ops",),  # metrics, logs, the collector's settings, the event loop: imports nothing
+    ("errors", "values", "config", "v2proto"),  # what every layer passes and reads
+    ("numerics",),  # the JAX programs and what decides their bits
+    ("engine",),  # executables and parameters kept, warm-up, audit
+    ("pipeline",),  # checks, the byte budget, turns, batcher, calls
+    ("codecs",),  # wire formats to and from the pipeline's values
+    ("doors",),  # gRPC and REST, siblings over the pipeline
+    ("parts", "app", "__main__"),  # the assembly: what a worker is built from, its lifecycle
+)
+#: Floors of the module import graph, the ground floor 1 (what imports none of ours).
+MOST_FLOORS = 8
+
 
 def imported_modules(path: Path) -> set[str]:
-    """The modules ``path`` imports (``from a import b`` counts ``a`` and ``a.b``)."""
+    """The modules ``path`` imports (``from a import b`` counts ``a`` and ``a.b``), type-only
+    imports included."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -64,15 +81,84 @@ def module_name(path: Path) -> str:
     return ".".join(("roundtrip", *path.relative_to(SERVER.parent).with_suffix("").parts))
 
 
+def layer_of(module: str) -> int:
+    """Where ``module`` (``roundtrip.server.x...``) stands in :data:`LAYERS`."""
+    top = module.split(".")[2]
+    return next(floor for floor, names in enumerate(LAYERS) if top in names)
+
+
+def worker_modules() -> dict[str, set[str]]:
+    """Each hand-written module of the worker, and the worker's modules it imports."""
+    paths = [path for path in SERVER.rglob("*.py") if "v2proto" not in path.parts]
+    names = {module_name(path).removesuffix(".__init__") for path in paths}
+    graph = {}
+    for path in paths:
+        reached = set()
+        for imported in imported_modules(path):
+            while imported not in names and imported.count(".") > 2:
+                imported = imported.rsplit(".", 1)[0]  # a name from a module: the module
+            if imported in names and imported != "roundtrip.server":
+                reached.add(imported)
+        graph[module_name(path).removesuffix(".__init__")] = reached
+    return graph
+
+
+def test_every_folder_is_a_layer_and_the_layers_are_stated() -> None:
+    folders = {path.name for path in SERVER.iterdir() if (path / "__init__.py").exists()}
+    modules = {path.stem for path in SERVER.glob("*.py") if path.stem != "__init__"}
+    assert folders | modules == {name for layer in LAYERS for name in layer}
+
+
+def test_no_import_runs_back_up_a_layer() -> None:
+    """Data flows one way: ops below everything, the assembly on top; a module that needs
+    something from a layer above has found a concern in the wrong place."""
+    upward = [
+        f"{module} -> {imported}"
+        for module, reached in worker_modules().items()
+        for imported in reached
+        if layer_of(imported) > layer_of(module)
+    ]
+    assert upward == []
+
+
+def test_the_import_graph_has_no_circle_and_few_floors() -> None:
+    graph = worker_modules()
+    floors: dict[str, int] = {}
+
+    def floor(module: str, path: tuple[str, ...]) -> int:
+        assert module not in path, f"import circle: {' -> '.join((*path, module))}"
+        if module not in floors:
+            floors[module] = 1 + max(
+                (floor(imported, (*path, module)) for imported in graph[module]), default=0
+            )
+        return floors[module]
+
+    highest = max(floor(module, ()) for module in graph)
+    assert highest <= MOST_FLOORS, sorted(floors.items(), key=lambda item: -item[1])[:5]
+
+
 def test_doors_are_siblings_that_only_the_assembly_knows() -> None:
-    """No door imports another, and nothing under the doors imports a door (the assembly,
-    app.py, is what puts them side by side): every door reaches the worker through the
-    pipeline, never through another door."""
-    doors = {module_name(path) for path in (SERVER / "doors").glob("[a-z]*.py")}
-    assert {f"{DOORS}.{name}" for name in ("roundtrip", "stream", "v2_grpc", "v2_rest")} <= doors
-    for path in SERVER.rglob("*.py"):
-        name = module_name(path)
-        if name in (f"{DOORS}.__init__", "roundtrip.server.app") or "v2proto" in name:
+    """No door imports another, and nothing outside the doors imports a door but the
+    assembly (app.py, which puts them side by side): every door reaches the worker through
+    the pipeline, never through another door. What the doors share (the gRPC methods'
+    wrapper, listeners, security, the OpenAPI document) imports no door."""
+    doors = {f"{DOORS}.{name}" for name in ("roundtrip", "stream", "v2_grpc", "v2_rest")}
+    assert all((SERVER / "doors" / f"{door.rsplit('.', 1)[1]}.py").exists() for door in doors)
+    for module, reached in worker_modules().items():
+        if module in ("roundtrip.server.app", DOORS):
             continue
-        reached = {module for module in imported_modules(path) if module.startswith(DOORS)}
-        assert reached <= {DOORS}, f"{name} imports {sorted(reached)}"
+        assert reached & doors == set(), f"{module} imports {sorted(reached & doors)}"
+
+
+def test_the_readme_lists_the_layers_in_their_order() -> None:
+    """The README's layout names every layer, bottom first, as :data:`LAYERS` does."""
+    readme = (SERVER.parents[2] / "README.md").read_text()
+    block = readme.split("server/roundtrip/server/ ", 1)[1].split("\nsupport/", 1)[0]
+    listed = [
+        name.strip().rstrip("/").removesuffix(".py")
+        for line in block.splitlines()
+        if line.startswith("  ") and not line.startswith("   ")
+        for name in line.split("  ")[1].split(",")
+    ]
+    stated = [name for layer in LAYERS for name in layer if name != "v2proto"]
+    assert listed == stated

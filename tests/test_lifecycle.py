@@ -24,10 +24,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from reference import reference
 
 from roundtrip.client import RoundTripClient
-from roundtrip.server import app, eventloop, warmup
+from roundtrip.server import app
 from roundtrip.server.__main__ import main as server_main
-from roundtrip.server.admission import container_memory_limit, default_inflight_bytes
 from roundtrip.server.config import WorkerConfig
+from roundtrip.server.engine import warmup
+from roundtrip.server.ops import eventloop
+from roundtrip.server.pipeline.admission import container_memory_limit, default_inflight_bytes
 from support.workers import WorkerProcess, serving_process, serving_worker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -18,7 +18,7 @@ import yaml
 
 from roundtrip.client import __version__
 from roundtrip.server.config import WorkerConfig
-from roundtrip.server.numerics import ISA_LEVELS
+from roundtrip.server.numerics.numerics import ISA_LEVELS
 from support.workers import ROOT
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"

@@ -22,14 +22,15 @@ from reference import reference
 from roundtrip.client import InvalidArgumentError, RoundTripClient, RoundTripError
 from roundtrip.client.channel import channel_options
 from roundtrip.client.messages import build_request
-from roundtrip.server.admission import (
+from roundtrip.server.pipeline.admission import (
     DEFAULT_INFLIGHT_BYTES,
     container_memory_limit,
     default_inflight_bytes,
 )
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
-from support.workers import RssSampler, WorkerProcess, serving_process
+from support.rss import RssSampler
+from support.workers import WorkerProcess, serving_process
 
 MIB = 1024 * 1024
 BIG_X = np.random.default_rng(3).standard_normal((4096, 1024)).astype(np.float32)  # 16 MiB

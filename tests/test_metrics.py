@@ -15,7 +15,7 @@ import pytest
 
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.client.messages import build_request
-from roundtrip.server.metrics import METRIC_NAMES
+from roundtrip.server.ops.metrics import METRIC_NAMES
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.workers import ROOT, WorkerProcess, metric_value, serving_process, serving_worker
 

@@ -20,7 +20,7 @@ import pytest
 
 from roundtrip.client import FailedPreconditionError, RoundTripClient, RoundTripResult
 from roundtrip.client.channel import FINGERPRINT_KEY
-from roundtrip.server import numerics
+from roundtrip.server.numerics import numerics
 from support.workers import ROOT, WorkerProcess
 
 #: The issue's case: seed 5, x of shape (3, 2, 4) from a normal, features 2. This x gives
@@ -262,7 +262,8 @@ def test_before_its_fingerprint_is_known_an_insisting_call_is_unavailable() -> N
 
 LANES_DISAGREE = """
 import asyncio, sys
-from roundtrip.server import app, warmup
+from roundtrip.server import app
+from roundtrip.server.engine import warmup
 from roundtrip.server.config import WorkerConfig
 
 warmup.fingerprint = lambda engine, stop=None: str(engine.device)  # as if each lane gave other bits

@@ -7,18 +7,17 @@ again, or the cache is off. The cache is bounded by bytes, and that bound holds 
 
 from __future__ import annotations
 
-import time
-
 import ml_dtypes
 import numpy as np
 import pytest
 from reference import reference
 
 from roundtrip.client import RoundTripClient
-from roundtrip.server.engine import PARAM_CACHE_MIN_ELEMENTS, ROW_CACHE_MIN_ELEMENTS, Engine
-from roundtrip.server.param_cache import ParamCache
+from roundtrip.server.engine.engine import PARAM_CACHE_MIN_ELEMENTS, ROW_CACHE_MIN_ELEMENTS, Engine
+from roundtrip.server.engine.param_cache import ParamCache
+from roundtrip.server.engine.warmup import self_check
 from roundtrip.server.values import RoundTripInput
-from roundtrip.server.warmup import self_check
+from support.polling import wait_for
 from support.workers import serving_process, serving_worker
 
 MIB = 1024 * 1024
@@ -169,9 +168,6 @@ def test_the_audit_rechecks_answers_served_from_cached_parameters() -> None:
                 assert np.array_equal(result.as_list(), reference(seed, x, 256)), round_
         # round 1: first sightings, from seeds; round 2: drawn and cached; then hits
         assert worker.metric("roundtrip_param_cache_hits_total") >= 12
-        deadline = 60
-        while worker.metric("roundtrip_audit_checks_total") < 20 and deadline:
-            time.sleep(0.5)
-            deadline -= 1
-        assert worker.metric("roundtrip_audit_checks_total") >= 20
+        audited = lambda: worker.metric("roundtrip_audit_checks_total") >= 20  # noqa: E731
+        wait_for(audited, "20 answers audited", timeout=60)
         assert worker.metric("roundtrip_audit_mismatches_total") == 0

@@ -26,6 +26,7 @@ from roundtrip.client import AsyncRoundTripClient, RoundTripClient, RoundTripErr
 from roundtrip.client.channel import SERVICE
 from roundtrip.client.messages import build_request, parse_response
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.polling import wait_for
 from support.workers import WorkerProcess
 
 CASE = (7, np.linspace(-1, 1, 64, dtype=np.float32), 64)
@@ -47,6 +48,9 @@ def restart(worker: WorkerProcess) -> WorkerProcess:
     assert worker.terminate() == 0
     [new] = start_workers(worker.port)
     return new
+
+
+UNARY_OK = 'roundtrip_requests_total{code="OK",method="RoundTrip"}'
 
 
 def answered_ok(worker: WorkerProcess) -> int:
@@ -106,14 +110,15 @@ def test_rolling_restart_under_load_ends_every_call_ok() -> None:
             return client.round_trip(*CASE).as_list()
 
         with client, steady_load(call, 12, pause_s=0.01) as outcomes:
-            time.sleep(2)
+            wait_for(lambda: outcomes["ok"] >= 100, "the load running")
             for index, worker in enumerate(workers):
                 retired.append(worker)
                 workers[index] = restart(worker)
-                time.sleep(2)  # the new worker takes calls before the next one goes
+                new = workers[index]  # it takes calls before the next one goes
+                answering = lambda new=new: new.metric(UNARY_OK) > 0  # noqa: E731
+                wait_for(answering, "the new worker answering")
             before_last = outcomes["ok"]
-            time.sleep(2)
-            assert outcomes["ok"] > before_last  # still answering after the rollout
+            wait_for(lambda: outcomes["ok"] > before_last + 100, "answers after the rollout")
         for worker in workers:
             assert worker.terminate() == 0
             retired.append(worker)
@@ -143,9 +148,10 @@ def test_non_retrying_client_sees_no_error_across_a_sigterm() -> None:
                 return parse_response(stub.RoundTrip(request, timeout=60)).as_list()
 
             with steady_load(call, 8) as outcomes:
-                time.sleep(2)
+                wait_for(lambda: outcomes["ok"] >= 100, "the load running")
                 assert workers[0].terminate() == 0
-                time.sleep(1)
+                after = outcomes["ok"]
+                wait_for(lambda: outcomes["ok"] > after + 50, "answers after the first stopped")
         assert workers[1].terminate() == 0
     finally:
         for worker in workers:
@@ -176,7 +182,7 @@ def test_a_stream_on_a_draining_worker_goes_on_elsewhere_with_every_answer() -> 
     streamed = 'roundtrip_requests_total{code="OK",method="RoundTripStream"}'
     try:
         streaming.start()
-        time.sleep(1.5)
+        wait_for(lambda: any(w.metric(streamed) > 0 for w in workers), "the stream answering")
         [holder] = [w for w in workers if w.metric(streamed) > 0]
         assert holder.terminate() == 0  # announce, then end the stream mid-way
         streaming.join(120)
@@ -215,7 +221,8 @@ def test_an_async_stream_from_an_async_source_goes_on_elsewhere_with_every_answe
     with ThreadPoolExecutor(1) as pool:
         try:
             outcomes_future = pool.submit(asyncio.run, consume())
-            time.sleep(1.5)
+            streaming = lambda: any(w.metric(streamed) > 0 for w in workers)  # noqa: E731
+            wait_for(streaming, "the stream answering")
             [holder] = [w for w in workers if w.metric(streamed) > 0]
             assert holder.terminate() == 0
             outcomes = outcomes_future.result(120)

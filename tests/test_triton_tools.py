@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench import harness
+from bench import checks, loads
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from support.workers import InProcessWorker, serving_worker
@@ -105,8 +105,8 @@ def test_perf_analyzer_drives_the_worker_and_every_answer_is_the_reference(
     method = "ModelInfer" if protocol == "grpc" else "ModelInferHTTP"
     ok = f'roundtrip_requests_total{{code="OK",method="{method}"}}'
     before = worker.metric(ok)
-    load = harness.perf_analyzer(
-        port, protocol, harness.workload_body("W1"), duration=3, concurrency=4
+    load = loads.perf_analyzer(
+        port, protocol, checks.workload_body("W1"), duration=3, concurrency=4
     )
     assert load["rps"] > 0
     assert worker.metric(ok) > before

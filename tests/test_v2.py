@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,14 +21,16 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from reference import reference, reference_with_outputs
 
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+from support.polling import wait_for
+from support.v2_stub import V2Stub
 from support.workers import InProcessWorker, Worker, WorkerProcess, serving_worker
 
-SERVICE = "/inference.GRPCInferenceService/"
 DTYPES = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
@@ -40,12 +41,9 @@ DTYPES = {
 
 def v2_call(worker: Worker, method: str, request: Any, response_type: Any, **kw: Any) -> Any:
     with worker.channel() as channel:
-        call = channel.unary_unary(
-            SERVICE + method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=response_type.FromString,
-        )
-        return call(request, timeout=30, **kw)
+        answer = getattr(V2Stub(channel), method)(request, timeout=30, **kw)
+    assert isinstance(answer, response_type)
+    return answer
 
 
 def infer(worker: Worker, request: v2pb.ModelInferRequest, **kw: Any) -> Any:
@@ -203,6 +201,52 @@ def test_rest_metadata_and_health(v2_worker: InProcessWorker) -> None:
         "model_configuration",
         "statistics",
     ]
+
+
+def test_both_doors_describe_the_model_field_by_field_the_same(
+    v2_worker: InProcessWorker,
+) -> None:
+    """Server and model metadata, Triton's configuration and statistics: what gRPC sends,
+    written in V2's REST JSON (int64s as numbers), is exactly what REST sends."""
+    infer(v2_worker, infer_request([1], np.float32([1, 2, 3]), 4))  # statistics not all 0
+    pairs = [
+        ("/v2", "ServerMetadata", v2pb.ServerMetadataRequest(), v2pb.ServerMetadataResponse),
+        (
+            "/v2/models/roundtrip",
+            "ModelMetadata",
+            v2pb.ModelMetadataRequest(name="roundtrip"),
+            v2pb.ModelMetadataResponse,
+        ),
+        (
+            "/v2/models/roundtrip/config",
+            "ModelConfig",
+            v2pb.ModelConfigRequest(name="roundtrip"),
+            v2pb.ModelConfigResponse,
+        ),
+        (
+            "/v2/models/roundtrip/stats",
+            "ModelStatistics",
+            v2pb.ModelStatisticsRequest(name="roundtrip"),
+            v2pb.ModelStatisticsResponse,
+        ),
+    ]
+    for path, method, request, response_type in pairs:
+        status, _, body = http(v2_worker, path)
+        assert status == 200, path
+        sent = v2_call(v2_worker, method, request, response_type)
+        if method == "ModelConfig":
+            sent = sent.config
+        written = json.loads(body)
+        assert as_grpc_json(sent) == as_grpc_json(json_format.ParseDict(written, type(sent)()))
+        assert set(written) <= {field.name for field in sent.DESCRIPTOR.fields}, path
+
+
+def as_grpc_json(message: Any) -> dict[str, Any]:
+    """Every field of ``message``, set or not, as protobuf writes it: two messages equal
+    here are equal field by field."""
+    return json_format.MessageToDict(  # type: ignore[no-any-return]
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 # -- answers ------------------------------------------------------------------------------
@@ -513,8 +557,8 @@ def test_v2_ready_follows_health_through_warm_up_and_drain() -> None:
         process.wait_serving()
         assert http(process, "/v2/health/ready")[0] == 200
         os.killpg(process.process.pid, signal.SIGTERM)
-        time.sleep(1.0)  # inside the announce window: not ready, but calls are answered
-        assert http(process, "/v2/health/ready")[0] == 503
+        # inside the announce window: not ready, but calls are answered
+        wait_for(lambda: http(process, "/v2/health/ready")[0] == 503, "not ready", timeout=2)
         assert http(process, "/v2/models/roundtrip/ready")[0] == 503
         ready = v2_call(process, "ServerReady", v2pb.ServerReadyRequest(), v2pb.ServerReadyResponse)
         assert ready.ready is False

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from roundtrip.server.errors import LimitExceeded
+from roundtrip.server.pipeline.wire_counts import RepeatedLimits, check_counts
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
-from roundtrip.server.wire_counts import RepeatedLimits, check_counts
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 #: Small limits, so that generated messages fall on both sides of them.

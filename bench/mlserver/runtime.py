@@ -1,10 +1,10 @@
-"""The peer of bench/v2.py: an MLServer runtime serving roundtrip's computation over V2.
+"""MLServer beside the worker in the benchmark: a runtime serving roundtrip's computation over V2.
 
 It runs in MLServer's own environment (``.tools/mlserver``, from requirements.txt, with the
-worker's pinned JAX and Flax), started by bench/v2.py with ``mlserver start`` on a settings
+worker's pinned JAX and Flax), started by bench/launch.py with ``mlserver start`` on a settings
 folder it writes. ``jit`` (model parameter ``mode``): the layer's forward pass and sums are
 one ``nnx.jit`` per (shape, features), as a user of MLServer would write it; ``eager``:
-SPEC.md's steps as written. bench/v2.py checks the answer's bits against the eager reference
+SPEC.md's steps as written. bench/checks.py checks the answer's bits against the eager reference
 before any load and reports the mode it measured.
 """
 

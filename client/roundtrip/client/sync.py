@@ -153,9 +153,10 @@ class RoundTripClient:
         Raises:
             ValueError: seed or features not an int64, or x or dtype unusable; nothing is
                 sent.
-            InvalidArgumentError: the worker rejected the request (the message names the
-                field).
-            ResourceExhaustedError: over a worker limit, or the worker is overloaded.
+            InvalidArgumentError: the worker rejected the request, or it is over one of the
+                worker's limits (the message names the field, or the limit and its knob).
+            ResourceExhaustedError: the worker is overloaded now (its queue or its byte
+                budget is full); retry with backoff.
             UnavailableError: no serving worker could be reached (already retried).
             DeadlineExceededError: the deadline passed first.
             RoundTripError: any other status, with its ``code``.
@@ -183,9 +184,9 @@ class RoundTripClient:
         Raises:
             ValueError: a request's seed, features, x or dtype is unusable (its index is
                 named); nothing is sent.
-            RoundTripError: the call itself failed: too many items
-                (``ResourceExhaustedError``), a message over ``max_message_bytes``, no
-                serving worker, the deadline.
+            RoundTripError: the call itself failed: too many items or a message over
+                ``max_message_bytes`` (``InvalidArgumentError``), no serving worker, the
+                deadline.
         """
         batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
         response = self._unary(self._stub.RoundTripBatch, batch, timeout, metadata)

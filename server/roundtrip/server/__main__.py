@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 
-from roundtrip.server import eventloop, logs, numerics
 from roundtrip.server.config import WorkerConfig, config_table
+from roundtrip.server.numerics import numerics
+from roundtrip.server.ops import eventloop, logs
 
 #: Import names the worker needs beyond the thin client: the ``server`` extra.
 SERVER_EXTRA = ("jax", "flax", "grpc_reflection", "prometheus_client", "aiohttp")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(config.log_level)
     from roundtrip.server import app  # imports JAX: after the flags are known good
-    from roundtrip.server.warmup import SelfCheckFailed
+    from roundtrip.server.engine.warmup import SelfCheckFailed
 
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -14,116 +14,50 @@ closes everything it opened the same way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import grpc
-import jax
-import numpy as np
 from aiohttp import web
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from roundtrip.server import admission, heap, numerics, security, warmup
-from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher, Lane
+from roundtrip.server.codecs.v2_model import Model
 from roundtrip.server.config import WorkerConfig
-from roundtrip.server.doors import v2_rest
-from roundtrip.server.doors.roundtrip import RoundTripDoor
-from roundtrip.server.doors.stream import StreamDoor
-from roundtrip.server.doors.v2_grpc import SERVICE as V2_SERVICE
-from roundtrip.server.doors.v2_grpc import V2GrpcDoor
-from roundtrip.server.engine import Engine, EngineStats
-from roundtrip.server.eventloop import loop_name
-from roundtrip.server.grpc_calls import add_to_server
-from roundtrip.server.listeners import (
+from roundtrip.server.doors import http_server, security, v2_rest
+from roundtrip.server.doors.grpc_calls import add_to_server
+from roundtrip.server.doors.listeners import (
     PortUnavailable,
     health_only_server,
     listen,
     server_options,
 )
-from roundtrip.server.metrics import NUMERICS_LABELS, WorkerMetrics
-from roundtrip.server.pipeline import Pipeline
-from roundtrip.server.validation import RequestLimits
-from roundtrip.server.values import x64_enabled
+from roundtrip.server.doors.roundtrip import RoundTripDoor
+from roundtrip.server.doors.stream import StreamDoor
+from roundtrip.server.doors.v2_grpc import SERVICE as V2_SERVICE
+from roundtrip.server.doors.v2_grpc import V2GrpcDoor
+from roundtrip.server.engine import warmup
+from roundtrip.server.engine.engine import Engine, EngineStats
+from roundtrip.server.ops import heap
+from roundtrip.server.ops.metrics import NUMERICS_LABELS, WorkerMetrics
+from roundtrip.server.parts import pipeline_for, server_info, use_compilation_cache
+from roundtrip.server.pipeline.batcher import Batcher
+from roundtrip.server.pipeline.pipeline import Pipeline
 from roundtrip.v1 import roundtrip_pb2 as pb
-from roundtrip.wire.version import __version__
 
 __all__ = ["PortUnavailable", "Worker", "serve", "start"]
 
 log = logging.getLogger(__name__)
 
 ROUNDTRIP_SERVICE = pb.DESCRIPTOR.services_by_name["RoundTripService"]
-
-
-def server_info(config: WorkerConfig, budget_limit: int, lanes: int) -> pb.GetServerInfoResponse:
-    """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits."""
-    return pb.GetServerInfoResponse(
-        worker_version=__version__,
-        jax_version=jax.__version__,
-        flax_version=metadata.version("flax"),
-        numpy_version=np.__version__,
-        grpc_version=grpc.__version__,
-        backend=jax.default_backend(),
-        devices=[str(device) for device in jax.devices()],
-        compute_lanes=lanes,
-        x64_enabled=x64_enabled(),
-        numerics=pb.NumericsIdentity(
-            backend=jax.default_backend(),
-            device_kind=jax.devices()[0].device_kind,
-            xla_cpu_max_isa=numerics.pinned_isa(os.environ.get("XLA_FLAGS", "")),
-            host_cpu_isa=numerics.host_isa(numerics.cpu_flags()),
-            xla_flags=os.environ.get("XLA_FLAGS", ""),
-        ),
-        limits=pb.Limits(
-            max_x_elements=config.max_x_elements,
-            max_features=config.max_features,
-            max_param_bytes=config.max_param_bytes,
-            max_output_elements=config.max_output_elements,
-            max_message_bytes=config.max_message_bytes,
-            max_batch_size=config.max_batch_size,
-            max_queue_delay_us=config.max_queue_delay_us,
-            max_queue_size=config.max_queue_size,
-            max_inflight_bytes=budget_limit,
-            max_batch_items=config.max_batch_items,
-            max_param_cache_bytes=config.max_param_cache_bytes,
-        ),
-    )
-
-
-def compute_lanes(config: WorkerConfig) -> list[Lane]:
-    """One lane per local device of JAX's backend, each with its own engine (executables,
-    parameter cache: ``max_param_cache_bytes`` shared out evenly) and compute thread."""
-    devices = jax.local_devices()
-    return [
-        Lane(
-            Engine(
-                max_compiled=config.max_compiled,
-                max_batch_size=config.max_batch_size,
-                max_param_cache_bytes=config.max_param_cache_bytes // len(devices),
-                device=device,
-            ),
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jax-compute-{index}"),
-            str(device),
-        )
-        for index, device in enumerate(devices)
-    ]
-
-
-def inflight_bytes(config: WorkerConfig) -> int:
-    """``max_inflight_bytes``, with 0 resolved from the container's memory limit."""
-    if config.max_inflight_bytes:
-        return config.max_inflight_bytes
-    return admission.default_inflight_bytes(admission.container_memory_limit())
 
 
 @dataclass(kw_only=True)
@@ -156,8 +90,17 @@ class Worker:
         return self.pipeline.metrics
 
     @property
-    def batcher(self) -> Batcher:
+    def batcher(self) -> Batcher[Engine]:
         return self.pipeline.batcher
+
+    @functools.cached_property
+    def model(self) -> Model:
+        """The model as V2 describes it, which both V2 doors format."""
+        return Model(
+            max_batch_items=self.config.max_batch_items,
+            max_queue_delay_us=self.config.max_queue_delay_us,
+            tally=self.pipeline.metrics.tally,
+        )
 
     def ready(self) -> bool:
         """V2's ServerReady and ModelReady: self-checked and not draining (as health says)."""
@@ -227,8 +170,9 @@ class Worker:
             if self.warm and not self.stopping.is_set():
                 await self.set_serving(not stalled)
 
-    async def stop(self) -> None:
-        """Drain in two steps, then close: nothing a door accepted is cut off.
+    async def stop(self) -> bool:
+        """Drain in two steps, then close: nothing a door accepted is cut off. Returns
+        whether every open call finished within the grace (False: some were cut off).
 
         1. Announce: health turns NOT_SERVING (probes take the pod out of its
            Services, clients that watch health pick other workers) while calls
@@ -245,7 +189,7 @@ class Worker:
             extra={
                 "announce_s": announce_s,
                 "grace_s": config.drain_grace_s,
-                "inflight": int(self.metrics.value("roundtrip_inflight_requests")),
+                "inflight": self.metrics.inflight_requests,
             },
         )
         self.stopping.set()  # a warm-up still compiling gives up at its next compilation
@@ -266,6 +210,7 @@ class Worker:
         )
         await self.close(max(config.drain_grace_s - (time.monotonic() - grace_started), 0.0))
         stats = EngineStats.total(lane.engine.stats for lane in self.batcher.lanes)
+        audited, audit_mismatches = self.metrics.audited
         log.info(
             "stopped",
             extra={
@@ -275,10 +220,11 @@ class Worker:
                 "compilations": stats.compilations,
                 "compile_seconds": round(stats.compile_seconds, 3),
                 "answered_by_code": self.metrics.answered_by_code(),
-                "audited": int(self.metrics.value("roundtrip_audit_checks_total")),
-                "audit_mismatches": int(self.metrics.value("roundtrip_audit_mismatches_total")),
+                "audited": audited,
+                "audit_mismatches": audit_mismatches,
             },
         )
+        return finished
 
     async def close(self, grace: float = 0.0) -> None:
         """Close everything the worker opened, whether it served or not: the servers (open
@@ -301,66 +247,6 @@ class Worker:
         self.pipeline.auditor.stop()
         self.pauses.unwatch()
         self.metrics.close()
-
-
-def use_compilation_cache(directory: str) -> None:
-    """Point JAX's persistent compilation cache at ``directory`` (every executable is cached)."""
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def pipeline_for(config: WorkerConfig) -> Pipeline:
-    """The pipeline: lanes, batcher, byte budget, limits, audit and metrics, from ``config``."""
-    budget = admission.ByteBudget(inflight_bytes(config), caller_share=config.max_caller_share)
-    lanes = compute_lanes(config)
-    log.info(
-        "starting",
-        extra={
-            "backend": jax.default_backend(),
-            "devices": [str(device) for device in jax.devices()],
-            "lanes": [lane.name for lane in lanes],
-            "event_loop": loop_name(asyncio.get_running_loop()),
-            "config": config.as_dict(),
-            "max_inflight_bytes": budget.limit,
-            "container_memory_limit": admission.container_memory_limit(),
-        },
-    )
-    metrics = WorkerMetrics(max_batch_size=config.max_batch_size)
-    batcher = Batcher(
-        lanes,
-        max_batch_size=config.max_batch_size,
-        max_queue_delay_us=config.max_queue_delay_us,
-        max_queue_size=config.max_queue_size,
-        budget=budget,
-        on_batch=metrics.observe_batch,
-        compiler=ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-compile"),
-    )
-    metrics.watch_lanes({lane.name: lane.engine for lane in lanes})
-    metrics.watch_queue(lambda: batcher.queued)
-    metrics.watch_budget(budget)
-    return Pipeline(
-        batcher=batcher,
-        budget=budget,
-        limits=RequestLimits(
-            max_x_elements=config.max_x_elements,
-            max_features=config.max_features,
-            max_param_bytes=config.max_param_bytes,
-            max_output_elements=config.max_output_elements,
-            max_x_rank=config.max_x_rank,
-        ),
-        auditor=Auditor(
-            config.audit_fraction,
-            config.audit_queue_size,
-            on_outcome=metrics.observe_audit,
-            on_skipped=metrics.audit_skipped.inc,
-        ),
-        metrics=metrics,
-        max_batch_items=config.max_batch_items,
-        max_answer_bytes=config.max_message_bytes,
-        queue_share=config.max_queue_share,
-        bulk_queue_share=config.max_bulk_queue_share,
-    )
 
 
 async def start(config: WorkerConfig) -> Worker:
@@ -419,7 +305,7 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
         "RoundTripStream": stream.RoundTripStream,
     }
     add_to_server(methods, ROUNDTRIP_SERVICE, server, pipeline, worker.parser)
-    v2_methods = V2GrpcDoor(pipeline, ready=worker.ready).methods()
+    v2_methods = V2GrpcDoor(pipeline, worker.model, ready=worker.ready).methods()
     add_to_server(v2_methods, V2_SERVICE, server, pipeline, worker.parser)
     health_pb2_grpc.add_HealthServicer_to_server(worker.health, server)
     services = [ROUNDTRIP_SERVICE.full_name, V2_SERVICE.full_name, health.SERVICE_NAME]
@@ -446,6 +332,7 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
     if config.http_port >= 0:
         door = v2_rest.V2RestDoor(
             pipeline,
+            worker.model,
             ready=worker.ready,
             max_body_bytes=config.max_message_bytes,
             max_json_bytes=config.max_json_bytes,
@@ -456,12 +343,13 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
             token=token,
         )
         try:
-            worker.http, worker.http_port = await v2_rest.start(
-                door,
+            worker.http, worker.http_port = await http_server.start(
+                door.application(),
                 config.host,
                 config.http_port,
                 tls=security.ssl_context(config),
                 idle_timeout_s=config.http_idle_timeout_s,
+                count=lambda code: pipeline.metrics.observe_rpc("HTTP", code, 0.0),
             )
         except OSError as error:
             raise PortUnavailable(

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from roundtrip.server.eventloop import EVENT_LOOPS
+from roundtrip.server.ops.eventloop import EVENT_LOOPS
 
 ENV_PREFIX = "ROUNDTRIP_"
 AUTH_EXEMPTABLE = frozenset({"health", "reflection"})
@@ -289,8 +289,8 @@ class WorkerConfig:
     event_loop: str = _knob(
         "uvloop",
         "The asyncio event loop every RPC runs on: uvloop (libuv; more requests per second "
-        "per core, see docs/benchmarks.md) or asyncio (the standard library's). Answers are "
-        "the same bits on either.",
+        "per core, docs/adr/0002-uvloop-by-default.md) or asyncio (the standard library's). "
+        "Answers are the same bits on either.",
     )
     gc_threshold: int = _knob(
         10_000,

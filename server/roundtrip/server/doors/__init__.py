@@ -7,6 +7,6 @@ outcomes back into that wire format, and nothing more.
 * :mod:`.v2_rest`: V2 over HTTP (aiohttp).
 
 Doors are siblings: none imports another (``tests/test_layering.py``). What the gRPC ones
-share is :mod:`roundtrip.server.grpc_calls`; what all of them share is
-:mod:`roundtrip.server.pipeline`.
+share is :mod:`roundtrip.server.doors.grpc_calls`; what all of them share is
+:mod:`roundtrip.server.pipeline.pipeline`.
 """

@@ -2,7 +2,7 @@
 ``GetServerInfo``. Each converts its messages and leaves the work to the pipeline.
 
 Registered from the service descriptor (``grpc_calls.add_to_server``), so the methods take
-what the tolerant parser hands over, wrapped by :func:`~roundtrip.server.grpc_calls.unary`.
+what the tolerant parser hands over, wrapped by :func:`~roundtrip.server.doors.grpc_calls.unary`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from roundtrip.server.admission import WorkingSet
-from roundtrip.server.calls import Call
-from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
+from roundtrip.server.codecs.codec import answer_wire_bytes, encode_result, weighed
+from roundtrip.server.doors.grpc_calls import Context, dropped_code, unary
 from roundtrip.server.errors import Failure, LimitExceeded, failure_of
-from roundtrip.server.grpc_calls import Context, dropped_code, unary
-from roundtrip.server.pipeline import Pipeline
-from roundtrip.server.validation import decode, weigh
+from roundtrip.server.pipeline.admission import WorkingSet
+from roundtrip.server.pipeline.calls import Call
+from roundtrip.server.pipeline.pipeline import Pipeline
+from roundtrip.server.pipeline.validation import decode, weigh
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -123,7 +123,7 @@ def batch_answer_bytes(
     refused: list[Failure | RoundTripAnswer | None], sizes: list[WorkingSet]
 ) -> int:
     """An upper bound of a ``RoundTripBatchResponse``'s bytes on the wire: each answer's
-    (:func:`~roundtrip.server.codec.answer_wire_bytes`), each refusal's message, and the
+    (:func:`~roundtrip.server.codecs.codec.answer_wire_bytes`), each refusal's message, and the
     tags around each outcome."""
     errors = sum(len(outcome.message) + 16 for outcome in refused if isinstance(outcome, Failure))
     return errors + sum(answer_wire_bytes(size) + 8 for size in sizes)

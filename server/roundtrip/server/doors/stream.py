@@ -4,7 +4,7 @@ tagged with its id; a bad message gets its own error and the stream goes on.
 A message holds one of ``max_stream_inflight`` slots from when it is read until its answer
 has been written, so a caller that stops reading answers stops the worker reading its
 requests (HTTP/2 flow control then slows the caller) and never piles answers up in the
-worker. Each message is a :class:`~roundtrip.server.pipeline.Call` of its own, owned by the
+worker. Each message is a :class:`~roundtrip.server.pipeline.pipeline.Call` of its own, owned by the
 stream from the moment it is read: written, its call closes; the stream ending however it
 ends (finished, failed, cancelled, its caller gone) closes every call it still owns. When the
 worker drains, the stream stops reading, sends every answer it owes, and ends with
@@ -20,11 +20,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from roundtrip.server import numerics
-from roundtrip.server.calls import Call
-from roundtrip.server.codec import answer_wire_bytes, encode_result, weighed
-from roundtrip.server.errors import Failure, ShuttingDown
-from roundtrip.server.grpc_calls import (
+from roundtrip.server.codecs.codec import answer_wire_bytes, encode_result, weighed
+from roundtrip.server.doors.grpc_calls import (
     Context,
     Received,
     Unparseable,
@@ -32,7 +29,10 @@ from roundtrip.server.grpc_calls import (
     dropped_code,
     unpacked,
 )
-from roundtrip.server.pipeline import Pipeline
+from roundtrip.server.errors import Failure, ShuttingDown
+from roundtrip.server.numerics import numerics
+from roundtrip.server.pipeline.calls import Call
+from roundtrip.server.pipeline.pipeline import Pipeline
 from roundtrip.v1 import roundtrip_pb2 as pb
 
 log = logging.getLogger(__name__)

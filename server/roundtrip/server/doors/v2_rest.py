@@ -1,8 +1,8 @@
 """The V2 protocol's REST endpoints (aiohttp) on ``http_port``, on the worker's event loop.
 
 An infer body becomes a ``ModelInferRequest`` through the JSON codec
-(:mod:`~roundtrip.server.v2_json`) and is answered through V2's mapping into the pipeline
-(:func:`roundtrip.server.v2.answer`), in the same envelope as every other door. Errors are
+(:mod:`~roundtrip.server.codecs.v2_json`) and is answered through V2's mapping into the pipeline
+(:func:`roundtrip.server.codecs.v2.answer`), in the same envelope as every other door. Errors are
 the gRPC status the call would have ended with, as the HTTP status of the one mapping
 (:func:`~roundtrip.server.errors.failure_of`), with V2's body ``{"error": "<message>"}``.
 
@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 from aiohttp import ClientConnectionError, web
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from roundtrip.server import openapi, v2, v2_json
-from roundtrip.server.calls import Call
+from roundtrip.server.codecs import v2, v2_json
+from roundtrip.server.codecs.v2_model import MODEL_NAME, Model, as_json
+from roundtrip.server.doors import openapi
+from roundtrip.server.doors.http_server import caller_of
+from roundtrip.server.doors.security import TokenCheck
 from roundtrip.server.errors import (
     AnswerNotTaken,
     BodyTooLarge,
@@ -42,8 +42,8 @@ from roundtrip.server.errors import (
     UploadTimedOut,
     failure_of,
 )
-from roundtrip.server.pipeline import Pipeline
-from roundtrip.server.security import TokenCheck
+from roundtrip.server.pipeline.calls import Call
+from roundtrip.server.pipeline.pipeline import Pipeline
 from roundtrip.wire.metadata import FINGERPRINT_KEY
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class V2RestDoor:
     def __init__(
         self,
         pipeline: Pipeline,
+        model: Model,
         *,
         ready: Callable[[], bool],
         max_body_bytes: int,
@@ -78,6 +79,7 @@ class V2RestDoor:
         token: TokenCheck | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.model = model
         self.ready = ready
         self._max_body_bytes = max_body_bytes
         self._max_json_bytes = max_json_bytes
@@ -141,53 +143,31 @@ class V2RestDoor:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        metadata = v2.server_metadata()
-        return web.json_response(
-            {
-                "name": metadata.name,
-                "version": metadata.version,
-                "extensions": list(metadata.extensions),
-            }
-        )
+        return web.json_response(as_json(self.model.server_metadata()))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
-        metadata = v2.model_metadata()
+        self._check_model(request)
+        return web.json_response(as_json(self.model.metadata()))
 
-        def tensors(items: Any) -> list[dict[str, Any]]:
-            return [
-                {"name": item.name, "datatype": item.datatype, "shape": list(item.shape)}
-                for item in items
-            ]
-
-        return web.json_response(
-            {
-                "name": metadata.name,
-                "versions": list(metadata.versions),
-                "platform": metadata.platform,
-                "inputs": tensors(metadata.inputs),
-                "outputs": tensors(metadata.outputs),
-            }
-        )
+    def _check_model(self, request: web.Request) -> None:
+        self.model.check(request.match_info["model"], request.match_info.get("version", ""))
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi.document())
 
     async def model_config(self, request: web.Request) -> web.Response:
-        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
-        return web.json_response(v2.model_config(self.pipeline))
+        self._check_model(request)
+        return web.json_response(self.model.config())
 
     async def model_statistics(self, request: web.Request) -> web.Response:
         if "model" in request.match_info:
-            v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
-        return web.json_response(v2.model_statistics(self.pipeline.metrics.tally))
+            self._check_model(request)
+        return web.json_response(self.model.statistics())
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        v2.check_model(request.match_info["model"], request.match_info.get("version", ""))
+        self._check_model(request)
         ready = self.ready()
-        return web.json_response(
-            {"name": v2.MODEL_NAME, "ready": ready}, status=200 if ready else 503
-        )
+        return web.json_response({"name": MODEL_NAME, "ready": ready}, status=200 if ready else 503)
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         """One V2 call: its body admitted by bytes as it arrives, decoded, answered, and
@@ -199,7 +179,7 @@ class V2RestDoor:
         with pipeline.call(deadline=None, caller=caller_of(request)) as call:
             with pipeline.envelope(METHOD, dropped=_cancelled) as envelope:
                 pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY), call)
-                v2.check_model(model, version)
+                self.model.check(model, version)
                 body, split = await self._read(request, call)
                 with self._decoding(call, split, len(body) - split):
                     message, binary_outputs = v2_json.infer_request(
@@ -209,8 +189,15 @@ class V2RestDoor:
                 unpacked = v2.unpack(message, pipeline.limits, max_items=pipeline.max_batch_items)
                 self._check_json_outputs(unpacked, binary_outputs)
                 call.reserve(self._answer_copies(unpacked, binary_outputs))
-                response = await v2.answer(call, message, pipeline, unpacked=unpacked)
-                del message
+                answers = await pipeline.answer_all(
+                    call,
+                    unpacked.sizes,
+                    unpacked.item,
+                    unpacked.about,
+                    answer_bytes=unpacked.answer_wire_bytes(),
+                )
+                response = v2.pack(message, unpacked, answers)
+                del message, answers
                 text = await _joined(v2_json.answer_pieces(response, binary_outputs))
                 tail = v2_json.binary_tail(response, binary_outputs)
                 del response
@@ -381,75 +368,5 @@ def _answer(text: bytes, tail: list[bytes]) -> web.StreamResponse:
     return sent
 
 
-def caller_of(request: web.Request) -> str:
-    """The caller a REST request is charged to: its connection (:func:`peer_name`)."""
-    transport = request.transport
-    return peer_name(transport.get_extra_info("peername") if transport is not None else None)
-
-
-def peer_name(address: Any) -> str:
-    """A socket's peer address named as gRPC names a peer.
-
-    >>> peer_name(("127.0.0.1", 5000)), peer_name(("::1", 5000, 0, 0)), peer_name(None)
-    ('ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000', 'unknown')
-    """
-    if not address:
-        return "unknown"
-    host, port = address[0], address[1]
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-
-
 def _cancelled() -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
-
-
-class HttpErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The logger aiohttp's connection handler reports to. A malformed request, or a caller
-    that hung up, is the caller's doing: a WARNING (or DEBUG) line naming it, counted as
-    the status it got (INVALID_ARGUMENT, CANCELLED), never an ERROR with a traceback; what
-    is left is a failure of this worker's and logged as one."""
-
-    def __init__(self, count: Callable[[str], None]) -> None:
-        super().__init__(log, {})
-        self._count = count
-
-    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
-        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(error, HttpProcessingError):
-            self._count("INVALID_ARGUMENT")
-            log.warning("malformed HTTP request", extra={"status": 400, "error": str(error)})
-        elif isinstance(error, ConnectionError | ClientConnectionError):
-            self._count("CANCELLED")
-            log.debug("HTTP caller gone", extra={"error": repr(error)})
-        else:
-            log.error(str(msg) % args if args else str(msg), exc_info=exc_info)
-
-
-async def start(
-    door: V2RestDoor, host: str, port: int, *, tls: ssl.SSLContext | None, idle_timeout_s: float
-) -> tuple[web.AppRunner, int]:
-    """Serve ``door`` on ``host:port`` (0 picks a free port); the runner and bound port.
-
-    A connection without a complete request for ``idle_timeout_s`` is closed, whether idle
-    or sending its headers slowly; a refused body is not read on (no lingering). Raises
-    OSError when the port cannot be bound.
-    """
-    # the drain has already waited for open calls (they count in OpenCalls) when the runner
-    # is cleaned up, so its own wait is short
-    metrics = door.pipeline.metrics
-    runner = web.AppRunner(
-        door.application(),
-        logger=HttpErrorLog(lambda code: metrics.observe_rpc("HTTP", code, 0.0)),
-        access_log=None,
-        shutdown_timeout=1.0,
-        keepalive_timeout=idle_timeout_s,
-        lingering_time=0,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    return runner, int(runner.addresses[0][1])

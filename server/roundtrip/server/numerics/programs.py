@@ -1,8 +1,8 @@
 """The RoundTrip computation as pure JAX programs: the reference steps written once, traced
 with the seed as an operand and the shapes static, batched by a loop over the requests.
 
-Nothing here compiles or holds state: :mod:`~roundtrip.server.executables` lowers these
-programs (fenced by :mod:`~roundtrip.server.fencing`) into executables per shape and batch
+Nothing here compiles or holds state: :mod:`~roundtrip.server.numerics.executables` lowers these
+programs (fenced by :mod:`~roundtrip.server.numerics.fencing`) into executables per shape and batch
 size, and the engine picks which to run.
 
 * Steps 1-4 (build, run, split, merge, run): :func:`round_trip` from a seed, and
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from roundtrip.server.fencing import isolate_primitives
+from roundtrip.server.numerics.fencing import isolate_primitives
 from roundtrip.server.values import x64_enabled
 
 

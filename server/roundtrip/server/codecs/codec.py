@@ -1,9 +1,9 @@
 """``roundtrip.v1`` messages to and from the pipeline's values, for the doors that speak it
 (RoundTrip, RoundTripBatch, RoundTripStream): a request weighed on its declared shape with
-its payload decoded only once admitted (the checks are :mod:`~roundtrip.server.validation`'s),
-and an answer encoded.
+its payload decoded only once admitted (the checks are
+:mod:`~roundtrip.server.pipeline.validation`'s), and an answer encoded.
 
->>> from roundtrip.server.validation import RequestLimits
+>>> from roundtrip.server.pipeline.validation import RequestLimits
 >>> request = pb.RoundTripRequest(seed=0, x=pb.Array(values=[1.0, 2.0, 3.0]), features=4)
 >>> size, decode = weighed(request, RequestLimits(100, 100, 10_000, 100), message_bytes=40)
 >>> size.param_bytes, decode().x.tolist()
@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from roundtrip.server.admission import WorkingSet
-from roundtrip.server.validation import RequestLimits, decode, weigh
+from roundtrip.server.pipeline.admission import WorkingSet
+from roundtrip.server.pipeline.validation import RequestLimits, decode, weigh
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.wire import arrays

@@ -1,5 +1,5 @@
 """V2's REST body as JSON (and the binary tensor data extension), to and from the
-``ModelInferRequest`` / ``ModelInferResponse`` the V2 mapping (:mod:`~roundtrip.server.v2`)
+``ModelInferRequest`` / ``ModelInferResponse`` the V2 mapping (:mod:`~roundtrip.server.codecs.v2`)
 reads and writes: the REST door's codec, beside V2's protobuf one.
 
 JSON ``data`` (flat or nested, row-major) becomes a tensor's raw little-endian bytes, as a
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from roundtrip.server import v2
+from roundtrip.server.codecs import v2
 from roundtrip.server.errors import InvalidArgument
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 

@@ -1,11 +1,13 @@
-"""The Open Inference Protocol (V2, KServe's protocol) for roundtrip: the model's tensors,
-and the mapping between a ``ModelInferRequest`` and the pipeline's requests. No I/O here.
+"""The Open Inference Protocol (V2, KServe's protocol) for roundtrip: the mapping between a
+``ModelInferRequest`` and the pipeline's requests, and the answers packed back. No I/O here;
+the model's description is :mod:`~roundtrip.server.codecs.v2_model`'s.
 
 Both V2 doors arrive as a ``ModelInferRequest`` (REST's JSON and binary data become one
-through :mod:`~roundtrip.server.v2_json`), so there is one mapping, :func:`answer`, and it
-ends in the same :class:`RoundTripInput`, :func:`~roundtrip.server.validation.weigh_shape`
-limits and pipeline as ``RoundTrip``. Inputs: ``seed`` (INT64), ``x`` (FP32, FP64, FP16 or
-BF16; rank >= 1; the last axis is the input width) and ``features`` (INT64). When ``seed``
+through :mod:`~roundtrip.server.codecs.v2_json`), so there is one mapping (:func:`unpack`,
+:func:`pack`), and it ends in the same :class:`RoundTripInput` and
+:func:`~roundtrip.server.pipeline.validation.weigh_shape` limits as ``RoundTrip``. Inputs:
+``seed`` (INT64), ``x`` (FP32, FP64, FP16 or BF16; rank >= 1; the last axis is the input
+width) and ``features`` (INT64). When ``seed``
 has B > 1 elements, the call holds B requests: request i is ``seed[i]``, ``x[i]`` (x's
 first axis is B) and ``features[i]`` (or one shared ``features``); each is answered
 exactly as if sent alone. Outputs: ``result`` (FP32, one row ``[orig_sum, merged_sum,
@@ -37,23 +39,12 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-from roundtrip.server.admission import WorkingSet
-from roundtrip.server.calls import Call
-from roundtrip.server.errors import InvalidArgument, LimitExceeded, NotFound, RequestError
-from roundtrip.server.metrics import Duration, InferenceTally
-from roundtrip.server.pipeline import Pipeline
+from roundtrip.server.codecs.v2_model import MODEL_NAME, MODEL_VERSION, X_DATATYPES
+from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
+from roundtrip.server.pipeline.admission import WorkingSet
+from roundtrip.server.pipeline.validation import MAX_RANK, RequestLimits, weigh_shape
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
-from roundtrip.server.validation import MAX_RANK, RequestLimits, weigh_shape
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
-from roundtrip.wire.version import __version__
-
-MODEL_NAME = "roundtrip"
-MODEL_VERSION = "1"
-SERVER_NAME = "roundtrip"
-PLATFORM = "jax_flax_nnx"
-#: Protocol extensions served: the REST binary tensor data extension, and Triton's model
-#: configuration and statistics extensions.
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 
 #: V2 datatype -> little-endian numpy dtype, for every datatype a tensor may arrive in
 #: (the REST layer decodes JSON data with it); x takes only the floating ones.
@@ -72,7 +63,6 @@ NUMPY_OF: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-X_DATATYPES = ("FP32", "FP64", "FP16", "BF16")
 #: Most dimensions any tensor's shape may declare (numpy's own limit); x's own limit is the
 #: worker's ``max_x_rank``.
 MAX_TENSOR_RANK = MAX_RANK
@@ -81,123 +71,6 @@ INPUTS = ("seed", "x", "features")
 OUTPUTS = ("result", "orig_out", "merged_out")
 DEFAULT_OUTPUTS = ("result",)
 RESULT_ROW = struct.Struct("<3f")
-
-
-def check_model(name: str, version: str) -> None:
-    """NOT_FOUND unless ``name`` (and ``version``, when given) is the model served here."""
-    if name != MODEL_NAME:
-        raise NotFound(f"unknown model {name!r}: this worker serves {MODEL_NAME!r}")
-    if version not in ("", MODEL_VERSION):
-        raise NotFound(
-            f"unknown version {version!r} of model {MODEL_NAME!r}: it has version {MODEL_VERSION!r}"
-        )
-
-
-def server_metadata() -> v2pb.ServerMetadataResponse:
-    return v2pb.ServerMetadataResponse(
-        name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS)
-    )
-
-
-def model_metadata() -> v2pb.ModelMetadataResponse:
-    """The tensors in their batched form, as V2 (and Triton's configuration, below) declare
-    them: B requests per call, seed and features ``[B, 1]`` (``[B]`` is accepted too), x
-    ``[B, width]`` (-1: any size). V2 lists one datatype per tensor: x is FP32 here, and
-    FP64, FP16 and BF16 are accepted too (the configuration's ``x_datatypes`` says so);
-    x of higher rank (``[B, ..., width]``) is accepted as well."""
-    tensor = v2pb.ModelMetadataResponse.TensorMetadata
-    return v2pb.ModelMetadataResponse(
-        name=MODEL_NAME,
-        versions=[MODEL_VERSION],
-        platform=PLATFORM,
-        inputs=[
-            tensor(name="seed", datatype="INT64", shape=[-1, 1]),
-            tensor(name="x", datatype="FP32", shape=[-1, -1]),
-            tensor(name="features", datatype="INT64", shape=[-1, 1]),
-        ],
-        outputs=[
-            tensor(name="result", datatype="FP32", shape=[-1, 3]),
-            tensor(name="orig_out", datatype="FP32", shape=[-1, -1]),
-            tensor(name="merged_out", datatype="FP32", shape=[-1, -1]),
-        ],
-    )
-
-
-def model_config(pipeline: Pipeline) -> dict[str, Any]:
-    """Triton's model configuration of this model, as Triton's REST extension writes it (the
-    gRPC one parses the same into ``ModelConfig``): batched (``max_batch_size`` is
-    ``max_batch_items``, and dims leave the batch axis out), the tensors of
-    :func:`model_metadata`, the worker's queue delay.
-
-    >>> from types import SimpleNamespace
-    >>> worker = SimpleNamespace(max_batch_items=16, batcher=SimpleNamespace(max_queue_delay_us=0))
-    >>> model_config(worker)["input"][1]
-    {'name': 'x', 'data_type': 'TYPE_FP32', 'dims': [-1]}
-    """
-    return {
-        "name": MODEL_NAME,
-        "platform": PLATFORM,
-        "backend": "jax",
-        "max_batch_size": pipeline.max_batch_items,
-        "input": [
-            {"name": "seed", "data_type": "TYPE_INT64", "dims": [1]},
-            {"name": "x", "data_type": "TYPE_FP32", "dims": [-1]},
-            {"name": "features", "data_type": "TYPE_INT64", "dims": [1]},
-        ],
-        "output": [
-            {"name": "result", "data_type": "TYPE_FP32", "dims": [3]},
-            {"name": "orig_out", "data_type": "TYPE_FP32", "dims": [-1]},
-            {"name": "merged_out", "data_type": "TYPE_FP32", "dims": [-1]},
-        ],
-        "dynamic_batching": {"max_queue_delay_microseconds": pipeline.batcher.max_queue_delay_us},
-        "parameters": {
-            "x_datatypes": {"string_value": ",".join(X_DATATYPES)},
-            "x_rank": {"string_value": "any >= 1 beside the batch axis; the last is the width"},
-        },
-    }
-
-
-def model_statistics(tally: InferenceTally) -> dict[str, Any]:
-    """Triton's statistics extension for this model, from the worker's own counters.
-
-    >>> model_statistics(InferenceTally())["model_stats"][0]["inference_count"]
-    0
-    """
-
-    def duration(value: Duration) -> dict[str, int]:
-        return {"count": value.count, "ns": value.ns}
-
-    def computed(value: Duration) -> dict[str, dict[str, int]]:
-        """Triton splits compute in three with equal counts; the engine's time is all one
-        step here (inputs and outputs are moved inside it), so the other two take 0 ns."""
-        untimed = {"count": value.count, "ns": 0}
-        return {
-            "compute_input": untimed,
-            "compute_infer": duration(value),
-            "compute_output": untimed,
-        }
-
-    return {
-        "model_stats": [
-            {
-                "name": MODEL_NAME,
-                "version": MODEL_VERSION,
-                "last_inference": tally.last_inference_ms,
-                "inference_count": tally.inference_count,
-                "execution_count": tally.execution_count,
-                "inference_stats": {
-                    "success": duration(tally.success),
-                    "fail": duration(tally.fail),
-                    "queue": duration(tally.queue),
-                    **computed(tally.compute_infer),
-                },
-                "batch_stats": [
-                    {"batch_size": size, **computed(tally.batches[size])}
-                    for size in sorted(tally.batches)
-                ],
-            }
-        ]
-    }
 
 
 @dataclass(slots=True)
@@ -259,8 +132,8 @@ def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items:
     of sixty million elements is refused on its declared shape. x is read only when
     :meth:`Unpacked.item` first needs it, after admission has reserved its bytes: raw
     contents are read in place; typed contents (``fp32_contents``...) are copied once.
+    The model it names is the door's to check (:func:`check_model`), once, before this.
     """
-    check_model(request.model_name, request.model_version)
     tensors = _inputs(request)
     seeds = _integers(tensors, "seed", max_items)
     count = len(seeds)
@@ -312,43 +185,6 @@ def unpack(request: v2pb.ModelInferRequest, limits: RequestLimits, *, max_items:
         row_shape=row_shape,
         _x=functools.partial(_x_elements, x_tensor, x_raw, dtype, shape),
     )
-
-
-async def answer(
-    call: Call,
-    request: v2pb.ModelInferRequest,
-    pipeline: Pipeline,
-    *,
-    unpacked: Unpacked | None = None,
-) -> v2pb.ModelInferResponse:
-    """Answer every request of ``request`` through ``call``, each exactly as if sent alone.
-
-    Refused before any compute when its answer could not be sent (over
-    ``max_message_bytes``). A call of B requests fails as a whole with its first failing
-    request's status, which names the request (:meth:`Unpacked.about`), as soon as one
-    has failed: the door then closes ``call``, which takes its other requests out of the
-    queue (a retry does not find the first attempt's requests still queued).
-    """
-    if unpacked is None:
-        unpacked = unpack(request, pipeline.limits, max_items=pipeline.max_batch_items)
-    answer_bytes = unpacked.answer_wire_bytes()
-    pipeline.check_answer_size(answer_bytes)
-    call.reserve(answer_bytes)  # the answers packed into one response, beside their own copies
-    for index, size in enumerate(unpacked.sizes):
-        try:
-            call.admit(size, functools.partial(unpacked.item, index), all_or_nothing=True)
-        except RequestError as error:
-            raise unpacked.about(index, error) from None
-    outcomes = await call.answers()
-    for index, outcome in enumerate(outcomes):
-        if isinstance(outcome, RequestError):
-            raise unpacked.about(index, outcome)
-        if isinstance(outcome, Exception):
-            raise outcome  # a bug: INTERNAL
-    answers = [outcome for outcome in outcomes if isinstance(outcome, RoundTripAnswer)]
-    if len(answers) != len(outcomes):
-        raise RuntimeError("a request of the call was never answered")  # a bug: INTERNAL
-    return pack(request, unpacked, answers)
 
 
 def pack(

@@ -1,10 +1,9 @@
 """The event loop the worker runs on (``event_loop``): uvloop by default, asyncio on request.
 
 Every RPC's Python runs on this one loop, beside the compute lanes' threads, so its cost
-per wake-up bounds unary throughput: on the 2-core benchmark machine uvloop (libuv)
-measured 4-15% more unary requests/s than the standard library's selector loop, and
-RoundTripBatch between no gain and 9% (docs/benchmarks.md). Answers are computed on the
-lanes either way: the loop never changes a bit.
+per wake-up bounds unary throughput: uvloop (libuv) serves more unary requests per second
+than the standard library's selector loop (docs/adr/0002-uvloop-by-default.md). Answers are
+computed on the lanes either way: the loop never changes a bit.
 
 >>> loop = loop_factory("asyncio")()
 >>> loop_name(loop)

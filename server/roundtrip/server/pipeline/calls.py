@@ -3,13 +3,13 @@
 A call holds every reservation it takes (its message's bytes; each request's decoded input
 and answer from admission until the answer is taken; a batch holds its computation's
 working set while it runs) and every request it queued, all charged to its caller
-(:class:`~roundtrip.server.admission.Caller`: a connection), and :meth:`Call.close` gives
+(:class:`~roundtrip.server.pipeline.admission.Caller`: a connection), and :meth:`Call.close` gives
 all of it back, once, whichever way the call ended: answered, failed, cancelled, past its
 deadline, drained, its caller gone, its stream unread. A door closes its calls by
 construction (``with``, a done-callback, or the stream that owns them); no door releases a
 reservation itself.
 
->>> from roundtrip.server.admission import ByteBudget, Caller
+>>> from roundtrip.server.pipeline.admission import ByteBudget, Caller
 >>> budget = ByteBudget(100)
 >>> with Call(Holdings(budget, None, None, None), Caller("a"), None, budget.received(10)) as call:
 ...     with call.holding(60):  # decoding a body, say (the message: 2 x 10)
@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from roundtrip.server.admission import (
+from roundtrip.server.engine.audit import Auditor
+from roundtrip.server.errors import RequestError
+from roundtrip.server.pipeline.admission import (
     ByteBudget,
     Caller,
     Reservation,
@@ -36,10 +39,8 @@ from roundtrip.server.admission import (
     compute_bytes,
     held_bytes,
 )
-from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher, Gathering, Ticket
-from roundtrip.server.errors import RequestError
-from roundtrip.server.turns import QueueTurns
+from roundtrip.server.pipeline.tickets import Outstanding, Queue, Ticket
+from roundtrip.server.pipeline.turns import QueueTurns
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
 
@@ -49,7 +50,7 @@ class Holdings:
     of calls of many, and the audit its answers are offered to."""
 
     budget: ByteBudget
-    batcher: Batcher | None
+    batcher: Queue | None
     auditor: Auditor | None
     turns: QueueTurns | None
 
@@ -67,51 +68,6 @@ class _Request:
         self.held: Reservation | None = None
         self.ticket: Ticket | None = None
         self.error: Exception | None = None
-
-
-class _Outstanding(Gathering):
-    """A call's requests, counted as they settle (answered by the batcher, or refused when
-    their turn came), awaited as one; each answer gives the call's caller a place back in
-    the queue. With ``all_or_nothing`` the wait ends at the first failure (the call fails
-    whole; its other requests are taken out of the queue when it closes).
-
-    ``asyncio.wait`` on their futures would add a callback to every one and run each as it
-    is answered: 165 us more per 64-item message than this, on the event loop.
-    """
-
-    __slots__ = ("_call", "_done", "_expected", "all_or_nothing", "failed", "settled")
-
-    def __init__(self, call: Call, all_or_nothing: bool) -> None:
-        self._call = call
-        self.all_or_nothing = all_or_nothing
-        self.settled = 0
-        self.failed = False
-        self._expected = -1
-        self._done: asyncio.Future[None] | None = None
-
-    def add(self) -> None:
-        """A request of the call is queued (counted when it settles)."""
-
-    def answered(self, failed: bool = False) -> None:
-        self._call._answered_one()
-        self.settle(failed)
-
-    def settle(self, failed: bool) -> None:
-        self.settled += 1
-        self.failed = self.failed or failed
-        done = self._done
-        if done is not None and not done.done() and self._over():
-            done.set_result(None)
-
-    def _over(self) -> bool:
-        return self.settled >= self._expected or (self.all_or_nothing and self.failed)
-
-    async def wait(self, expected: int) -> None:
-        """Until ``expected`` requests have settled (or, all or nothing, one has failed)."""
-        self._expected = expected
-        if not self._over():
-            self._done = asyncio.get_running_loop().create_future()
-            await self._done
 
 
 class Call:
@@ -167,7 +123,7 @@ class Call:
         self._queued: list[Ticket] = []
         self._requests: list[_Request] = []
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._outstanding: _Outstanding | None = None
+        self._outstanding: Outstanding | None = None
         self._place: asyncio.Semaphore | None = None
         self._closed = False
 
@@ -264,7 +220,7 @@ class Call:
         outcome in :meth:`answers`. ``all_or_nothing``: the call fails whole at its first
         failure (V2), so :meth:`answers` returns as soon as one fails."""
         if self._outstanding is None:
-            self._outstanding = _Outstanding(self, all_or_nothing)
+            self._outstanding = Outstanding(self._place_back, all_or_nothing)
         request = _Request(size, decode)
         turns = self._holdings.turns
         if self._waiting:
@@ -291,7 +247,7 @@ class Call:
                 self._outstanding.settle(failed=True)
         return bool(self._waiting)
 
-    def _answered_one(self) -> None:
+    def _place_back(self) -> None:
         """A queued request of this call was answered: its caller has a place back."""
         self.caller.outstanding -= 1
         turns = self._holdings.turns
@@ -316,6 +272,33 @@ class Call:
                 outcomes.append(None)
         return outcomes
 
+    async def answer_all(
+        self,
+        sizes: Sequence[WorkingSet],
+        decode: Callable[[int], RoundTripInput],
+        about: Callable[[int, RequestError], RequestError],
+    ) -> list[RoundTripAnswer]:
+        """Every request of a call that succeeds or fails whole (a V2 call of B seeds): the
+        ``index``-th weighed at ``sizes[index]`` and read by ``decode(index)``, each exactly
+        as if sent alone. The first failure is raised as ``about(index, error)`` (naming the
+        request) as soon as it happens; closing the call then takes the others out of the
+        queue, so a retry does not find the first attempt's requests still queued."""
+        for index, size in enumerate(sizes):
+            try:
+                self.admit(size, functools.partial(decode, index), all_or_nothing=True)
+            except RequestError as error:
+                raise about(index, error) from None
+        answers = []
+        for index, outcome in enumerate(await self.answers()):
+            if isinstance(outcome, RequestError):
+                raise about(index, outcome)
+            if isinstance(outcome, Exception):
+                raise outcome  # a bug: INTERNAL
+            if outcome is None:
+                raise RuntimeError("a request of the call was never answered")  # a bug
+            answers.append(outcome)
+        return answers
+
     async def answer(
         self, size: WorkingSet, decode: Callable[[], RoundTripInput]
     ) -> RoundTripAnswer:
@@ -325,10 +308,10 @@ class Call:
         try:
             answer = await ticket.future
         except RequestError:
-            self._answered(held, None)
+            self._done_with(held, None)
             raise
         self._offer(item, answer)
-        self._answered(held, answer)
+        self._done_with(held, answer)
         return answer
 
     def _offer(self, item: RoundTripInput, answer: RoundTripAnswer) -> None:
@@ -336,7 +319,7 @@ class Call:
         if auditor is not None:
             auditor.offer(item, answer)
 
-    def _answered(self, held: Reservation, answer: RoundTripAnswer | None) -> None:
+    def _done_with(self, held: Reservation, answer: RoundTripAnswer | None) -> None:
         """A request is done with: it keeps holding its input and its answer's bytes until
         the answer is taken (a failed one holds nothing from now), and the call's message is
         no longer needed."""
@@ -348,14 +331,14 @@ class Call:
     def _settle(
         self, item: RoundTripInput, held: Reservation, ticket: Ticket
     ) -> RoundTripAnswer | Exception:
-        """An answered request offered to the audit, then :meth:`_answered`."""
+        """An answered request offered to the audit, then :meth:`_done_with`."""
         error = ticket.future.exception()
         if isinstance(error, Exception):
-            self._answered(held, None)
+            self._done_with(held, None)
             return error
         answer = ticket.future.result()
         self._offer(item, answer)
-        self._answered(held, answer)
+        self._done_with(held, answer)
         return answer
 
     def close(self) -> None:

@@ -93,7 +93,7 @@ def working_set_bytes(size: WorkingSet) -> int:
     """An upper estimate of the bytes one request's computation holds beyond its message.
 
     (The message itself is held from the moment gRPC hands it over:
-    :func:`received_bytes`.) Measured on CPU with ``bench/memory_bounds.py
+    :meth:`ByteBudget.received`.) Measured on CPU with ``bench/memory_bounds.py
     --calibrate`` (peak RSS above the level before, one request and eight at
     once; figures in docs/operations.md) and with 64 concurrent 16 MiB
     requests, each term rounded up: x decoded, stacked into the batch (padded
@@ -195,7 +195,7 @@ class Reservation:
     one; :meth:`release` gives them back (once, however often called), and from then on it
     holds 0."""
 
-    __slots__ = ("_budget", "caller", "computing", "nbytes", "pending")
+    __slots__ = ("_budget", "caller", "computing", "nbytes", "to_compute")
 
     def __init__(
         self,
@@ -210,14 +210,14 @@ class Reservation:
         self.caller = caller
         self.computing = computing
         #: The compute bytes this waiting request will need, until its batch reserves them.
-        self.pending = 0
+        self.to_compute = 0
 
     def computed(self) -> None:
         """This waiting request's batch has reserved its compute bytes (or it will never
         run): it no longer counts among those the budget keeps room for."""
-        if self._budget is not None and self.pending:
-            self._budget.unpend(self.pending)
-            self.pending = 0
+        if self._budget is not None and self.to_compute:
+            self._budget.unpend(self.to_compute)
+            self.to_compute = 0
 
     def release(self) -> None:
         budget = self._budget
@@ -241,7 +241,7 @@ class ByteBudget:
     taken, and its computation's working set only while its batch runs
     (:meth:`try_compute`, by the batcher, for the whole batch). So that a waiting request
     can always run, admission keeps room for the largest compute set among the requests
-    waiting (``pending``): when no batch runs, the oldest request fits alone. One caller
+    waiting (``to_compute``): when no batch runs, the oldest request fits alone. One caller
     (:class:`Caller`) may hold at most ``caller_share`` of the budget, so that one stream
     that does not read, or one connection, cannot take it all. Whenever bytes come back,
     :attr:`freed` is set: what waits for room (a batch) waits on it, never on a guess of
@@ -273,7 +273,7 @@ class ByteBudget:
         self.peak = 0
         #: Set whenever bytes come back; whoever waits for room clears it first.
         self.freed = asyncio.Event()
-        self._pending: collections.Counter[int] = collections.Counter()
+        self._computes_waiting: collections.Counter[int] = collections.Counter()
         self._room = 0
 
     @property
@@ -282,11 +282,11 @@ class ByteBudget:
         return self._room
 
     def unpend(self, nbytes: int) -> None:
-        self._pending[nbytes] -= 1
-        if not self._pending[nbytes]:
-            del self._pending[nbytes]
+        self._computes_waiting[nbytes] -= 1
+        if not self._computes_waiting[nbytes]:
+            del self._computes_waiting[nbytes]
             if nbytes == self._room:
-                self._room = max(self._pending, default=0)
+                self._room = max(self._computes_waiting, default=0)
 
     def give_back(self, nbytes: int) -> None:
         """``nbytes`` are no longer held (a reservation's release)."""
@@ -340,8 +340,8 @@ class ByteBudget:
         self._check(held + compute, held + max(0, compute - self._room), caller, held)
         self._take(held, caller)
         reservation = Reservation(self, held, caller=caller)
-        reservation.pending = compute
-        self._pending[compute] += 1
+        reservation.to_compute = compute
+        self._computes_waiting[compute] += 1
         self._room = max(self._room, compute)
         return reservation
 

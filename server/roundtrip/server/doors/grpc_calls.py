@@ -6,7 +6,7 @@ grpcio's own parser answers bytes that are not a valid message with UNKNOWN, and
 would hang; :func:`tolerant_parser` hands the handler an :class:`Unparseable` instead, and
 counts the message against the byte budget the moment gRPC hands it over (or drops it
 unparsed when the budget cannot take it). A large message is checked on the wire
-(:mod:`~roundtrip.server.wire_counts`) and parsed on the parse thread, not on the event
+(:mod:`~roundtrip.server.pipeline.wire_counts`) and parsed on the parse thread, not on the event
 loop (:class:`Deferred`): the handler awaits it. :func:`unary` wraps a handler so that it
 gets the :class:`Call` holding that message, answers in :meth:`Pipeline.envelope`, aborts
 with the failure's status, and gives the call's bytes back once the answer is sent.
@@ -19,6 +19,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -26,12 +27,16 @@ import grpc
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
-from roundtrip.server import numerics
-from roundtrip.server.admission import Reservation
-from roundtrip.server.calls import Call
-from roundtrip.server.errors import InvalidArgument, LimitExceeded, RequestError
-from roundtrip.server.pipeline import Pipeline
-from roundtrip.server.wire_counts import WALKED_ABOVE, check_counts, varint_field
+from roundtrip.server.errors import Failure, InvalidArgument, LimitExceeded, RequestError
+from roundtrip.server.numerics import numerics
+from roundtrip.server.pipeline.admission import Reservation
+from roundtrip.server.pipeline.calls import Call
+from roundtrip.server.pipeline.wire_counts import (
+    WALKED_ABOVE,
+    RepeatedLimits,
+    check_counts,
+    varint_field,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response")
@@ -45,6 +50,43 @@ SMALL_ANSWER_BYTES = 64 * 1024
 #: copy of that deadline (which started when the call arrived): a cancel this close to the
 #: deadline is counted as the deadline.
 DEADLINE_SLACK_S = 0.25
+
+
+class Answering(Protocol):
+    """A call being answered (:class:`~roundtrip.server.pipeline.pipeline.Envelope`): its
+    failure, once it has failed."""
+
+    @property
+    def failure(self) -> Failure | None: ...
+
+
+class Pipeline(Protocol):
+    """What a gRPC method needs of the pipeline
+    (:class:`~roundtrip.server.pipeline.pipeline.Pipeline`): a message's bytes held as it
+    arrives and its repeated fields bounded, a call opened, checked, and answered in its
+    envelope."""
+
+    @property
+    def repeated_limits(self) -> RepeatedLimits: ...
+
+    def received(self, nbytes: int) -> Reservation: ...
+
+    def call(
+        self,
+        *,
+        deadline: float | None,
+        caller: str,
+        message: Reservation | None = None,
+        message_size: int = 0,
+    ) -> Call: ...
+
+    def check_new_call(
+        self, expected_fingerprint: str | None, call: Call | None = None
+    ) -> None: ...
+
+    def envelope(
+        self, method: str, *, dropped: Callable[[], grpc.StatusCode], counts: bool = True
+    ) -> AbstractContextManager[Answering]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +116,7 @@ class Unparseable:
 
 
 class Deferred:
-    """A message larger than :data:`~roundtrip.server.wire_counts.WALKED_ABOVE`: its bytes,
+    """A message larger than :data:`~roundtrip.server.pipeline.wire_counts.WALKED_ABOVE`: its bytes,
     checked and parsed on ``executor`` (the parse thread) when its handler asks, so that the
     walk over its fields and the parse never hold the event loop. The bytes are let go of
     once parsed (gRPC keeps what its parser returned for the whole call)."""
@@ -211,7 +253,8 @@ def close_when_sent(call: Call, context: Context) -> None:
 
 
 class Door(Protocol):
-    pipeline: Pipeline
+    @property
+    def pipeline(self) -> Pipeline: ...
 
 
 Handler = Callable[[Any, Call, Any, Context], Awaitable[Response]]

@@ -11,10 +11,11 @@ back into their wire format. What they share is here:
 * :class:`Envelope`: the one envelope every call (and every stream message) is answered
   in: open for the drain while it runs, counted once by the code it really ended with,
   and its failure mapped by :func:`~roundtrip.server.errors.failure_of`;
-* :class:`~roundtrip.server.calls.Call` (:mod:`~roundtrip.server.calls`): one call's claim
-  on the worker, charged to its caller (a connection), given back however the call ends.
+* :class:`~roundtrip.server.pipeline.calls.Call` (:mod:`~roundtrip.server.pipeline.calls`):
+  one call's claim on the worker, charged to its caller (a connection), given back however
+  the call ends.
 
->>> from roundtrip.server.validation import RequestLimits
+>>> from roundtrip.server.pipeline.validation import RequestLimits
 >>> limits = RequestLimits(max_x_elements=8, max_features=8, max_param_bytes=1024,
 ...                        max_output_elements=64)
 >>> pipeline = Pipeline(batcher=None, budget=ByteBudget(100), limits=limits, auditor=None,
@@ -32,21 +33,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 
-from roundtrip.server import numerics
-from roundtrip.server.admission import ByteBudget, Caller, Reservation
-from roundtrip.server.audit import Auditor
-from roundtrip.server.batcher import Batcher
-from roundtrip.server.calls import Call, Holdings
-from roundtrip.server.errors import Failure, LimitExceeded, ShuttingDown, failure_of
-from roundtrip.server.metrics import WorkerMetrics
-from roundtrip.server.turns import QueueTurns
-from roundtrip.server.validation import MAX_RANK, RequestLimits
-from roundtrip.server.wire_counts import RepeatedLimits
+from roundtrip.server.engine.audit import Auditor
+from roundtrip.server.errors import Failure, LimitExceeded, RequestError, ShuttingDown, failure_of
+from roundtrip.server.numerics import numerics
+from roundtrip.server.ops.metrics import WorkerMetrics
+from roundtrip.server.pipeline.admission import ByteBudget, Caller, Reservation, WorkingSet
+from roundtrip.server.pipeline.batcher import Batcher
+from roundtrip.server.pipeline.calls import Call, Holdings
+from roundtrip.server.pipeline.turns import QueueTurns
+from roundtrip.server.pipeline.validation import MAX_RANK, RequestLimits
+from roundtrip.server.pipeline.wire_counts import RepeatedLimits
+from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
 
 def repeated_limits(limits: RequestLimits, max_batch_items: int) -> RepeatedLimits:
@@ -128,7 +131,7 @@ class Pipeline:
     def __init__(
         self,
         *,
-        batcher: Batcher,
+        batcher: Batcher[Any],
         budget: ByteBudget,
         limits: RequestLimits,
         auditor: Auditor,
@@ -184,6 +187,22 @@ class Pipeline:
                 "ask for fewer rows, fewer features, or no outputs (return_outputs, orig_out, "
                 "merged_out)"
             )
+
+    async def answer_all(
+        self,
+        call: Call,
+        sizes: Sequence[WorkingSet],
+        decode: Callable[[int], RoundTripInput],
+        about: Callable[[int, RequestError], RequestError],
+        *,
+        answer_bytes: int,
+    ) -> list[RoundTripAnswer]:
+        """A call whose requests succeed or fail whole (:meth:`Call.answer_all`), its answer
+        of ``answer_bytes`` refused before any compute when it could never be sent and
+        reserved beside the answers' own copies."""
+        self.check_answer_size(answer_bytes)
+        call.reserve(answer_bytes)
+        return await call.answer_all(sizes, decode, about)
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message that has arrived, or raise Overloaded when the budget cannot take

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from roundtrip.server.engine import Engine
-from roundtrip.server.reference import eager_round_trip, same_answer
+from roundtrip.server.engine.engine import Engine
+from roundtrip.server.numerics.reference import eager_round_trip, same_answer
 from roundtrip.server.values import RoundTripInput, ShapeSignature
 
 log = logging.getLogger(__name__)

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 
-from roundtrip.server import programs
-from roundtrip.server.fencing import isolate_primitives
-from roundtrip.server.programs import param_specs, placed, seed_operand
+from roundtrip.server.numerics import programs
+from roundtrip.server.numerics.fencing import isolate_primitives
+from roundtrip.server.numerics.programs import param_specs, placed, seed_operand
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 ParamSource = Literal["seed", "shared", "rows"]
@@ -56,8 +56,6 @@ class CompiledInit:
 class CompiledRoundTrip:
     """The executables for ``batch_size`` requests of ``signature``; a subclass says where
     the parameters come from (:meth:`_program`, :meth:`_parameters`)."""
-
-    source: ClassVar[ParamSource]
 
     def __init__(
         self, signature: ShapeSignature, batch_size: int, *, device: jax.Device | None = None
@@ -163,7 +161,7 @@ def _with_rows(
     body: Callable[..., Any], *operands: Any, features: int, batch_size: int
 ) -> tuple[Any, ...]:
     """Steps 1-4, and each request's original output as an output of its own (what
-    :func:`~roundtrip.server.programs.orig_reductions` sums)."""
+    :func:`~roundtrip.server.numerics.programs.orig_reductions` sums)."""
     orig_out, merged_out, *drawn = body(*operands, features=features)
     return (orig_out, merged_out, programs.rows_of(orig_out, batch_size), *drawn)
 
@@ -179,8 +177,6 @@ def merged_sums(merged_outs: Any, count: int, batch_size: int) -> npt.NDArray[An
 class FromSeeds(CompiledRoundTrip):
     """Parameters drawn from each request's seed; with ``emit_params`` the executable also
     hands back what it drew (host copies), for the rows tier of the cache."""
-
-    source = "seed"
 
     def __init__(
         self,
@@ -212,8 +208,6 @@ class FromSeeds(CompiledRoundTrip):
 class FromSharedParams(CompiledRoundTrip):
     """One parameter set (a repeated seed's, kept on the device) for every request."""
 
-    source = "shared"
-
     def _program(self) -> tuple[Callable[..., Any], Any]:
         body = (
             programs.one_from_params if self.batch_size == 1 else programs.batch_from_shared_params
@@ -227,8 +221,6 @@ class FromSharedParams(CompiledRoundTrip):
 
 class FromRowParams(CompiledRoundTrip):
     """Each request's own parameter set (host copies), stacked into the batch's operand."""
-
-    source = "rows"
 
     def _program(self) -> tuple[Callable[..., Any], Any]:
         width, features = self.signature.x_shape[-1], self.signature.features
@@ -258,8 +250,9 @@ class FromRowParams(CompiledRoundTrip):
         return stacked
 
 
+#: The executables that take their parameters as operands, by where those come from (one
+#: that draws them from seeds takes ``emit_params`` too: :class:`FromSeeds`).
 EXECUTABLES: dict[ParamSource, type[CompiledRoundTrip]] = {
-    "seed": FromSeeds,
     "shared": FromSharedParams,
     "rows": FromRowParams,
 }

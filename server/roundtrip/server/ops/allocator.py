@@ -7,7 +7,7 @@ block's size, and from then on blocks that size come from the heap, where a
 freed block stays in the process. The parameter cache evicts 4 MiB sets, and
 with the other threads' heaps between them, the holes they leave were not all
 reused: a 32 MiB cache grew RSS by 43 to 51 MiB, a 128 MiB one by 154 to 166 MiB
-(``bench/param_cache_rss.py``).
+(``tests/test_param_cache.py`` holds a worker's RSS to its cache's bound).
 
 :func:`release_freed` (glibc's ``malloc_trim``) hands the free pages of every
 heap back to the OS. The engine calls it after a put that evicted, and only

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from roundtrip.server.admission import WorkingSet
 from roundtrip.server.errors import InvalidArgument, LimitExceeded
+from roundtrip.server.pipeline.admission import WorkingSet
 from roundtrip.server.values import RoundTripInput, canonical_dtype
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.wire import arrays

@@ -11,7 +11,7 @@ early or stretch. With a delay of 0, batches form from whatever queued while
 the previous batch ran. A signature a lane has never run is first compiled on
 the compile thread (``compiler``) while other signatures' batches run; its
 requests wait in the queue meanwhile. A batch reserves its computation's bytes
-before it runs (:class:`~roundtrip.server.admission.ByteBudget`) and, when they
+before it runs (:class:`~roundtrip.server.pipeline.admission.ByteBudget`) and, when they
 do not fit, waits until bytes come back.
 
 Every request gets exactly its own answer: the engine's batches are
@@ -24,6 +24,7 @@ dropped before it reaches the engine.
 
 >>> import numpy as np
 >>> from concurrent.futures import ThreadPoolExecutor
+>>> from roundtrip.server.engine.engine import Engine
 >>> async def two_requests() -> list[float]:
 ...     engine = Engine(max_compiled=4, max_batch_size=2)
 ...     batcher = Batcher([Lane(engine, ThreadPoolExecutor(1))], max_batch_size=2,
@@ -46,124 +47,31 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from typing import Generic
 
-from roundtrip.server.admission import ByteBudget, Reservation
-from roundtrip.server.engine import Engine
 from roundtrip.server.errors import (
-    ComputeFailed,
-    ComputeOutOfMemory,
     DeadlineExpired,
     QueueFull,
-    RequestError,
     ShuttingDown,
 )
+from roundtrip.server.pipeline.admission import ByteBudget, Reservation
+from roundtrip.server.pipeline.lanes import BatchRecord, EngineT, Lane, WarmSignatures, compute
+from roundtrip.server.pipeline.tickets import Gathering, Ticket, live
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 log = logging.getLogger(__name__)
 
-Outcome = RoundTripAnswer | RequestError
 
 #: Signatures the batcher remembers a lane has run (it asks the engine beyond them).
 WARM_MEMO = 1024
 
 
-class Gathering:
-    """What the requests one call queued together (a RoundTripBatch, a V2 call) report to:
-    each is added as it is queued and counted as it is answered (``failed``: with an
-    error), so that the call awaits one thing, not one future per request.
-
-    >>> gathering = Gathering()
-    >>> gathering.add(); gathering.answered(failed=False)
-    """
-
-    __slots__ = ()
-
-    def add(self) -> None:
-        """A request is queued."""
-
-    def answered(self, failed: bool = False) -> None:
-        """A request is answered (``failed``: with its own error)."""
-
-
-@dataclass(slots=True)
-class Ticket:
-    """One queued request: its answer (or error) arrives on ``future``."""
-
-    item: RoundTripInput
-    future: asyncio.Future[RoundTripAnswer]
-    arrived: float
-    deadline: float | None
-    gathering: Gathering | None = None
-    #: What the request holds while it waits, and the bytes its computation needs beyond
-    #: them: the batch it joins reserves those before it runs.
-    held: Reservation | None = None
-    compute_bytes: int = 0
-
-    def resolve(self, outcome: Outcome) -> None:
-        """Hand the request its answer or error (and count it down in its gathering)."""
-        if isinstance(outcome, RequestError):
-            self.future.set_exception(outcome)
-            failed = True
-        else:
-            self.future.set_result(outcome)
-            failed = False
-        if self.gathering is not None:
-            self.gathering.answered(failed)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRecord:
-    """What one engine run did, for metrics: size, seconds queued (oldest), seconds computing."""
-
-    signature: ShapeSignature
-    size: int
-    queue_seconds: Sequence[float]
-    compute_seconds: float
-    lane: str = "0"
-
-
-def _as_request_error(error: Exception) -> RequestError:
-    text = f"{type(error).__name__}: {error}"
-    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
-        return ComputeOutOfMemory(f"the engine ran out of memory for this request ({text})")
-    return ComputeFailed(f"the engine failed on this request ({text})")
-
-
-def compute(engine: Engine, items: list[RoundTripInput]) -> list[Outcome]:
-    """A lane's work: one batch's outcomes, in order. Runs on the lane's compute thread.
-
-    A failed batch is retried request by request, so a request that fails the engine gets
-    its own error and its neighbours their answers.
-    """
-    try:
-        return list(engine.run(items))
-    except Exception as error:
-        if len(items) == 1:
-            log.warning("compute failed", extra={"error": repr(error)})
-            return [_as_request_error(error)]
-    outcomes: list[Outcome] = []
-    for item in items:
-        outcomes.extend(compute(engine, [item]))
-    return outcomes
-
-
-@dataclass(frozen=True)
-class Lane:
-    """One compute lane: an engine (its executables and parameter cache, on one device) and
-    the one thread that runs it. A worker has a lane per local device."""
-
-    engine: Engine
-    executor: Executor
-    name: str = "0"
-
-
-class Batcher:
+class Batcher(Generic[EngineT]):
     """Gathers same-shape requests into engine batches; each lane runs one batch at a time."""
 
     def __init__(
         self,
-        lanes: Sequence[Lane],
+        lanes: Sequence[Lane[EngineT]],
         *,
         max_batch_size: int,
         max_queue_delay_us: int,
@@ -177,7 +85,7 @@ class Batcher:
         if any(max_batch_size > lane.engine.max_batch_size for lane in lanes):
             raise ValueError("max_batch_size exceeds the engine's largest bucket")
         self.lanes = tuple(lanes)
-        self._idle: asyncio.Queue[Lane] = asyncio.Queue()
+        self._idle: asyncio.Queue[Lane[EngineT]] = asyncio.Queue()
         for lane in self.lanes:
             self._idle.put_nowait(lane)
         self._running: set[asyncio.Task[None]] = set()
@@ -191,9 +99,7 @@ class Batcher:
         self.compiler = compiler
         self._compiling: set[tuple[str, ShapeSignature]] = set()
         #: Signatures each lane has run (a memo of ``Engine.knows``, oldest forgotten first).
-        self._warm: collections.OrderedDict[tuple[str, ShapeSignature], None] = (
-            collections.OrderedDict()
-        )
+        self._warm = WarmSignatures(WARM_MEMO)
         #: Called when requests leave the queue for a batch (places come back).
         self.on_taken: Callable[[], None] | None = None
         self._budget = budget
@@ -227,11 +133,11 @@ class Batcher:
         self, item: RoundTripInput, *, deadline: float | None = None
     ) -> RoundTripAnswer:
         """Queue ``item`` and wait for its answer. ``deadline`` is a ``time.monotonic()`` time."""
-        pending = self.enqueue(item, deadline=deadline)
+        ticket = self.enqueue(item, deadline=deadline)
         try:
-            return await pending.future
+            return await ticket.future
         except asyncio.CancelledError:
-            self.forget(pending)
+            self.forget(ticket)
             raise
 
     def enqueue(
@@ -257,21 +163,21 @@ class Batcher:
                 "max_queue_size); retry with backoff"
             )
         future: asyncio.Future[RoundTripAnswer] = asyncio.get_running_loop().create_future()
-        pending = Ticket(item, future, time.monotonic(), deadline, gathering, held, compute_bytes)
+        ticket = Ticket(item, future, time.monotonic(), deadline, gathering, held, compute_bytes)
         queue = self._queues.setdefault(item.signature, collections.deque())
-        queue.append(pending)
+        queue.append(ticket)
         self._queued += 1
         if gathering is not None:
             gathering.add()
         self._arrival.set()
-        return pending
+        return ticket
 
-    def forget(self, pending: Ticket) -> None:
+    def forget(self, ticket: Ticket) -> None:
         """The caller of an :meth:`enqueue` went away: cancel it and take it out of the queue."""
-        pending.future.cancel()
-        self._forget(pending.item.signature, pending)
+        ticket.future.cancel()
+        self._forget(ticket.item.signature, ticket)
 
-    def _forget(self, signature: ShapeSignature, pending: Ticket) -> None:
+    def _forget(self, signature: ShapeSignature, ticket: Ticket) -> None:
         """Take a request whose caller went away (cancelled, deadline passed) out of the queue.
 
         At once, so it stops counting against ``max_queue_size`` and its bytes
@@ -281,7 +187,7 @@ class Batcher:
         if queue is None:
             return
         try:
-            queue.remove(pending)
+            queue.remove(ticket)
         except ValueError:
             return  # already in a batch
         self._queued -= 1
@@ -326,7 +232,7 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _next_signature(self, lane: Lane) -> ShapeSignature | None:
+    async def _next_signature(self, lane: Lane[EngineT]) -> ShapeSignature | None:
         """The signature of the oldest request that ``lane`` can run now, once its batch is
         full or its window is over; None when every queued signature is being compiled for
         it. A signature the lane has never run is handed to the compile thread first."""
@@ -337,7 +243,7 @@ class Batcher:
                 if not ready:
                     return None
             signature = min(ready, key=lambda sig: self._queues[sig][0].arrived)
-            if self.compiler is None or self._is_warm(lane, signature):
+            if self.compiler is None or self._warm.knows(lane, signature):
                 break
             self._start_compiling(lane, signature)
         queue = self._queues[signature]
@@ -355,21 +261,7 @@ class Batcher:
             return None
         return signature
 
-    def _is_warm(self, lane: Lane, signature: ShapeSignature) -> bool:
-        key = (lane.name, signature)
-        if key in self._warm:
-            return True
-        if lane.engine.knows(signature):
-            self._remember_warm(key)
-            return True
-        return False
-
-    def _remember_warm(self, key: tuple[str, ShapeSignature]) -> None:
-        self._warm[key] = None
-        while len(self._warm) > WARM_MEMO:
-            self._warm.popitem(last=False)
-
-    def _start_compiling(self, lane: Lane, signature: ShapeSignature) -> None:
+    def _start_compiling(self, lane: Lane[EngineT], signature: ShapeSignature) -> None:
         """Compile ``signature`` for ``lane`` on the compile thread; its requests stay queued
         (other signatures' batches run meanwhile) and are taken once it is done."""
         key = (lane.name, signature)
@@ -387,7 +279,7 @@ class Batcher:
                 )
             finally:
                 self._compiling.discard(key)
-                self._remember_warm(key)
+                self._warm.remember(key)
                 self._moved = time.monotonic()
                 self._arrival.set()
 
@@ -409,13 +301,13 @@ class Batcher:
             room = budget.limit - budget.in_use
             count = 0
             need = 0
-            for pending in batch:
-                if need + pending.compute_bytes > room:
+            for ticket in batch:
+                if need + ticket.compute_bytes > room:
                     break
-                need += pending.compute_bytes
+                need += ticket.compute_bytes
                 count += 1
             taken = batch[:count]
-            waiting = [pending.held for pending in taken if pending.held is not None]
+            waiting = [ticket.held for ticket in taken if ticket.held is not None]
             computing = budget.try_compute(need, waiting) if count else None
             if computing is not None:
                 self._put_back(signature, batch[count:])
@@ -428,7 +320,7 @@ class Batcher:
                 await budget.freed.wait()
             finally:
                 self._held_back = 0
-            batch = self._live(batch)
+            batch = live(batch)
             if not batch:
                 return None, []
 
@@ -439,21 +331,6 @@ class Batcher:
             queue.extendleft(reversed(rest))
             self._queued += len(rest)
 
-    @staticmethod
-    def _live(batch: list[Ticket]) -> list[Ticket]:
-        """``batch`` without requests whose caller left; those whose deadline passed are
-        answered DEADLINE_EXCEEDED."""
-        now = time.monotonic()
-        live = []
-        for pending in batch:
-            if pending.future.done():
-                continue
-            if pending.deadline is not None and pending.deadline <= now:
-                pending.resolve(DeadlineExpired("the deadline passed while the request was queued"))
-                continue
-            live.append(pending)
-        return live
-
     def _take(self, signature: ShapeSignature) -> list[Ticket]:
         """Pop up to ``max_batch_size`` live requests of ``signature``; fail expired ones."""
         queue = self._queues.get(signature)
@@ -462,28 +339,28 @@ class Batcher:
         batch: list[Ticket] = []
         now = time.monotonic()
         while queue and len(batch) < self.max_batch_size:
-            pending = queue.popleft()
+            ticket = queue.popleft()
             self._queued -= 1
-            if pending.future.done():
+            if ticket.future.done():
                 continue  # cancelled: the caller went away
-            if pending.deadline is not None and pending.deadline <= now:
-                pending.resolve(DeadlineExpired("the deadline passed while the request was queued"))
+            if ticket.deadline is not None and ticket.deadline <= now:
+                ticket.resolve(DeadlineExpired("the deadline passed while the request was queued"))
                 continue
-            batch.append(pending)
+            batch.append(ticket)
         if not queue:
             del self._queues[signature]
         return batch
 
     async def _execute(
         self,
-        lane: Lane,
+        lane: Lane[EngineT],
         signature: ShapeSignature,
         batch: list[Ticket],
         computing: Reservation | None = None,
     ) -> None:
         """Hand ``batch`` to the lane's thread, then resolve each request with its outcome
         and give the batch's compute bytes back (each answer holds its own from then on)."""
-        items = [pending.item for pending in batch]
+        items = [ticket.item for ticket in batch]
         loop = asyncio.get_running_loop()
         self._moved = time.monotonic()
         try:
@@ -496,15 +373,15 @@ class Batcher:
             self._arrival.set()  # the runner may be waiting for a lane, not for requests
             if computing is not None:
                 computing.release()
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if not pending.future.done():  # done: cancelled, its caller went away
-                pending.resolve(outcome)
+        for ticket, outcome in zip(batch, outcomes, strict=True):
+            if not ticket.future.done():  # done: cancelled, its caller went away
+                ticket.resolve(outcome)
         if self._on_batch is not None:
             self._on_batch(
                 BatchRecord(
                     signature=signature,
                     size=len(batch),
-                    queue_seconds=[started - pending.arrived for pending in batch],
+                    queue_seconds=[started - ticket.arrived for ticket in batch],
                     compute_seconds=finished - started,
                     lane=lane.name,
                 )

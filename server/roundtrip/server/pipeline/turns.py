@@ -9,7 +9,7 @@ or computing at once. When places come back (a request answered, a batch taken f
 queue, a call gone), the waiting calls get them in turn, one caller after another, never
 refused for want of a place: only their deadline ends their wait.
 
->>> from roundtrip.server.admission import Caller
+>>> from roundtrip.server.pipeline.admission import Caller
 
 #: Requests a waiting caller may queue in one turn before the next caller's turn.
 TURN = 8
@@ -29,7 +29,7 @@ import collections
 from collections.abc import Callable
 from typing import Protocol
 
-from roundtrip.server.admission import Caller
+from roundtrip.server.pipeline.admission import Caller
 
 #: Requests a waiting caller may queue in one turn before the next caller's turn.
 TURN = 8

@@ -24,7 +24,7 @@ engine's compute thread is the only one that calls it.
 
 ``on_evict`` runs once after a put that evicted, when the evicted sets are gone: the
 worker gives their memory back to the OS there
-(:func:`~roundtrip.server.allocator.release_freed`).
+(:func:`~roundtrip.server.ops.allocator.release_freed`).
 """
 
 from __future__ import annotations

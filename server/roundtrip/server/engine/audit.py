@@ -4,7 +4,7 @@ The warm-up self-check proves exactness on a handful of inputs before the
 worker serves; the audit keeps proving it on the traffic it actually gets.
 :meth:`Auditor.offer` is called on the event loop for every answer and costs a
 random draw; sampled requests go through a bounded queue to one background
-thread that runs :func:`~roundtrip.server.reference.eager_round_trip`, so the
+thread that runs :func:`~roundtrip.server.numerics.reference.eager_round_trip`, so the
 audit never delays an answer. When the queue is full a sample is skipped (and
 counted), never waited for.
 """
@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from roundtrip.server.reference import eager_round_trip, same_answer
+from roundtrip.server.numerics.reference import eager_round_trip, same_answer
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
 log = logging.getLogger(__name__)

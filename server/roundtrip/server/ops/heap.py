@@ -4,11 +4,9 @@ CPython's cyclic collector runs a young-generation pass every 700 net allocation
 container objects and, now and then, a full pass over every object alive. After warm-up
 the worker holds a few hundred thousand objects it keeps until it stops (JAX, its
 modules, the compiled executables), while a call allocates a few dozen that reference
-counting frees as soon as it is answered. Under h2load (W2, 10 s) the collector took
-0.81 s on Python's defaults, most of it in full passes of about 85 ms each on the event
-loop, and 0.07 s once the start-up heap was frozen and the young generation's threshold
-was 10,000: 1.18 x the requests per second (docs/benchmarks.md, Throughput II's fifth
-pass).
+counting frees as soon as it is answered. On Python's defaults the collector's full
+passes walk that whole heap on the event loop; frozen, with a young threshold of 10,000,
+it is the calls' own objects alone (the measurement: docs/adr/0003-freeze-the-start-up-heap.md).
 
 :func:`settle` collects once, freezes what survived (``gc.freeze``: the collector never
 walks it again; reference counting still frees what is dropped) and raises the young

@@ -3,10 +3,10 @@ parameters of seeds that repeat, kept.
 
 The contract (``SPEC.md``) is the eager reference: build ``nnx.Linear`` from the seed, run
 it, ``nnx.split`` / ``nnx.merge`` it, run the merged model and compare. The engine runs
-exactly those steps (:mod:`~roundtrip.server.programs`), fenced so XLA cannot rewrite across
-them (:mod:`~roundtrip.server.fencing`), compiled ahead of time per
+exactly those steps (:mod:`~roundtrip.server.numerics.programs`), fenced so XLA cannot
+rewrite across them (:mod:`~roundtrip.server.numerics.fencing`), compiled ahead of time per
 :class:`~roundtrip.server.values.ShapeSignature` and batch size
-(:mod:`~roundtrip.server.executables`) and kept in a bounded LRU cache, so a warm request
+(:mod:`~roundtrip.server.numerics.executables`) and kept in a bounded LRU cache, so a warm request
 does no Python model building at all. docs/numerics.md explains why each piece keeps the
 eager reference's bits.
 
@@ -41,16 +41,16 @@ from typing import Any, TypeVar
 
 import jax
 
-from roundtrip.server import allocator
-from roundtrip.server.executables import (
+from roundtrip.server.engine.param_cache import ParamCache
+from roundtrip.server.numerics.executables import (
     EXECUTABLES,
     CompiledInit,
     CompiledRoundTrip,
     FromSeeds,
     ParamSource,
 )
-from roundtrip.server.param_cache import ParamCache
-from roundtrip.server.programs import seed_operand
+from roundtrip.server.numerics.programs import seed_operand
+from roundtrip.server.ops import allocator
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 T = TypeVar("T")
@@ -120,7 +120,7 @@ class Engine:
     ``device`` is where its executables run (one engine per device: a compute lane);
     ``max_compiled`` bounds the executables kept (least recently used is evicted first);
     ``max_batch_size`` sets the largest batch and its buckets. ``max_param_cache_bytes``
-    bounds the parameter sets kept (:class:`~roundtrip.server.param_cache.ParamCache`)
+    bounds the parameter sets kept (:class:`~roundtrip.server.engine.param_cache.ParamCache`)
     for signatures of at least :data:`PARAM_CACHE_MIN_ELEMENTS` parameters: their requests
     are grouped by seed, a seed that repeats runs from its parameters (drawn once, then
     reused), a seed seen for the first time runs as it always did, and the answers have
