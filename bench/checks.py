@@ -48,7 +48,7 @@ Answer = tuple[float, float, float]
 
 def reference(seed: int, x: Any, features: int) -> Answer:
     """SPEC.md's eager steps, run here on this process's backend."""
-    from roundtrip.server.reference import eager_round_trip
+    from roundtrip.server.numerics.reference import eager_round_trip
 
     result = eager_round_trip(seed, x, features)
     return (result.orig_sum, result.merged_sum, result.max_abs_diff)
@@ -57,7 +57,7 @@ def reference(seed: int, x: Any, features: int) -> Answer:
 def same(got: Sequence[float], want: Sequence[float]) -> bool:
     """The three numbers bit for bit (0.0 is not -0.0; NaN matches NaN): the worker's own
     comparison, which its self-check and audit use."""
-    from roundtrip.server.reference import same_answer
+    from roundtrip.server.numerics.reference import same_answer
     from roundtrip.server.values import RoundTripAnswer
 
     return same_answer(RoundTripAnswer(*got), RoundTripAnswer(*want))

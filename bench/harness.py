@@ -36,8 +36,8 @@ def machine(load: str = "load generators on the same cores") -> dict[str, Any]:
     >>> sorted(described)
     ['container_memory_gib', 'cpu_isa', 'cpu_model', 'cpus', 'load', 'memory_gib']
     """
-    from roundtrip.server.admission import container_memory_limit
-    from roundtrip.server.numerics import cpu_flags, host_isa
+    from roundtrip.server.numerics.numerics import cpu_flags, host_isa
+    from roundtrip.server.pipeline.admission import container_memory_limit
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
@@ -56,7 +56,7 @@ def machine(load: str = "load generators on the same cores") -> dict[str, Any]:
 def engine_batch_ms(workload: str = "W2", batch: int = 16, repeats: int = 300) -> float:
     """How fast this machine computes: the median milliseconds of one batch of ``batch``
     requests of ``workload`` through a warmed engine in this process, no RPC."""
-    from roundtrip.server.engine import Engine
+    from roundtrip.server.engine.engine import Engine
     from roundtrip.server.values import RoundTripInput
 
     width, features = WORKLOADS[workload]

@@ -92,6 +92,7 @@ def perf_input_data(body: Body) -> dict[str, Any]:
     """``body`` as perf_analyzer's ``--input-data`` JSON: the same tensors as :attr:`Body.v2`
     (float32 x written as the decimals that read back to the same bits).
 
+    >>> from bench.checks import workload_body
     >>> data = perf_input_data(workload_body("W1"))
     >>> data["data"][0]["x"], data["data"][0]["features"]
     ({'content': [1.0, 2.0, 3.0], 'shape': [3]}, [4])

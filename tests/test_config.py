@@ -131,7 +131,7 @@ def test_every_knob_is_read_outside_config() -> None:
     """
     package = ROOT / "server" / "roundtrip" / "server"
     read: set[str] = set()
-    for module in package.glob("*.py"):
+    for module in package.rglob("*.py"):
         if module.name != "config.py":
             read |= config_reads(ast.parse(module.read_text()))
     [config_class] = [

@@ -271,7 +271,8 @@ def test_a_failed_self_check_closes_every_port_it_opened(
 
 def test_a_failed_self_check_exits_three() -> None:
     code = (
-        "import sys; from roundtrip.server import __main__, warmup\n"
+        "import sys; from roundtrip.server import __main__\n"
+        "from roundtrip.server.engine import warmup\n"
         "def fails(*args): raise warmup.SelfCheckFailed('forced by the test')\n"
         "warmup.warm_up = fails\n"
         "sys.exit(__main__.main(['--port', '0', '--metrics-port', '0', '--http-port', '0']))\n"
