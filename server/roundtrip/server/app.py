@@ -19,10 +19,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -298,12 +296,7 @@ async def _open(worker: Worker, token: security.TokenCheck | None) -> None:
         max_stream_inflight=config.max_stream_inflight,
         write_timeout_s=config.write_timeout_s,
     )
-    methods: dict[str, Callable[..., Any]] = {
-        "RoundTrip": roundtrip.RoundTrip,
-        "RoundTripBatch": roundtrip.RoundTripBatch,
-        "GetServerInfo": roundtrip.GetServerInfo,
-        "RoundTripStream": stream.RoundTripStream,
-    }
+    methods = {**roundtrip.methods(), **stream.methods()}
     add_to_server(methods, ROUNDTRIP_SERVICE, server, pipeline, worker.parser)
     v2_methods = V2GrpcDoor(pipeline, worker.model, ready=worker.ready).methods()
     add_to_server(v2_methods, V2_SERVICE, server, pipeline, worker.parser)

@@ -8,7 +8,6 @@ what the tolerant parser hands over, wrapped by :func:`~roundtrip.server.doors.g
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,6 @@ from roundtrip.server.errors import Failure, LimitExceeded, failure_of
 from roundtrip.server.pipeline.admission import WorkingSet
 from roundtrip.server.pipeline.calls import Call
 from roundtrip.server.pipeline.pipeline import Pipeline
-from roundtrip.server.pipeline.validation import decode, weigh
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 from roundtrip.v1 import roundtrip_pb2 as pb
 
@@ -32,14 +30,22 @@ class RoundTripDoor:
         self.pipeline = pipeline
         self.info = info
 
+    def methods(self) -> dict[str, Callable[..., Any]]:
+        """The handlers by method name, for ``grpc_calls.add_to_server``."""
+        return {
+            "RoundTrip": self.RoundTrip,
+            "RoundTripBatch": self.RoundTripBatch,
+            "GetServerInfo": self.GetServerInfo,
+        }
+
     @unary()
     async def RoundTrip(  # noqa: N802 (the generated servicer's name)
         self, call: Call, request: pb.RoundTripRequest, context: Context
     ) -> pb.RoundTripResponse:
         pipeline = self.pipeline
-        size = weigh(request, pipeline.limits, message_bytes=call.message_bytes)
+        size, decode_request = weighed(request, pipeline.limits, message_bytes=call.message_bytes)
         pipeline.check_answer_size(answer_wire_bytes(size))
-        return encode_result(await call.answer(size, functools.partial(decode, request)))
+        return encode_result(await call.answer(size, decode_request))
 
     @unary(counts=False)
     async def RoundTripBatch(  # noqa: N802

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from roundtrip.server.codecs.codec import answer_wire_bytes, encode_result, weighed
 from roundtrip.server.doors.grpc_calls import (
@@ -50,6 +51,10 @@ class StreamDoor:
         self.pipeline = pipeline
         self.max_stream_inflight = max_stream_inflight
         self.write_timeout_s = write_timeout_s
+
+    def methods(self) -> dict[str, Callable[..., Any]]:
+        """The handlers by method name, for ``grpc_calls.add_to_server``."""
+        return {"RoundTripStream": self.RoundTripStream}
 
     async def RoundTripStream(  # noqa: N802 (the generated servicer's name)
         self, request_iterator: AsyncIterator[Received], context: Context
