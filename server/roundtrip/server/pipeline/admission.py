@@ -147,6 +147,21 @@ def held_bytes(size: WorkingSet) -> int:
     return waiting_bytes(size) + answer_bytes(size)
 
 
+def reserved_bytes(size: WorkingSet) -> tuple[int, int, int]:
+    """A request's :func:`held_bytes`, :func:`compute_bytes` and :func:`answer_bytes` at
+    once: what admission reserves for every request of a call of many, on the event loop.
+
+    >>> size = WorkingSet(12, 64, 16, True)
+    >>> reserved_bytes(size) == (held_bytes(size), compute_bytes(size), answer_bytes(size))
+    True
+    """
+    outputs = size.output_bytes
+    answer = (4 * outputs if size.with_outputs else 0) + 1024
+    waiting = size.x_bytes + 16 * 1024
+    working = 4 * size.x_bytes + 4 * size.param_bytes + (9 if size.with_outputs else 6) * outputs
+    return waiting + answer, working + 64 * 1024 - waiting, answer
+
+
 def compute_bytes(size: WorkingSet) -> int:
     """What a request's computation holds beyond what it held waiting, while its batch runs
     on a lane: the rest of :func:`working_set_bytes`.
@@ -222,12 +237,16 @@ class Reservation:
     def release(self) -> None:
         budget = self._budget
         if budget is not None:
-            self.computed()
+            if self.to_compute:
+                self.computed()
+            nbytes = self.nbytes
             if self.computing:
-                budget.computing -= self.nbytes
+                budget.computing -= nbytes
             if self.caller is not None:
-                self.caller.held -= self.nbytes
-            budget.give_back(self.nbytes)
+                self.caller.held -= nbytes
+            budget.in_use -= nbytes
+            if nbytes and budget.wanting_room:
+                budget.freed.set()
             self._budget = None
             self.nbytes = 0
 
@@ -273,6 +292,8 @@ class ByteBudget:
         self.peak = 0
         #: Set whenever bytes come back; whoever waits for room clears it first.
         self.freed = asyncio.Event()
+        #: How many wait for room now (:meth:`wait_for_room`).
+        self.wanting_room = 0
         self._computes_waiting: collections.Counter[int] = collections.Counter()
         self._room = 0
 
@@ -288,11 +309,15 @@ class ByteBudget:
             if nbytes == self._room:
                 self._room = max(self._computes_waiting, default=0)
 
-    def give_back(self, nbytes: int) -> None:
-        """``nbytes`` are no longer held (a reservation's release)."""
-        self.in_use -= nbytes
-        if nbytes:
-            self.freed.set()
+    async def wait_for_room(self) -> None:
+        """Until bytes come back (a reservation's release): what a batch that does not fit
+        waits on. Releases set :attr:`freed` only while something waits here."""
+        self.wanting_room += 1
+        self.freed.clear()
+        try:
+            await self.freed.wait()
+        finally:
+            self.wanting_room -= 1
 
     def _take(self, nbytes: int, caller: Caller | None) -> None:
         self.in_use += nbytes

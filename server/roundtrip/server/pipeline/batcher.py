@@ -314,10 +314,9 @@ class Batcher(Generic[EngineT]):
                 return computing, taken
             # nothing but bytes coming back lets it run: answers taken, calls closed,
             # refusals, cancels, a running batch finishing (each sets ``freed``)
-            budget.freed.clear()
             self._held_back = len(batch)
             try:
-                await budget.freed.wait()
+                await budget.wait_for_room()
             finally:
                 self._held_back = 0
             batch = live(batch)

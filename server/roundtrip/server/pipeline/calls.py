@@ -35,9 +35,7 @@ from roundtrip.server.pipeline.admission import (
     Caller,
     Reservation,
     WorkingSet,
-    answer_bytes,
-    compute_bytes,
-    held_bytes,
+    reserved_bytes,
 )
 from roundtrip.server.pipeline.tickets import Outstanding, Queue, Ticket
 from roundtrip.server.pipeline.turns import QueueTurns
@@ -187,9 +185,9 @@ class Call:
         (counted among the call's outstanding requests, if it has many); a refusal raises
         its :class:`RequestError` and holds nothing."""
         holdings = self._holdings
-        compute = compute_bytes(size)
-        held = holdings.budget.admit(held_bytes(size), compute, self.caller)
-        self._answers += answer_bytes(size)
+        held_bytes, compute, answer = reserved_bytes(size)
+        held = holdings.budget.admit(held_bytes, compute, self.caller)
+        self._answers += answer
         try:
             item = decode()
             assert holdings.batcher is not None
@@ -337,8 +335,11 @@ class Call:
             self._done_with(held, None)
             return error
         answer = ticket.future.result()
-        self._offer(item, answer)
-        self._done_with(held, answer)
+        auditor = self._holdings.auditor
+        if auditor is not None:
+            auditor.offer(item, answer)
+        if self._message is not None:
+            self._message.release()
         return answer
 
     def close(self) -> None:

@@ -99,9 +99,21 @@ class Outstanding(Gathering):
 
     def answered(self, failed: bool = False) -> None:
         self._on_place_back()
-        self.settle(failed)
+        # settle(), inline: this runs for every answered request of every call of many
+        self.settled += 1
+        if failed:
+            self.failed = True
+        done = self._done
+        if (
+            done is not None
+            and (self.settled >= self._expected or (failed and self.all_or_nothing))
+            and not done.done()
+        ):
+            done.set_result(None)
 
     def settle(self, failed: bool) -> None:
+        """A request settled without an answer from the batcher (refused when its turn
+        came)."""
         self.settled += 1
         self.failed = self.failed or failed
         done = self._done
