@@ -38,7 +38,7 @@ BUDGET_MIB = 2048  # the default max_inflight_bytes where the machine sets no cg
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[WorkerProcess]:
+def short_read_worker() -> Iterator[WorkerProcess]:
     with serving_process("--warmup-shapes", "3:4", "--http-read-timeout-s", "2") as process:
         yield process
 
@@ -56,7 +56,9 @@ def exact_round_trip(client: RoundTripClient, seed: int) -> bool:
     return client.round_trip(seed, x, 4).as_list() == list(reference(seed, x, 4))
 
 
-def test_rest_abuse_never_delays_grpc_health_or_other_callers(worker: WorkerProcess) -> None:
+def test_rest_abuse_never_delays_grpc_health_or_other_callers(
+    short_read_worker: WorkerProcess,
+) -> None:
     bomb = gzip_bomb()
     assert len(bomb) < 2 * MIB
     fourteen_mib = json.dumps({"inputs": [{"name": "x", "data": [[0]] * (14 * MIB // 6)}]})
@@ -69,9 +71,9 @@ def test_rest_abuse_never_delays_grpc_health_or_other_callers(worker: WorkerProc
         "outputs": [{"name": "orig_out"}, {"name": "merged_out"}],
     }
     gzipped = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
-    port = worker.http_port
-    with RssSampler(worker) as rss, HealthPoller(worker.target) as health:
-        with RoundTripClient(worker.target, timeout=30) as client:
+    port = short_read_worker.http_port
+    with RssSampler(short_read_worker) as rss, HealthPoller(short_read_worker.target) as health:
+        with RoundTripClient(short_read_worker.target, timeout=30) as client:
             answers = in_threads(
                 *[lambda: post(port, bomb, gzipped) for _ in range(8)],
                 *[lambda: post(port, fourteen_mib.encode()) for _ in range(4)],
@@ -88,17 +90,26 @@ def test_rest_abuse_never_delays_grpc_health_or_other_callers(worker: WorkerProc
     assert "max_json_output_elements" in json.loads(outputs[1])["error"]
     assert small == [True] * 20
     assert rss.peak < BUDGET_MIB + 512
-    assert worker.metric('roundtrip_requests_total{code="INTERNAL",method="ModelInferHTTP"}') == 0
+    assert (
+        short_read_worker.metric(
+            'roundtrip_requests_total{code="INTERNAL",method="ModelInferHTTP"}'
+        )
+        == 0
+    )
 
 
-def test_stalled_uploads_hold_what_they_sent_then_time_out(worker: WorkerProcess) -> None:
+def test_stalled_uploads_hold_what_they_sent_then_time_out(
+    short_read_worker: WorkerProcess,
+) -> None:
     """Sixteen uploads that declare 64 MiB, send 60 and go silent: each holds what it sent
     (all but what the sockets still buffer), not what it declared, until it times out."""
-    before = worker.rss_mib()
-    uploads = in_threads(*[lambda: stalled_upload(worker.http_port, 64 * MIB, 60 * MIB)] * 16)
+    before = short_read_worker.rss_mib()
+    uploads = in_threads(
+        *[lambda: stalled_upload(short_read_worker.http_port, 64 * MIB, 60 * MIB)] * 16
+    )
     try:
-        held = worker.metric("roundtrip_admitted_bytes")
-        refused = worker.metric(
+        held = short_read_worker.metric("roundtrip_admitted_bytes")
+        refused = short_read_worker.metric(
             'roundtrip_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInferHTTP"}'
         )
         assert held + refused * 60 * MIB >= 16 * 56 * MIB  # each is counted, or was refused
@@ -110,14 +121,18 @@ def test_stalled_uploads_hold_what_they_sent_then_time_out(worker: WorkerProcess
     finally:
         for upload in uploads:
             upload.close()
-    wait_for(lambda: worker.metric("roundtrip_admitted_bytes") == 0, "the uploads' bytes back")
-    assert worker.rss_mib() < before * 1.1
+    wait_for(
+        lambda: short_read_worker.metric("roundtrip_admitted_bytes") == 0, "the uploads' bytes back"
+    )
+    assert short_read_worker.rss_mib() < before * 1.1
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_the_body(
-    worker: WorkerProcess,
+    short_read_worker: WorkerProcess,
 ) -> None:
-    with socket.create_connection(("127.0.0.1", worker.http_port), timeout=10) as connection:
+    with socket.create_connection(
+        ("127.0.0.1", short_read_worker.http_port), timeout=10
+    ) as connection:
         connection.sendall(
             f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {100 * MIB}\r\n\r\n".encode()
         )
@@ -147,15 +162,17 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def test_huge_v2_seed_tensors_are_refused_before_they_are_parsed(worker: WorkerProcess) -> None:
+def test_huge_v2_seed_tensors_are_refused_before_they_are_parsed(
+    short_read_worker: WorkerProcess,
+) -> None:
     """60,000,000 packed zeros take 57 MiB on the wire and 458 MiB once parsed: they are
     counted on the wire and refused, naming the limit, before protobuf parses them."""
     message = packed_seed_infer(60_000_000)
     assert 56 * MIB < len(message) < 64 * MIB
-    with worker.channel() as channel:
+    with short_read_worker.channel() as channel:
         infer = V2Stub(channel).ModelInferBytes
 
-        with RssSampler(worker) as rss:
+        with RssSampler(short_read_worker) as rss:
             codes = in_threads(*[lambda: outcome(infer, message)] * 4)
     assert all(code.startswith("INVALID_ARGUMENT") for code in codes), codes
     assert all("max_batch_items" in code for code in codes), codes
@@ -202,21 +219,24 @@ WALKED_AROUND_METHODS = {
 
 @pytest.mark.parametrize("attack", list(WALKED_AROUND_METHODS))
 def test_encodings_that_walked_around_the_check_are_refused_before_the_parse(
-    worker: WorkerProcess, attack: str
+    short_read_worker: WorkerProcess, attack: str
 ) -> None:
     """Each message is refused INVALID_ARGUMENT naming its limit, RSS grows by less than
     256 MiB for two at once (it was 0.9-3.1 GiB), and gRPC health answers within 1 s
     throughout (the check ran per field on the event loop: it was blocked 8-17 s)."""
     message = walked_around()[attack]
     assert len(message) < 64 * MIB
-    with worker.channel() as channel:
+    with short_read_worker.channel() as channel:
         call = channel.unary_unary(
             WALKED_AROUND_METHODS[attack],
             request_serializer=lambda data: data,
             response_deserializer=lambda data: data,
         )
 
-        with RssSampler(worker) as rss, HealthPoller(worker.target, deadline_s=1.0) as health:
+        with (
+            RssSampler(short_read_worker) as rss,
+            HealthPoller(short_read_worker.target, deadline_s=1.0) as health,
+        ):
             codes = in_threads(*[lambda: outcome(call, message)] * 2)
     assert all(code.startswith("INVALID_ARGUMENT") for code in codes), codes
     assert all("limit" in code for code in codes), codes
@@ -224,13 +244,13 @@ def test_encodings_that_walked_around_the_check_are_refused_before_the_parse(
     assert health.late == []
 
 
-def test_refused_messages_are_freed_as_their_calls_end(worker: WorkerProcess) -> None:
+def test_refused_messages_are_freed_as_their_calls_end(short_read_worker: WorkerProcess) -> None:
     """Thirty 32 MiB RoundTrip messages, each refused (features 0), one after another: each
     is freed as its call ends, so memory holds one at a time. (grpc keeps an aborted call's
     exception in a reference cycle with the handler's frame: while that frame held the
     message, the thirty stayed in memory, uncounted, until a collector pass: +1 GiB.)"""
     request = build_request(1, np.ones(8 * MIB, np.float32), 0)
-    with worker.channel() as channel, RssSampler(worker) as rss:
+    with short_read_worker.channel() as channel, RssSampler(short_read_worker) as rss:
         stub = pb_grpc.RoundTripServiceStub(channel)
         codes = Counter()
         for _ in range(30):

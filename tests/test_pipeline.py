@@ -36,7 +36,7 @@ X = np.linspace(-1, 1, 64, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[InProcessWorker]:
+def small_batch_worker() -> Iterator[InProcessWorker]:
     with serving_worker(*FLAGS) as process:
         yield process
 
@@ -137,14 +137,14 @@ def rest_status(worker: InProcessWorker, body: bytes) -> int:
     ("features", "code", "status"), [(64, "OK", 200), (0, "INVALID_ARGUMENT", 400)]
 )
 def test_an_answered_or_refused_call_gives_back_what_it_held(
-    worker: InProcessWorker, door: str, features: int, code: str, status: int
+    small_batch_worker: InProcessWorker, door: str, features: int, code: str, status: int
 ) -> None:
     if door == "v2-rest":
-        assert rest_status(worker, v2_json(features)) == status
+        assert rest_status(small_batch_worker, v2_json(features)) == status
     else:
-        with worker.channel() as channel:
+        with small_batch_worker.channel() as channel:
             assert ended(grpc_call(channel, door, features, timeout=30), door) == code
-    settles_to_zero(worker)
+    settles_to_zero(small_batch_worker)
 
 
 #: What a call holds: its message as parsed, its claim on the worker, its requests queued
@@ -176,7 +176,7 @@ def nothing_left_for_the_cycle_collector() -> Iterator[None]:
 @pytest.mark.parametrize("door", DOORS)
 @pytest.mark.parametrize("features", [64, 0])
 def test_a_call_leaves_nothing_for_the_cycle_collector(
-    worker: InProcessWorker, door: str, features: int
+    small_batch_worker: InProcessWorker, door: str, features: int
 ) -> None:
     """Answered or refused, a call's objects (its message, its Call, tickets, inputs,
     answers) are freed by reference counting as it ends. In a reference cycle they would
@@ -186,56 +186,62 @@ def test_a_call_leaves_nothing_for_the_cycle_collector(
     with nothing_left_for_the_cycle_collector():
         for _ in range(3):
             if door == "v2-rest":
-                rest_status(worker, v2_json(features))
+                rest_status(small_batch_worker, v2_json(features))
             else:
-                with worker.channel() as channel:
+                with small_batch_worker.channel() as channel:
                     ended(grpc_call(channel, door, features, timeout=30), door)
-        settles_to_zero(worker)
+        settles_to_zero(small_batch_worker)
 
 
 @pytest.mark.parametrize("door", GRPC_DOORS)
 @pytest.mark.parametrize("ending", ["DEADLINE_EXCEEDED", "CANCELLED"])
 def test_a_call_that_ends_waiting_gives_back_what_it_held(
-    worker: InProcessWorker, door: str, ending: str
+    small_batch_worker: InProcessWorker, door: str, ending: str
 ) -> None:
     """Its deadline passes, or its caller cancels it, while it waits behind the busy lane:
     its bytes are given back, and its objects freed as it ends (twice over)."""
     with nothing_left_for_the_cycle_collector():
         for _ in range(2):
-            with worker.channel() as channel, busy_lane(worker) as release:
+            with small_batch_worker.channel() as channel, busy_lane(small_batch_worker) as release:
                 timeout = 0.5 if ending == "DEADLINE_EXCEEDED" else 30
                 started = grpc_call(channel, door, 64, timeout=timeout)
                 if ending == "CANCELLED":
-                    wait_for(lambda: admitted(worker) > 0)  # admitted: it holds its working set
+                    wait_for(
+                        lambda: admitted(small_batch_worker) > 0
+                    )  # admitted: it holds its working set
                     started.cancel()
                 assert ended(started, door) == ending
                 release.set()
-            settles_to_zero(worker)
+            settles_to_zero(small_batch_worker)
 
 
-def test_a_rest_caller_that_hangs_up_gives_back_what_it_held(worker: InProcessWorker) -> None:
-    with busy_lane(worker) as release:
-        connection = http.client.HTTPConnection("127.0.0.1", worker.http_port, timeout=30)
+def test_a_rest_caller_that_hangs_up_gives_back_what_it_held(
+    small_batch_worker: InProcessWorker,
+) -> None:
+    with busy_lane(small_batch_worker) as release:
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", small_batch_worker.http_port, timeout=30
+        )
         connection.request("POST", "/v2/models/roundtrip/infer", v2_json(64))
-        wait_for(lambda: admitted(worker) > 0)
+        wait_for(lambda: admitted(small_batch_worker) > 0)
         connection.close()  # gone before its answer
         release.set()
-    settles_to_zero(worker)
+    settles_to_zero(small_batch_worker)
 
 
 def test_an_unread_stream_gives_back_what_it_held_when_it_ends(
-    worker: InProcessWorker,
+    small_batch_worker: InProcessWorker,
 ) -> None:
     x = np.linspace(-1, 1, 64 * 256, dtype=np.float32).reshape(64, 256)
     messages = (
         pb.RoundTripStreamRequest(id=i, request=build_request(i, x, 1024, return_outputs=True))
         for i in range(2000)
     )
-    with worker.channel() as channel:
+    with small_batch_worker.channel() as channel:
         stream = pb_grpc.RoundTripServiceStub(channel).RoundTripStream(messages, timeout=120)
-        wait_for(lambda: admitted(worker) > 20 * 1024 * 1024)  # unwritten answers held
+        wait_for(lambda: admitted(small_batch_worker) > 20 * 1024 * 1024)  # unwritten answers held
         stream.cancel()
-    settles_to_zero(worker)
+    settles_to_zero(small_batch_worker)
 
 
 @pytest.mark.parametrize("door", DOORS)

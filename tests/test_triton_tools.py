@@ -18,7 +18,7 @@ WORKED = [-4.221933364868164, -4.221933364868164, 0.0]
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[InProcessWorker]:
+def audited_worker() -> Iterator[InProcessWorker]:
     flags = ("--max-batch-items", "24", "--max-queue-delay-us", "249", "--warmup-shapes", "3:4")
     flags += ("--audit-fraction", "1.0")  # every answer checked against the eager reference
     with serving_worker(*flags) as process:
@@ -46,8 +46,10 @@ def rest(worker: InProcessWorker, path: str) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
-def test_the_model_configuration_states_the_workers_real_limits(worker: InProcessWorker) -> None:
-    status, config = rest(worker, "/v2/models/roundtrip/config")
+def test_the_model_configuration_states_the_workers_real_limits(
+    audited_worker: InProcessWorker,
+) -> None:
+    status, config = rest(audited_worker, "/v2/models/roundtrip/config")
     assert status == 200
     assert config["max_batch_size"] == 24  # max_batch_items: B per call
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 249}
@@ -57,23 +59,26 @@ def test_the_model_configuration_states_the_workers_real_limits(worker: InProces
         ("features", "TYPE_INT64", [1]),
     ]
     answer = v2_call(
-        worker, "ModelConfig", v2pb.ModelConfigRequest(name="roundtrip"), v2pb.ModelConfigResponse
+        audited_worker,
+        "ModelConfig",
+        v2pb.ModelConfigRequest(name="roundtrip"),
+        v2pb.ModelConfigResponse,
     )
     assert answer.config.max_batch_size == 24  # type: ignore[attr-defined]
     assert [i.name for i in answer.config.input] == ["seed", "x", "features"]  # type: ignore[attr-defined]
-    assert rest(worker, "/v2/models/other/config")[0] == 404
+    assert rest(audited_worker, "/v2/models/other/config")[0] == 404
     # the metadata agrees: the same tensors with the batch axis
-    metadata = rest(worker, "/v2/models/roundtrip")[1]
+    metadata = rest(audited_worker, "/v2/models/roundtrip")[1]
     assert [t["shape"] for t in metadata["inputs"]] == [[-1, 1], [-1, -1], [-1, 1]]  # type: ignore[index]
 
 
-def test_statistics_are_the_workers_own_counters(worker: InProcessWorker) -> None:
+def test_statistics_are_the_workers_own_counters(audited_worker: InProcessWorker) -> None:
     def stats() -> dict[str, object]:
-        [model] = rest(worker, "/v2/models/roundtrip/stats")[1]["model_stats"]  # type: ignore[misc]
+        [model] = rest(audited_worker, "/v2/models/roundtrip/stats")[1]["model_stats"]  # type: ignore[misc]
         return model  # type: ignore[no-any-return]
 
     before = stats()
-    with RoundTripClient(worker.target) as client:
+    with RoundTripClient(audited_worker.target) as client:
         for seed in range(5):
             assert client.round_trip(seed, [1.0, 2.0, 3.0], 4).max_abs_diff == 0.0
         with pytest.raises(InvalidArgumentError):
@@ -87,7 +92,10 @@ def test_statistics_are_the_workers_own_counters(worker: InProcessWorker) -> Non
     assert after["inference_count"] - before["inference_count"] == 5  # type: ignore[operator]
     assert after["last_inference"] > 0  # type: ignore[operator]
     grpc_stats = v2_call(
-        worker, "ModelStatistics", v2pb.ModelStatisticsRequest(), v2pb.ModelStatisticsResponse
+        audited_worker,
+        "ModelStatistics",
+        v2pb.ModelStatisticsRequest(),
+        v2pb.ModelStatisticsResponse,
     )
     [model] = grpc_stats.model_stats  # type: ignore[attr-defined]
     assert model.inference_count == after["inference_count"]
@@ -97,35 +105,40 @@ def test_statistics_are_the_workers_own_counters(worker: InProcessWorker) -> Non
 @pytest.mark.external
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_perf_analyzer_drives_the_worker_and_every_answer_is_the_reference(
-    worker: InProcessWorker, protocol: str
+    audited_worker: InProcessWorker, protocol: str
 ) -> None:
     # perf_analyzer's own validation wants fixed shapes for every output; the worker's audit
     # (every answer, here) checks each one against the eager reference instead
-    port = worker.port if protocol == "grpc" else worker.http_port
+    port = audited_worker.port if protocol == "grpc" else audited_worker.http_port
     method = "ModelInfer" if protocol == "grpc" else "ModelInferHTTP"
     ok = f'roundtrip_requests_total{{code="OK",method="{method}"}}'
-    before = worker.metric(ok)
+    before = audited_worker.metric(ok)
     # windows of 2 s: under the whole gate's load a 1 s window could hold no answer at all
     load = loads.perf_analyzer(
         port, protocol, checks.workload_body("W1"), duration=6, concurrency=4
     )
     assert load["rps"] > 0
-    assert worker.metric(ok) > before
-    assert worker.metric("roundtrip_audit_checks_total") > 0
-    assert worker.metric("roundtrip_audit_mismatches_total") == 0
+    assert audited_worker.metric(ok) > before
+    assert audited_worker.metric("roundtrip_audit_checks_total") > 0
+    assert audited_worker.metric("roundtrip_audit_mismatches_total") == 0
     assert (
-        worker.metric('roundtrip_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}') == 0
+        audited_worker.metric(
+            'roundtrip_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}'
+        )
+        == 0
     )
     print(f"perf_analyzer over {protocol}: {load['rps']} infer/sec")
 
 
-def test_the_openapi_document_names_exactly_the_routes_served(worker: InProcessWorker) -> None:
-    status, document = rest(worker, "/v2/docs/dataplane.json")
+def test_the_openapi_document_names_exactly_the_routes_served(
+    audited_worker: InProcessWorker,
+) -> None:
+    status, document = rest(audited_worker, "/v2/docs/dataplane.json")
     assert status == 200
     assert document["openapi"].startswith("3.")  # type: ignore[union-attr]
     served = {
         (route.method.lower(), route.resource.canonical)  # type: ignore[union-attr]
-        for route in worker.worker.http.app.router.routes()  # the app the worker serves
+        for route in audited_worker.worker.http.app.router.routes()  # the app the worker serves
         if route.method != "HEAD"
     }
     documented = {
