@@ -6,11 +6,11 @@ that much only while its batch runs on a lane. So each stage holds what it
 really holds, reserved before it is held: every message counts its own bytes
 from the moment gRPC hands it over (:meth:`ByteBudget.received`: one that does
 not fit is dropped unparsed); a request admitted holds its decoded input and
-its answer's bytes (:func:`held_bytes`) until its caller has taken the answer;
-its batch, when a lane takes it, reserves the computation's working set
-(:func:`compute_bytes`) and gives it back once computed. Nothing grows after
+its answer's bytes until its caller has taken the answer; its batch, when a
+lane takes it, reserves the rest of the computation's working set
+(:func:`reserved_bytes`) and gives it back once computed. Nothing grows after
 it is reserved, so ``in_use`` never exceeds the limit. A batch that does not
-fit waits until bytes come back (:attr:`ByteBudget.freed`); a request that does
+fit waits until bytes come back (:meth:`ByteBudget.wait_for_room`); a request that does
 not fit at admission is refused at once with RESOURCE_EXHAUSTED naming the knob
 (one that could never run, INVALID_ARGUMENT), never queued. One caller holds
 at most its share (:class:`Caller`, ``max_caller_share``).
@@ -135,42 +135,18 @@ def waiting_bytes(size: WorkingSet) -> int:
     return size.x_bytes + 16 * 1024
 
 
-def held_bytes(size: WorkingSet) -> int:
-    """What a request holds outside its batch's computation, from admission until its answer
-    is taken: its decoded input (kept with the request) and its answer's bytes, reserved at
-    admission so that nothing a request holds grows after it is admitted.
-
-    >>> size = WorkingSet(12, 64, 16, True)
-    >>> held_bytes(size) == waiting_bytes(size) + answer_bytes(size)
-    True
-    """
-    return waiting_bytes(size) + answer_bytes(size)
-
-
 def reserved_bytes(size: WorkingSet) -> tuple[int, int, int]:
-    """A request's :func:`held_bytes`, :func:`compute_bytes` and :func:`answer_bytes` at
-    once: what admission reserves for every request of a call of many, on the event loop.
+    """What admission reserves for a request weighed at ``size``, as ``(held, compute,
+    answer)``. ``held``: its decoded input (:func:`waiting_bytes`) and its answer
+    (:func:`answer_bytes`), from admission until the answer is taken, so nothing a request
+    holds grows after it is admitted. ``compute``: the rest of :func:`working_set_bytes`,
+    which its batch reserves while it runs on a lane.
 
-    >>> size = WorkingSet(12, 64, 16, True)
-    >>> reserved_bytes(size) == (held_bytes(size), compute_bytes(size), answer_bytes(size))
-    True
+    >>> reserved_bytes(WorkingSet(12, 64, 16, False))
+    (17420, 49540, 1024)
     """
-    outputs = size.output_bytes
-    answer = (4 * outputs if size.with_outputs else 0) + 1024
-    waiting = size.x_bytes + 16 * 1024
-    working = 4 * size.x_bytes + 4 * size.param_bytes + (9 if size.with_outputs else 6) * outputs
-    return waiting + answer, working + 64 * 1024 - waiting, answer
-
-
-def compute_bytes(size: WorkingSet) -> int:
-    """What a request's computation holds beyond what it held waiting, while its batch runs
-    on a lane: the rest of :func:`working_set_bytes`.
-
-    >>> size = WorkingSet(12, 64, 16, False)
-    >>> compute_bytes(size) + waiting_bytes(size) == working_set_bytes(size)
-    True
-    """
-    return working_set_bytes(size) - waiting_bytes(size)
+    waiting, answer = waiting_bytes(size), answer_bytes(size)
+    return waiting + answer, working_set_bytes(size) - waiting, answer
 
 
 class Caller:

@@ -260,6 +260,8 @@ class Call:
         outstanding = self._outstanding
         if outstanding is not None:
             await outstanding.wait(len(self._requests))
+        if self._message is not None:  # every request is decoded, or never will be
+            self._message.release()
         outcomes: list[RoundTripAnswer | Exception | None] = []
         for request in self._requests:
             if request.ticket is None or request.item is None or request.held is None:
@@ -329,17 +331,15 @@ class Call:
     def _settle(
         self, item: RoundTripInput, held: Reservation, ticket: Ticket
     ) -> RoundTripAnswer | Exception:
-        """An answered request offered to the audit, then :meth:`_done_with`."""
+        """A settled request of a call of many: its answer offered to the audit (it keeps
+        holding its bytes until the answer is taken), or its error (it holds nothing from
+        now)."""
         error = ticket.future.exception()
         if isinstance(error, Exception):
-            self._done_with(held, None)
+            held.release()
             return error
         answer = ticket.future.result()
-        auditor = self._holdings.auditor
-        if auditor is not None:
-            auditor.offer(item, answer)
-        if self._message is not None:
-            self._message.release()
+        self._offer(item, answer)
         return answer
 
     def close(self) -> None:
