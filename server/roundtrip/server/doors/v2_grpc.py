@@ -40,13 +40,7 @@ class V2GrpcDoor:
         self.model.check(request.model_name, request.model_version)
         pipeline = self.pipeline
         unpacked = v2.unpack(request, pipeline.limits, max_items=pipeline.max_batch_items)
-        answers = await pipeline.answer_all(
-            call,
-            unpacked.sizes,
-            unpacked.item,
-            unpacked.about,
-            answer_bytes=unpacked.answer_wire_bytes(),
-        )
+        answers = await pipeline.answer_all(call, unpacked)
         return v2.pack(request, unpacked, answers)
 
     @unary(about_the_worker=True)

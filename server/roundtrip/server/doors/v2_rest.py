@@ -189,13 +189,7 @@ class V2RestDoor:
                 unpacked = v2.unpack(message, pipeline.limits, max_items=pipeline.max_batch_items)
                 self._check_json_outputs(unpacked, binary_outputs)
                 call.reserve(self._answer_copies(unpacked, binary_outputs))
-                answers = await pipeline.answer_all(
-                    call,
-                    unpacked.sizes,
-                    unpacked.item,
-                    unpacked.about,
-                    answer_bytes=unpacked.answer_wire_bytes(),
-                )
+                answers = await pipeline.answer_all(call, unpacked)
                 response = v2.pack(message, unpacked, answers)
                 del message, answers
                 text = await _joined(v2_json.answer_pieces(response, binary_outputs))

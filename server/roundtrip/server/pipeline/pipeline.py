@@ -35,7 +35,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -188,21 +188,14 @@ class Pipeline:
                 "merged_out)"
             )
 
-    async def answer_all(
-        self,
-        call: Call,
-        sizes: Sequence[WorkingSet],
-        decode: Callable[[int], RoundTripInput],
-        about: Callable[[int, RequestError], RequestError],
-        *,
-        answer_bytes: int,
-    ) -> list[RoundTripAnswer]:
-        """A call whose requests succeed or fail whole (:meth:`Call.answer_all`), its answer
-        of ``answer_bytes`` refused before any compute when it could never be sent and
-        reserved beside the answers' own copies."""
+    async def answer_all(self, call: Call, requests: AllOrNothing) -> list[RoundTripAnswer]:
+        """A call whose ``requests`` succeed or fail whole (:meth:`Call.answer_all`), its
+        answer refused before any compute when it could never be sent and reserved beside
+        the answers' own copies."""
+        answer_bytes = requests.answer_wire_bytes()
         self.check_answer_size(answer_bytes)
         call.reserve(answer_bytes)
-        return await call.answer_all(sizes, decode, about)
+        return await call.answer_all(requests.sizes, requests.item, requests.about)
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message that has arrived, or raise Overloaded when the budget cannot take
@@ -241,6 +234,28 @@ class Pipeline:
     ) -> Envelope:
         """The envelope a call of ``method`` is answered in (:class:`Envelope`)."""
         return Envelope(self, method, dropped=dropped, counts=counts, opens=opens)
+
+
+class AllOrNothing(Protocol):
+    """The requests of one call that succeeds or fails whole, as its codec unpacked them
+    (:class:`~roundtrip.server.codecs.v2.Unpacked`: a V2 call of B seeds)."""
+
+    @property
+    def sizes(self) -> Sequence[WorkingSet]:
+        """Each request's working set, weighed on its declared shape."""
+        ...
+
+    def item(self, index: int) -> RoundTripInput:
+        """The ``index``-th request, decoded (once admitted)."""
+        ...
+
+    def about(self, index: int, error: RequestError) -> RequestError:
+        """``error`` naming the ``index``-th request."""
+        ...
+
+    def answer_wire_bytes(self) -> int:
+        """An upper bound of the call's answer on the wire."""
+        ...
 
 
 class Envelope:
