@@ -88,7 +88,7 @@ class RoundTripDoor:
                     admitted.append(index)
                 except Exception as error:
                     outcomes[index] = failure_of(error)
-            answers = await call.answers()
+            answers = await call.outcomes()
         except asyncio.CancelledError:
             code = dropped_code(context).name
             pipeline.metrics.observe_rpcs("RoundTripBatch", [code] * count, started)

@@ -252,7 +252,7 @@ class Call:
         if turns is not None and turns.waiting:
             turns.grant()
 
-    async def answers(self) -> list[RoundTripAnswer | Exception | None]:
+    async def outcomes(self) -> list[RoundTripAnswer | Exception | None]:
         """Every admitted request's answer, or its own error (a :class:`RequestError`; any
         other exception is a bug in the worker), in the order admitted. For a call that is
         ``all_or_nothing``, as soon as one has failed: the others not settled by then are
@@ -289,7 +289,7 @@ class Call:
             except RequestError as error:
                 raise about(index, error) from None
         answers = []
-        for index, outcome in enumerate(await self.answers()):
+        for index, outcome in enumerate(await self.outcomes()):
             if isinstance(outcome, RequestError):
                 raise about(index, outcome)
             if isinstance(outcome, Exception):

@@ -21,7 +21,7 @@ class Gathering:
     error), so that the call awaits one thing, not one future per request.
 
     >>> gathering = Gathering()
-    >>> gathering.add(); gathering.answered(failed=False)
+    >>> gathering.add(); gathering.report(failed=False)
     """
 
     __slots__ = ()
@@ -29,7 +29,7 @@ class Gathering:
     def add(self) -> None:
         """A request is queued."""
 
-    def answered(self, failed: bool = False) -> None:
+    def report(self, failed: bool = False) -> None:
         """A request is answered (``failed``: with its own error)."""
 
 
@@ -56,7 +56,7 @@ class Ticket:
             self.future.set_result(outcome)
             failed = False
         if self.gathering is not None:
-            self.gathering.answered(failed)
+            self.gathering.report(failed)
 
 
 def live(batch: list[Ticket]) -> list[Ticket]:
@@ -97,7 +97,7 @@ class Outstanding(Gathering):
     def add(self) -> None:
         """A request of the call is queued (counted when it settles)."""
 
-    def answered(self, failed: bool = False) -> None:
+    def report(self, failed: bool = False) -> None:
         self._on_place_back()
         # settle(), inline: this runs for every answered request of every call of many
         self.settled += 1
