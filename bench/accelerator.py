@@ -33,7 +33,9 @@ import jax
 import numpy as np
 
 from bench import checks, harness, launch
-from bench.run import Bodies, report, run_rounds, table
+from bench.checks import Bodies
+from bench.report import table
+from bench.run import report, run_rounds
 from bench.scenarios import SCENARIOS, SERVERS, WORKER_FLAGS, Scenario
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -46,8 +48,8 @@ CHOSEN = (
     "W3 unary (fresh seed per request)",
 )
 #: (shape of x, features): the worked example, W2, W3, width 1, wide, narrow, rows of x.
-SWEEP = [((3,), 4), ((64,), 64), ((1024,), 1024), ((1,), 1), ((7,), 300), ((300,), 7)]
-SWEEP += [((4, 64), 64), ((2, 3), 5)]
+SWEEP: list[tuple[tuple[int, ...], int]] = [((3,), 4), ((64,), 64), ((1024,), 1024), ((1,), 1)]
+SWEEP += [((7,), 300), ((300,), 7), ((4, 64), 64), ((2, 3), 5)]
 
 
 def sweep_requests() -> list[tuple[int, np.ndarray, int]]:

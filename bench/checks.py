@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -26,6 +26,8 @@ from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.v2_stub import V2Stub
+
+T = TypeVar("T")
 
 ROUNDTRIP = "/roundtrip.v1.RoundTripService/RoundTrip"
 
@@ -60,7 +62,9 @@ def same(got: Sequence[float], want: Sequence[float]) -> bool:
     from roundtrip.server.numerics.reference import same_answer
     from roundtrip.server.values import RoundTripAnswer
 
-    return same_answer(RoundTripAnswer(*got), RoundTripAnswer(*want))
+    return same_answer(
+        RoundTripAnswer(got[0], got[1], got[2]), RoundTripAnswer(want[0], want[1], want[2])
+    )
 
 
 def answer_of(response: pb.RoundTripResponse) -> Answer:
@@ -196,7 +200,8 @@ class Bodies:
             return nullcontext()
         import jax
 
-        return jax.default_device(self.device)
+        context: AbstractContextManager[Any] = jax.default_device(self.device)
+        return context
 
     def one(self, workload: str) -> Body:
         return self._get(("one", workload), lambda: workload_body(workload))
@@ -210,7 +215,8 @@ class Bodies:
     def batch(self, workload: str) -> BatchBody:
         return self._get(("batch", workload), lambda: BatchBody(workload))
 
-    def _get(self, key: Any, make: Callable[[], Any]) -> Any:
+    def _get(self, key: Any, make: Callable[[], T]) -> T:
         if key not in self._made:
             self._made[key] = make()
-        return self._made[key]
+        made: T = self._made[key]
+        return made

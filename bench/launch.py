@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from support.workers import (
     ROOT,
@@ -143,8 +144,8 @@ def mlserver() -> Iterator[tuple[int, int]]:
     settings = {"host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port}
     settings |= {"metrics_port": metrics_port, "parallel_workers": 0}
     (folder / "settings.json").write_text(json.dumps(settings))
-    model = {"name": "roundtrip", "implementation": "runtime.RoundTripRuntime"}
-    model["parameters"] = {"extra": {"mode": "jit"}}  # type: ignore[assignment]
+    model: dict[str, Any] = {"name": "roundtrip", "implementation": "runtime.RoundTripRuntime"}
+    model["parameters"] = {"extra": {"mode": "jit"}}
     (folder / "model-settings.json").write_text(json.dumps(model))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "bench" / "mlserver"), "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen(

@@ -15,7 +15,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -35,7 +35,7 @@ PERF = ROOT / ".tools" / "perf"
 
 def grpc_frame(message: Any) -> bytes:
     """A message as one gRPC frame: not compressed, its length, its bytes."""
-    data = message.SerializeToString()
+    data: bytes = message.SerializeToString()
     return b"\x00" + struct.pack(">I", len(data)) + data
 
 
@@ -146,7 +146,9 @@ def _ms(text: str) -> float:
     >>> _ms("850us"), _ms("1.5ms"), _ms("2s")
     (0.85, 1.5, 2000.0)
     """
-    value = float(re.match(r"[\d.]+", text).group(0))  # type: ignore[union-attr]
+    number = re.match(r"[\d.]+", text)
+    assert number is not None, text
+    value = float(number.group(0))
     if text.endswith("us"):
         return value / 1000
     if text.endswith("ms"):
@@ -191,7 +193,7 @@ async def _callers(
     await asyncio.gather(*(caller(number) for number in range(concurrency)))
     elapsed = time.perf_counter() - began
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     return {"rps": len(latencies) / elapsed, **percentiles(latencies)} | {
         "mismatches": mismatches,
         "errors": errors,
@@ -253,7 +255,7 @@ async def _stream(port: int, bodies: Sequence[Body], count: int) -> dict[str, fl
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.RoundTripServiceStub(channel)
 
-        async def messages():  # type: ignore[no-untyped-def]
+        async def messages() -> AsyncIterator[pb.RoundTripStreamRequest]:
             for index in range(count):
                 yield pb.RoundTripStreamRequest(
                     id=index, request=bodies[index % len(bodies)].request

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 
@@ -44,7 +45,7 @@ async def drive(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.RoundTripServiceStub(channel)
 
-        async def messages():  # type: ignore[no-untyped-def]
+        async def messages() -> AsyncIterator[pb.RoundTripStreamRequest]:
             for index, request in enumerate(requests):
                 yield pb.RoundTripStreamRequest(id=index, request=request)
 

@@ -41,7 +41,7 @@ async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> d
     latencies: list[float] = []
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(ROUNDTRIP)
+        call = channel.unary_unary(ROUNDTRIP, None, None)
 
         async def caller() -> None:
             while time.monotonic() < stop_at:
@@ -58,7 +58,7 @@ async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> d
 async def open_loop(port: int, body: bytes, rate: float, seconds: float) -> dict[str, object]:
     outcomes: dict[str, list[float]] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(ROUNDTRIP)
+        call = channel.unary_unary(ROUNDTRIP, None, None)
 
         async def one() -> None:
             started = time.perf_counter()

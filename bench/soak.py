@@ -72,7 +72,7 @@ def invalid_probes() -> list[Probe]:
     f32 = pb.DTYPE_FLOAT32
     requests = [
         (pb.RoundTripRequest(x=pb.Array(values=[1, 2, 3]), features=0), INVALID),
-        (pb.RoundTripRequest(x=pb.Array(dtype=77, values=[1.0]), features=4), INVALID),  # type: ignore[arg-type]
+        (pb.RoundTripRequest(x=pb.Array(dtype=77, values=[1.0]), features=4), INVALID),  # type: ignore[arg-type]  # no such dtype
         (
             pb.RoundTripRequest(x=pb.Array(dtype=f32, shape=[3], raw=b"\0" * 11), features=4),
             INVALID,
@@ -94,7 +94,7 @@ async def drive(
     latencies: list[float] = []
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary("/roundtrip.v1.RoundTripService/RoundTrip")
+        call = channel.unary_unary("/roundtrip.v1.RoundTripService/RoundTrip", None, None)
 
         async def caller(seed: int) -> None:
             rng = random.Random(seed)
@@ -161,8 +161,8 @@ async def soak(worker: WorkerProcess, args: argparse.Namespace) -> dict[str, obj
         "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2),
         "rss_first_sample_mib": first,
         "rss_last_sample_mib": last,
-        "rss_max_mib": max(s["rss_mib"] for s in samples),  # type: ignore[type-var]
-        "rss_last_over_first": round(float(last) / float(first), 3),  # type: ignore[arg-type]
+        "rss_max_mib": max(s["rss_mib"] for s in samples),
+        "rss_last_over_first": round(float(last) / float(first), 3),
         "samples": samples,
     }
 

@@ -4,6 +4,8 @@ for is true, and fails naming it when it never becomes so.
 >>> wait_for(lambda: True, "nothing")
 >>> holds_within(lambda: False, 0.05)
 False
+>>> stays(lambda: True, 0.05), stays(lambda: False, 5)
+(True, False)
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ def holds_within(condition: Callable[[], bool], seconds: float) -> bool:
             return False
         time.sleep(EVERY_S)
     return True
+
+
+def stays(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``condition`` holds throughout ``seconds``: for what must not happen (an
+    error logged late, a thread too many), answered the moment it does."""
+    deadline = time.monotonic() + seconds
+    while condition():
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(EVERY_S)
+    return False
 
 
 def wait_for(

@@ -6,7 +6,7 @@ this, bit for bit, never against itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,3 +32,17 @@ def reference_with_outputs(seed: int, x: Any, features: int) -> tuple[np.ndarray
     result = jnp.array([float(orig_out.sum()), float(merged_out.sum()), float(abs_diff)])
     numbers = np.array([float(v) for v in result], dtype=np.float64)
     return numbers, np.asarray(orig_out), np.asarray(merged_out)
+
+
+@runtime_checkable
+class Answered(Protocol):
+    """An answer: the client's RoundTripResult, the engine's RoundTripAnswer."""
+
+    def as_list(self) -> list[float]: ...
+
+
+def numbers(outcome: object) -> np.ndarray:
+    """An answer's three numbers as ``reference`` gives them, for ``np.array_equal``; an
+    error where an answer was due fails here, naming the error."""
+    assert isinstance(outcome, Answered), f"an answer was due, got {outcome!r}"
+    return np.array(outcome.as_list(), dtype=np.float64)

@@ -20,7 +20,7 @@ DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 def test_raw_round_trip_is_exact(dtype: type, data: st.DataObject) -> None:
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
     values = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(-1e4, 1e4)))
-    original = values.astype(dtype)
+    original: np.ndarray = values.astype(dtype)
     decoded = arrays.from_proto(arrays.to_proto(original, np.dtype(dtype)), field="x")
     assert decoded.dtype == np.dtype(dtype)
     assert decoded.tobytes() == original.tobytes()
@@ -50,7 +50,7 @@ def test_values_with_empty_shape_are_one_dimensional() -> None:
 
 def test_unencodable_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="no wire encoding"):
-        arrays.to_proto(np.array([1], np.int32), np.int32)
+        arrays.to_proto(np.array([1], np.int32), np.dtype(np.int32))
 
 
 def test_errors_name_the_field() -> None:

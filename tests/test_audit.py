@@ -34,7 +34,7 @@ def test_a_wrong_answer_in_one_bit_is_caught_and_logged_with_the_request(
         assert not Auditor(1.0, 4).check(ITEM, wrong).matched
     (record,) = caplog.records
     assert record.getMessage().startswith("audit mismatch")
-    assert record.request == {  # type: ignore[attr-defined]
+    assert record.request == {  # type: ignore[attr-defined]  # logging's extra= field
         "seed": 7,
         "features": 3,
         "dtype": "float32",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,9 +32,15 @@ def item(seed: int, width: int = 4) -> RoundTripInput:
     return RoundTripInput(seed, np.linspace(-1, 1, width, dtype=np.float32), 3)
 
 
-async def with_batcher(engine: Engine, body, **options) -> list[BatchRecord]:  # type: ignore[no-untyped-def]
+async def with_batcher(
+    engine: Engine, body: Callable[[Batcher[Engine]], Awaitable[None]], **options: Any
+) -> list[BatchRecord]:
     records: list[BatchRecord] = []
-    settings = {"max_batch_size": 8, "max_queue_delay_us": 20_000, "max_queue_size": 100} | options
+    settings: dict[str, Any] = {
+        "max_batch_size": 8,
+        "max_queue_delay_us": 20_000,
+        "max_queue_size": 100,
+    } | options
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher([Lane(engine, executor)], on_batch=records.append, **settings)
         batcher.start()
@@ -45,7 +52,7 @@ async def with_batcher(engine: Engine, body, **options) -> list[BatchRecord]:  #
 
 
 def test_concurrent_requests_form_batches_with_their_own_answers() -> None:
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         results = await asyncio.gather(*(batcher.submit(item(s)) for s in range(16)))
         for seed, got in enumerate(results):
             want = reference(seed, np.linspace(-1, 1, 4, dtype=np.float32), 3)
@@ -57,7 +64,7 @@ def test_concurrent_requests_form_batches_with_their_own_answers() -> None:
 
 
 def test_one_failing_request_does_not_fail_its_neighbours() -> None:
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         outcomes = await asyncio.gather(
             *(batcher.submit(item(s)) for s in (1, 666, 2)), return_exceptions=True
         )
@@ -70,7 +77,7 @@ def test_one_failing_request_does_not_fail_its_neighbours() -> None:
 
 
 def test_full_queue_is_refused_at_once() -> None:
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         waiting = [asyncio.ensure_future(batcher.submit(item(s))) for s in range(3)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull, match="max_queue_size"):
@@ -90,7 +97,7 @@ def test_full_queue_is_refused_at_once() -> None:
 def test_expired_request_is_dropped_before_the_engine() -> None:
     engine = Engine(max_compiled=8, max_batch_size=8)
 
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         with pytest.raises(DeadlineExpired):
             await batcher.submit(item(1), deadline=time.monotonic() + 0.001)
 
@@ -101,7 +108,7 @@ def test_expired_request_is_dropped_before_the_engine() -> None:
 def test_cancelled_request_is_dropped_and_others_still_answered() -> None:
     engine = Engine(max_compiled=8, max_batch_size=8)
 
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         gone = asyncio.ensure_future(batcher.submit(item(1)))
         kept = asyncio.ensure_future(batcher.submit(item(2)))
         await asyncio.sleep(0)
@@ -114,7 +121,7 @@ def test_cancelled_request_is_dropped_and_others_still_answered() -> None:
 
 
 def test_batch_window_is_measured_from_the_oldest_request() -> None:
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         first = asyncio.ensure_future(batcher.submit(item(1)))
         await asyncio.sleep(0.03)
         second = asyncio.ensure_future(batcher.submit(item(2)))
@@ -128,7 +135,7 @@ def test_batch_window_is_measured_from_the_oldest_request() -> None:
 
 
 def test_drain_answers_queued_requests_then_refuses_new_ones() -> None:
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         queued = [asyncio.ensure_future(batcher.submit(item(s))) for s in range(4)]
         await asyncio.sleep(0)
         await batcher.drain()
@@ -140,7 +147,7 @@ def test_drain_answers_queued_requests_then_refuses_new_ones() -> None:
 
 
 def test_a_cancelled_request_frees_its_queue_place_at_once() -> None:
-    async def body(batcher: Batcher) -> None:
+    async def body(batcher: Batcher[Any]) -> None:
         gone = [asyncio.ensure_future(batcher.submit(item(s))) for s in range(3)]
         await asyncio.sleep(0)
         assert batcher.queued == 3

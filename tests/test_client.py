@@ -43,7 +43,7 @@ def test_non_integral_values_are_value_errors(value: object) -> None:
 
 def test_requests_default_to_raw_float32() -> None:
     request = build_request(0, [1, 2, 3], 4)
-    assert request.x.raw == np.float32([1, 2, 3]).tobytes()
+    assert request.x.raw == np.array([1, 2, 3], dtype=np.float32).tobytes()
     assert not request.x.values
 
 
@@ -57,10 +57,10 @@ def test_errors_keep_their_status_code() -> None:
 
 
 def test_in_order_releases_answers_by_id() -> None:
-    order = InOrder()
+    order = InOrder[errors.RoundTripError]()
     assert order.push(1, errors.RoundTripError("b")) == []
     released = order.push(0, errors.RoundTripError("a"))
-    assert [str(e.message) for e in released] == ["a", "b"]  # type: ignore[union-attr]
+    assert [str(e.message) for e in released] == ["a", "b"]
 
 
 TOKEN = "per-call-token"
@@ -74,7 +74,7 @@ def token_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess
         yield process
 
 
-class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]  # grpc-stubs' generic; grpcio's class is not subscriptable at run time
     """Keeps each call's deadline and metadata as the client hands them to gRPC."""
 
     def __init__(self) -> None:
@@ -112,7 +112,7 @@ def test_per_call_metadata_is_added_to_the_clients(worker: WorkerProcess) -> Non
     ):
         client.round_trip(0, [1.0], 1, metadata=[("x-request-id", "42")])
         client.round_trip(0, [1.0], 1)
-    first, second = (dict(d.metadata) for d in recorder.calls)
+    first, second = (dict(d.metadata or ()) for d in recorder.calls)
     assert first == {"x-team": "search", "x-request-id": "42"}
     assert second == {"x-team": "search"}
 
@@ -192,7 +192,8 @@ def test_async_wait_until_serving_returns_once_serving(worker: WorkerProcess) ->
 
 
 def test_async_stream_takes_an_async_iterable(worker: WorkerProcess) -> None:
-    cases = [(seed, np.linspace(-1, 1, 3 * (seed % 3 + 1), np.float32), 4) for seed in range(40)]
+    sizes = [3 * (seed % 3 + 1) for seed in range(40)]
+    cases = [(seed, np.linspace(-1, 1, n, dtype=np.float32), 4) for seed, n in enumerate(sizes)]
 
     async def produce() -> AsyncIterator[tuple[int, np.ndarray, int]]:
         for case in cases:

@@ -63,7 +63,7 @@ def wait_until_steady(worker: WorkerProcess, sample: str, seconds: float = 2.0) 
     """Wait until ``sample`` stops changing for ``seconds`` (at most a minute); return it."""
     last, since, started = worker.metric(sample), time.monotonic(), time.monotonic()
     while time.monotonic() - since < seconds and time.monotonic() - started < 60:
-        time.sleep(0.25)
+        time.sleep(0.1)
         now = worker.metric(sample)
         if now != last:
             last, since = now, time.monotonic()
@@ -115,7 +115,8 @@ def test_a_queue_that_stops_moving_turns_health_not_serving_until_it_moves() -> 
             ticket = pipeline.batcher.enqueue(item, compute_bytes=64 * 1024)
             return every_byte, ticket.future
 
-        every_byte, answer = worker.run(hold_everything())
+        held: tuple[Reservation, asyncio.Future[RoundTripAnswer]] = worker.run(hold_everything())
+        every_byte, answer = held
         assert holds_within(lambda: worker.health() == NOT_SERVING, 10)
         assert worker.metric("roundtrip_stalled") == 1
         assert worker.event("stalled")["queued"] == 0  # the batch waits for bytes, taken
@@ -509,7 +510,7 @@ def test_many_v2_calls_of_many_seeds_leave_unary_callers_served() -> None:
         for caller in callers:
             caller.start()
         try:
-            v2 = sum(in_threads(*[v2_caller] * 12), Counter())
+            v2: Counter[str] = sum(in_threads(*[v2_caller] * 12), Counter())
         finally:
             stop.set()
             for caller in callers:
@@ -609,9 +610,9 @@ def test_connections_and_their_streams_are_bounded_as_configured() -> None:
             streams = [stub.RoundTripStream(iter(q.get, None), timeout=30) for q in held]
             for index, q in enumerate(held):
                 q.put(pb.RoundTripStreamRequest(id=index, request=build_request(*SMALL)))
-            assert next(streams[0]).id == 0
-            assert next(streams[1]).id == 1
-            third = threading.Thread(target=lambda: next(streams[2]))
+            assert next(iter(streams[0])).id == 0
+            assert next(iter(streams[1])).id == 1
+            third = threading.Thread(target=lambda: next(iter(streams[2])))
             third.start()
             third.join(1.0)
             assert third.is_alive()  # its stream waits for one of the two to end

@@ -252,7 +252,7 @@ def test_refused_messages_are_freed_as_their_calls_end(short_read_worker: Worker
     request = build_request(1, np.ones(8 * MIB, np.float32), 0)
     with short_read_worker.channel() as channel, RssSampler(short_read_worker) as rss:
         stub = pb_grpc.RoundTripServiceStub(channel)
-        codes = Counter()
+        codes = Counter[str]()
         for _ in range(30):
             try:
                 stub.RoundTrip(request, timeout=60)
@@ -294,7 +294,7 @@ def test_answers_too_large_to_send_are_refused_before_compute() -> None:
                             name="features", datatype="INT64", shape=[1]
                         ),
                     ],
-                    outputs=[{"name": "orig_out"}],
+                    outputs=[v2pb.ModelInferRequest.InferRequestedOutputTensor(name="orig_out")],
                     raw_input_contents=[
                         np.int64(0).tobytes(),
                         x.tobytes(),

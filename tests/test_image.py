@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import threading
-import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -23,6 +22,7 @@ import pytest
 from reference import reference
 
 from roundtrip.client import RoundTripClient, RoundTripError
+from support.polling import wait_for
 from support.workers import WorkerProcess
 
 IMAGE = os.environ.get("ROUNDTRIP_IMAGE", "")
@@ -154,7 +154,7 @@ def test_podman_stop_under_load_loses_nothing(container: tuple[WorkerProcess, st
     callers = [threading.Thread(target=caller) for _ in range(8)]
     for thread in callers:
         thread.start()
-    time.sleep(3)
+    wait_for(lambda: outcomes["ok"] > 50, "answers before the stop", timeout=60)
     stopped = subprocess.run([*PODMAN, "stop", "-t", "60", name], capture_output=True, text=True)
     assert stopped.returncode == 0, stopped.stderr
     for thread in callers:
@@ -163,6 +163,6 @@ def test_podman_stop_under_load_loses_nothing(container: tuple[WorkerProcess, st
     assert outcomes["ok"] > 50
     assert set(outcomes) <= {"ok", "UNAVAILABLE"}, outcomes
     [event] = [e for e in worker.events if e.get("event") == "stopped"]
-    answered: dict[str, int] = event["answered_by_code"]  # type: ignore[assignment]
+    answered: dict[str, int] = event["answered_by_code"]
     assert answered["OK"] - answered_before == outcomes["ok"], (answered, outcomes)
     assert set(answered) <= {"OK", "UNAVAILABLE"}, answered

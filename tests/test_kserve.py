@@ -52,12 +52,14 @@ def inference_service() -> dict[str, Any]:
         text=True,
         check=True,
     )
+    isvc: dict[str, Any]
     [isvc] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     return isvc
 
 
 def predictor_container() -> dict[str, Any]:
+    container: dict[str, Any]
     [container] = inference_service()["spec"]["predictor"]["containers"]
     return container
 
@@ -103,7 +105,8 @@ def get(port: int, path: str) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
             json.loads(response.read())
-            return response.status
+            status: int = response.status
+            return status
     except urllib.error.HTTPError as error:
         return error.code
 

@@ -117,6 +117,7 @@ def worker_pod(overlay: str) -> Pod:
 
 
 def container(overlay: str) -> dict[str, Any]:
+    worker: dict[str, Any]
     [worker] = one(overlay, "Deployment")["spec"]["template"]["spec"]["containers"]
     return worker
 

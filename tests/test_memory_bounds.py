@@ -106,7 +106,7 @@ def wait_until_steady(worker: WorkerProcess, sample: str, seconds: float = 3.0) 
     (a first compilation can hold the first batch for longer than ``seconds``); return it."""
     last, since = worker.metric(sample), time.monotonic()
     while time.monotonic() - since < seconds:
-        time.sleep(0.5)
+        time.sleep(0.1)
         now = worker.metric(sample)
         if now != last or worker.metric("roundtrip_inflight_requests"):
             last, since = now, time.monotonic()

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from roundtrip.client import FailedPreconditionError, RoundTripClient, RoundTripResult
-from roundtrip.client.channel import FINGERPRINT_KEY
 from roundtrip.server.numerics import numerics
+from roundtrip.wire.metadata import FINGERPRINT_KEY
 from support.workers import ROOT, WorkerProcess
 
 #: The issue's case: seed 5, x of shape (3, 2, 4) from a normal, features 2. This x gives
@@ -118,7 +118,7 @@ def test_the_fingerprint_tells_pins_apart_and_same_pins_together(
     assert first["host_cpu_isa"] == HOST_LEVELS[-1]
     # the start log and the metric carry the same identity
     [serving] = [e for e in pinned["AVX"][0].events if e.get("event") == "serving"]
-    assert serving["numerics"]["fingerprint"] == first["fingerprint"]  # type: ignore[index]
+    assert serving["numerics"]["fingerprint"] == first["fingerprint"]
     sample = (
         f'roundtrip_numerics_info{{backend="cpu",device_kind="{first["device_kind"]}",'
         f'fingerprint="{first["fingerprint"]}",host_cpu_isa="{first["host_cpu_isa"]}",'
@@ -251,7 +251,7 @@ def test_before_its_fingerprint_is_known_an_insisting_call_is_unavailable() -> N
         with grpc.insecure_channel(process.target) as channel:
             stub = pb_grpc.RoundTripServiceStub(channel)  # no client retries here
             with pytest.raises(grpc.RpcError) as caught:
-                stub.RoundTrip(request, timeout=30, metadata=[(FINGERPRINT_KEY, "0" * 16)])
+                stub.RoundTrip(request, timeout=30, metadata=((FINGERPRINT_KEY, "0" * 16),))
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "not computed its numerics fingerprint yet" in (caught.value.details() or "")
             process.wait_serving()

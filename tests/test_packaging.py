@@ -119,7 +119,7 @@ def test_mypy_strict_sees_the_clients_real_types(
     _, python = installed
     (tmp_path / "good.py").write_text(GOOD_CALLER)
     (tmp_path / "bad.py").write_text(BAD_CALLER)
-    mypy = [console_script("mypy"), "--strict", "--python-executable", python]
+    mypy: list[str | Path] = [console_script("mypy"), "--strict", "--python-executable", python]
     good = run(*mypy, "good.py", cwd=tmp_path)
     assert good.returncode == 0, good.stdout
     bad = run(*mypy, "bad.py", cwd=tmp_path)

@@ -111,7 +111,7 @@ def ended(started: Any, door: str) -> str:
     try:  # a stream's iterator is a future too, whose result() would not read its answers
         result = list(started) if door == "stream" else started.result()
     except grpc.RpcError as error:
-        return error.code().name  # type: ignore[attr-defined, no-any-return]
+        return error.code().name
     except grpc.FutureCancelledError:
         return "CANCELLED"
     if isinstance(result, list):  # a stream of one message: its answer or its own error

@@ -15,7 +15,8 @@ from reference import reference
 from roundtrip.client import RoundTripClient
 from support.workers import WorkerProcess, metric_value
 
-CASES = [(seed, np.float32([1.0, 2.0, 3.0]) * (seed % 5 + 1), 4) for seed in range(40)]
+X = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+CASES = [(seed, X * (seed % 5 + 1), 4) for seed in range(40)]
 EXPECTED = [reference(*case) for case in CASES]
 
 pytestmark = pytest.mark.slow

@@ -6,36 +6,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import pytest
 
 from bench import checks, loads
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
+from support.v2_stub import V2Stub
 from support.workers import InProcessWorker, serving_worker
+
+M = TypeVar("M")
 
 WORKED = [-4.221933364868164, -4.221933364868164, 0.0]
 
 
 @pytest.fixture(scope="module")
 def audited_worker() -> Iterator[InProcessWorker]:
-    flags = ("--max-batch-items", "24", "--max-queue-delay-us", "249", "--warmup-shapes", "3:4")
+    flags: tuple[str, ...] = ("--max-batch-items", "24", "--max-queue-delay-us", "249")
+    flags += ("--warmup-shapes", "3:4")
     flags += ("--audit-fraction", "1.0")  # every answer checked against the eager reference
     with serving_worker(*flags) as process:
         yield process
 
 
-def v2_call(worker: InProcessWorker, method: str, request: object, response: type) -> object:
+def v2_call(worker: InProcessWorker, method: str, request: Any, response: type[M]) -> M:
     with worker.channel() as channel:
-        call = channel.unary_unary(
-            f"/inference.GRPCInferenceService/{method}",
-            request_serializer=type(request).SerializeToString,  # type: ignore[attr-defined]
-            response_deserializer=response.FromString,  # type: ignore[attr-defined]
-        )
-        return call(request, timeout=30)
+        answer = getattr(V2Stub(channel), method)(request, timeout=30)
+    assert isinstance(answer, response)
+    return answer
 
 
-def rest(worker: InProcessWorker, path: str) -> tuple[int, dict[str, object]]:
+def rest(worker: InProcessWorker, path: str) -> tuple[int, Any]:
+    """The status and the JSON document, parsed (JSON has no static type)."""
     import urllib.error
     import urllib.request
 
@@ -53,7 +56,7 @@ def test_the_model_configuration_states_the_workers_real_limits(
     assert status == 200
     assert config["max_batch_size"] == 24  # max_batch_items: B per call
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 249}
-    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [  # type: ignore[attr-defined]
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
         ("seed", "TYPE_INT64", [1]),
         ("x", "TYPE_FP32", [-1]),
         ("features", "TYPE_INT64", [1]),
@@ -64,18 +67,18 @@ def test_the_model_configuration_states_the_workers_real_limits(
         v2pb.ModelConfigRequest(name="roundtrip"),
         v2pb.ModelConfigResponse,
     )
-    assert answer.config.max_batch_size == 24  # type: ignore[attr-defined]
-    assert [i.name for i in answer.config.input] == ["seed", "x", "features"]  # type: ignore[attr-defined]
+    assert answer.config.max_batch_size == 24
+    assert [i.name for i in answer.config.input] == ["seed", "x", "features"]
     assert rest(audited_worker, "/v2/models/other/config")[0] == 404
     # the metadata agrees: the same tensors with the batch axis
     metadata = rest(audited_worker, "/v2/models/roundtrip")[1]
-    assert [t["shape"] for t in metadata["inputs"]] == [[-1, 1], [-1, -1], [-1, 1]]  # type: ignore[index]
+    assert [t["shape"] for t in metadata["inputs"]] == [[-1, 1], [-1, -1], [-1, 1]]
 
 
 def test_statistics_are_the_workers_own_counters(audited_worker: InProcessWorker) -> None:
-    def stats() -> dict[str, object]:
-        [model] = rest(audited_worker, "/v2/models/roundtrip/stats")[1]["model_stats"]  # type: ignore[misc]
-        return model  # type: ignore[no-any-return]
+    def stats() -> Any:
+        [model] = rest(audited_worker, "/v2/models/roundtrip/stats")[1]["model_stats"]
+        return model
 
     before = stats()
     with RoundTripClient(audited_worker.target) as client:
@@ -86,18 +89,18 @@ def test_statistics_are_the_workers_own_counters(audited_worker: InProcessWorker
     after = stats()
     done = (
         after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
-    )  # type: ignore[index]
-    failed = after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"]  # type: ignore[index]
+    )
+    failed = after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"]
     assert (done, failed) == (5, 1)
-    assert after["inference_count"] - before["inference_count"] == 5  # type: ignore[operator]
-    assert after["last_inference"] > 0  # type: ignore[operator]
+    assert after["inference_count"] - before["inference_count"] == 5
+    assert after["last_inference"] > 0
     grpc_stats = v2_call(
         audited_worker,
         "ModelStatistics",
         v2pb.ModelStatisticsRequest(),
         v2pb.ModelStatisticsResponse,
     )
-    [model] = grpc_stats.model_stats  # type: ignore[attr-defined]
+    [model] = grpc_stats.model_stats
     assert model.inference_count == after["inference_count"]
     assert model.execution_count == after["execution_count"]
 
@@ -135,15 +138,13 @@ def test_the_openapi_document_names_exactly_the_routes_served(
 ) -> None:
     status, document = rest(audited_worker, "/v2/docs/dataplane.json")
     assert status == 200
-    assert document["openapi"].startswith("3.")  # type: ignore[union-attr]
+    assert document["openapi"].startswith("3.")
     served = {
-        (route.method.lower(), route.resource.canonical)  # type: ignore[union-attr]
+        (route.method.lower(), route.resource.canonical)
         for route in audited_worker.worker.http.app.router.routes()  # the app the worker serves
         if route.method != "HEAD"
     }
     documented = {
-        (method, path)
-        for path, operations in document["paths"].items()  # type: ignore[union-attr]
-        for method in operations
+        (method, path) for path, operations in document["paths"].items() for method in operations
     }
     assert documented == served

@@ -14,7 +14,7 @@ import signal
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -208,7 +208,8 @@ def test_both_doors_describe_the_model_field_by_field_the_same(
 ) -> None:
     """Server and model metadata, Triton's configuration and statistics: what gRPC sends,
     written in V2's REST JSON (int64s as numbers), is exactly what REST sends."""
-    infer(v2_worker, infer_request([1], np.float32([1, 2, 3]), 4))  # statistics not all 0
+    x = np.array([[1, 2, 3]], dtype=np.float32)
+    infer(v2_worker, infer_request([1], x, [4]))  # statistics not all 0
     pairs = [
         ("/v2", "ServerMetadata", v2pb.ServerMetadataRequest(), v2pb.ServerMetadataResponse),
         (
@@ -244,7 +245,7 @@ def test_both_doors_describe_the_model_field_by_field_the_same(
 def as_grpc_json(message: Any) -> dict[str, Any]:
     """Every field of ``message``, set or not, as protobuf writes it: two messages equal
     here are equal field by field."""
-    return json_format.MessageToDict(  # type: ignore[no-any-return]
+    return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
 
@@ -447,7 +448,7 @@ def with_input(name: str, **changes: Any) -> dict[str, Any]:
     return body
 
 
-MALFORMED_JSON = {
+MALFORMED_JSON: dict[str, tuple[bytes | dict[str, Any], str]] = {
     "features 4.9": (with_input("features", data=[4.9]), "features"),
     "seed 0.5": (with_input("seed", data=[0.5]), "seed"),
     "seed true": (with_input("seed", data=[True]), "seed"),
@@ -508,7 +509,7 @@ def test_x_of_rank_65_is_invalid_argument_on_every_door(v2_worker: InProcessWork
     outcomes: dict[str, tuple[int, str]] = {}
     with v2_worker.channel() as channel:
         stub = pb_grpc.RoundTripServiceStub(channel)
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "RoundTrip": lambda: stub.RoundTrip(request, timeout=30),
             "ModelInfer": lambda: infer(v2_worker, v2_request),
         }

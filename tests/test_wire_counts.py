@@ -159,9 +159,10 @@ def encode(message: Message, rng: random.Random, unknowns: bool = True) -> bytes
         pieces: list[bytes] = []
         number = field.number
         if _is_map(field):
+            assert field.message_type is not None  # a map field's entries are messages
             entry_type = message_factory.GetMessageClass(field.message_type)
             for key, item in value.items():
-                entry = entry_type(key=key)
+                entry: Any = entry_type(key=key)  # a generated map entry: key and value
                 if isinstance(item, Message):
                     entry.value.CopyFrom(item)
                 else:
@@ -207,6 +208,7 @@ def encode(message: Message, rng: random.Random, unknowns: bool = True) -> bytes
 def counted(data: bytes, message_type: type[Message]) -> bool:
     """Whether ``check_counts`` refuses ``data`` (every message walked)."""
     try:
+        # upb's descriptor is the same object at run time; the stubs name two classes
         check_counts(data, message_type.DESCRIPTOR, LIMITS, walked_above=0)  # type: ignore[arg-type]
     except LimitExceeded:
         return True

@@ -48,7 +48,7 @@ def jitted(seed: int, x: Any, features: int) -> list[float]:
     return [float(v) for v in np.asarray(_jitted(key, jnp.asarray(x), features))]
 
 
-class RoundTripRuntime(MLModel):
+class RoundTripRuntime(MLModel):  # type: ignore[misc]  # MLServer lives in its own environment, untyped here
     async def load(self) -> bool:
         extra = (self.settings.parameters.extra or {}) if self.settings.parameters else {}
         self._compute = jitted if extra.get("mode", "jit") == "jit" else eager

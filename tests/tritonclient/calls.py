@@ -62,7 +62,8 @@ def typed_call(stub: Any, case: dict[str, Any]) -> list[list[float]]:
     response = stub.ModelInfer(request, timeout=60)
     [tensor] = response.outputs
     result = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(tensor.shape))
-    return result.astype(np.float64).tolist()
+    rows: list[list[float]] = result.astype(np.float64).tolist()
+    return rows
 
 
 def main() -> None:
