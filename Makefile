@@ -195,6 +195,7 @@ pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced $(PER
 bench: setup $(PERF)/.synced
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	[ -n "$(BENCH_ARGS)" ] || $(BIN)/python -m bench.engine
 
 # Ten minutes of mixed valid and invalid traffic (docs/bench/soak.json), and ten
 # times the sustained load (docs/bench/overload.json); see docs/operations.md.

@@ -38,6 +38,9 @@ from bench.report import table
 from bench.run import report, run_rounds
 from bench.scenarios import SCENARIOS, SERVERS, WORKER_FLAGS, Scenario
 from roundtrip.client.messages import build_request
+from roundtrip.server.config import WorkerConfig
+from roundtrip.server.engine.engine import Engine
+from roundtrip.server.values import ShapeSignature
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
@@ -107,6 +110,25 @@ def sweep(launched: launch.Launched) -> dict[str, Any]:
     }
 
 
+def batched_proofs(device: Any) -> dict[str, str]:
+    """Per shape of :data:`SWEEP`, at a batch of 64: the program an engine on ``device``
+    serves once its proof has run (``batched, rowwise sums``, ``batched, sliced sums``,
+    or ``looped``, refused or over ``batched_max_bytes``)."""
+    config = WorkerConfig()
+    engine = Engine(
+        max_compiled=4 * len(SWEEP),
+        max_batch_size=64,
+        batched_max_bytes=config.batched_max_bytes,
+        device=device,
+    )
+    outcomes = {}
+    for shape, features in SWEEP:
+        compiled = engine.executable(ShapeSignature(shape, "float32", features), 64)
+        kind = f"batched, {compiled.reductions} sums" if compiled.batched else "looped"
+        outcomes[f"{list(shape)}->{features}"] = kind
+    return outcomes
+
+
 def server_info(port: int) -> dict[str, Any]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         info = pb_grpc.RoundTripServiceStub(channel).GetServerInfo(
@@ -151,6 +173,8 @@ def main() -> None:
             found["workers"][name] = server_info(launched.port)
             found["exactness"][name] = sweep(launched)
             print(name, found["workers"][name], found["exactness"][name], flush=True)
+        found.setdefault("batched_programs", {})[name] = batched_proofs(device)
+        print(name, found["batched_programs"][name], flush=True)
     peers = {"naive": ("W2 unary", "W3 unary (one seed repeated)"), "empty handler": ("W2 unary",)}
 
     def runs_on(scenario: Scenario, spec: launch.ServerSpec) -> bool:

@@ -76,9 +76,14 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_page_table(rendered: str, page: Path = BENCHMARKS_PAGE) -> None:
-    """Put ``rendered`` between the benchmark page's markers."""
+def write_page_table(
+    rendered: str,
+    page: Path = BENCHMARKS_PAGE,
+    start: str = TABLE_START,
+    end: str = TABLE_END,
+) -> None:
+    """Put ``rendered`` between the benchmark page's markers (``start``, ``end``)."""
     text = page.read_text()
-    head, _, rest = text.partition(TABLE_START)
-    _, _, tail = rest.partition(TABLE_END)
-    page.write_text(f"{head}{TABLE_START}\n{rendered}\n{TABLE_END}{tail}")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    page.write_text(f"{head}{start}\n{rendered}\n{end}{tail}")

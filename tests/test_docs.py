@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import engine as engine_bench
 from bench.report import TABLE_END, TABLE_START, table
 from roundtrip.server.numerics.numerics import cpu_flags, supported_levels
 from support.workers import ROOT
@@ -26,6 +27,13 @@ def test_the_benchmark_table_is_the_one_the_last_run_wrote() -> None:
     shown = page.split(TABLE_START)[1].split(TABLE_END)[0].strip()
     results = json.loads((DOCS / "bench" / "results.json").read_text())
     assert shown == table(results)
+
+
+def test_the_engine_table_is_the_one_the_last_engine_run_wrote() -> None:
+    page = (DOCS / "benchmarks.md").read_text()
+    shown = page.split(engine_bench.TABLE_START)[1].split(engine_bench.TABLE_END)[0].strip()
+    results = json.loads((DOCS / "bench" / "engine.json").read_text())
+    assert shown == engine_bench.table(results["workloads"])
 
 
 def test_the_last_benchmark_run_found_every_answer_exact() -> None:

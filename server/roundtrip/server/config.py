@@ -214,6 +214,15 @@ class WorkerConfig:
         "between compute lanes; 0 turns the cache off). Held beside max_inflight_bytes.",
         minimum=0,
     )
+    batched_max_bytes: int = _knob(
+        16 * MIB,
+        "Most parameter bytes a batch may draw or read at once as one batched program (every "
+        "request's draws and matmuls together), (width + 1) * features * 4 per request; "
+        "larger batches, and any whose batched program does not prove eager's bits on this "
+        "device, run request by request. 0 runs every batch request by request. Held "
+        "beside max_inflight_bytes while a batch runs.",
+        minimum=0,
+    )
     compilation_cache_dir: str = _knob(
         "",
         "Directory for JAX's persistent compilation cache, so a restarted worker loads "

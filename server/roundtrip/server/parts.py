@@ -78,6 +78,7 @@ def compute_lanes(config: WorkerConfig) -> list[Lane[Engine]]:
                 max_compiled=config.max_compiled,
                 max_batch_size=config.max_batch_size,
                 max_param_cache_bytes=config.max_param_cache_bytes // len(devices),
+                batched_max_bytes=config.batched_max_bytes,
                 device=device,
             ),
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jax-compute-{index}"),

@@ -23,6 +23,13 @@ the caches' bookkeeping is under a lock, the compilations and runs are not. Exec
 are evicted least recently used first among those used once (a caller's one-off shapes),
 so the programs that serve repeated traffic stay compiled.
 
+A batch of more than one request runs as one batched program (every request's draws and
+matmuls at once) where that program has proven, on this device, that it gives eager's
+bits (:mod:`~roundtrip.server.engine.proof`), and as the looped program (each request on
+its own) everywhere else: a signature whose proof fails, and batches whose parameter sets
+together exceed ``batched_max_bytes`` (on a CPU a batched draw that large runs slower than
+the loop). docs/adr/0011 has the argument and its limits.
+
 >>> import numpy as np
 >>> engine = Engine(max_compiled=8)
 >>> [r] = engine.run([RoundTripInput(0, np.array([1.0, 2.0, 3.0], np.float32), 4)])
@@ -33,6 +40,7 @@ so the programs that serve repeated traffic stay compiled.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +50,7 @@ from typing import Any, TypeVar
 import jax
 
 from roundtrip.server.engine.param_cache import ParamCache
+from roundtrip.server.engine.proof import Proof, Verdict
 from roundtrip.server.numerics.executables import (
     EXECUTABLES,
     CompiledInit,
@@ -49,11 +58,17 @@ from roundtrip.server.numerics.executables import (
     FromSeeds,
     ParamSource,
 )
-from roundtrip.server.numerics.programs import seed_operand
+from roundtrip.server.numerics.programs import Reductions, seed_operand
 from roundtrip.server.ops import allocator
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: Batched programs whose proof failed, remembered (most recent) so that one is neither
+#: proven nor logged again when it is compiled again after an eviction.
+REFUSED_REMEMBERED = 1024
 
 
 @dataclass(slots=True)
@@ -66,6 +81,10 @@ class EngineStats:
     evictions: int = 0
     batches: int = 0
     requests: int = 0
+    #: Batched programs that proved eager's bits (and serve), and that did not (the looped
+    #: program serves their batches).
+    batched_proven: int = 0
+    batched_refused: int = 0
 
     @classmethod
     def total(cls, stats: Iterable[EngineStats]) -> EngineStats:
@@ -78,6 +97,8 @@ class EngineStats:
             total.evictions += one.evictions
             total.batches += one.batches
             total.requests += one.requests
+            total.batched_proven += one.batched_proven
+            total.batched_refused += one.batched_refused
         return total
 
 
@@ -124,7 +145,8 @@ class Engine:
     for signatures of at least :data:`PARAM_CACHE_MIN_ELEMENTS` parameters: their requests
     are grouped by seed, a seed that repeats runs from its parameters (drawn once, then
     reused), a seed seen for the first time runs as it always did, and the answers have
-    the same bits either way.
+    the same bits either way. ``batched_max_bytes`` bounds the parameter bytes a batched
+    program draws or reads at once (0: every batch runs looped).
     """
 
     def __init__(
@@ -133,12 +155,14 @@ class Engine:
         max_compiled: int,
         max_batch_size: int = 1,
         max_param_cache_bytes: int = 0,
+        batched_max_bytes: int = 0,
         device: jax.Device | None = None,
     ) -> None:
         if max_compiled < 1 or max_batch_size < 1:
             raise ValueError("max_compiled and max_batch_size must be >= 1")
         self.device = device
         self.max_compiled = max_compiled
+        self.batched_max_bytes = batched_max_bytes
         self.buckets = batch_buckets(max_batch_size)
         self.stats = EngineStats()
         # device arrays (shared tier) or host copies (rows tier): both are read as arrays
@@ -153,6 +177,8 @@ class Engine:
         )
         #: Executables used more than once (or compiled at warm-up): evicted last.
         self._proven: set[Any] = set()
+        #: Batched programs refused by their proof (bounded, most recent kept).
+        self._refused: collections.OrderedDict[Any, None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -240,9 +266,82 @@ class Engine:
     def _build(
         self, signature: ShapeSignature, batch_size: int, source: ParamSource, emit_params: bool
     ) -> CompiledRoundTrip:
+        """The batched program for this key where it may serve and proves eager's bits here,
+        else the looped one."""
+        key = (signature, batch_size, source, emit_params)
+        if self.may_batch(signature, batch_size, source) and key not in self._refused:
+            batched, verdict = self._proven_batched(signature, batch_size, source, emit_params)
+            with self._lock:
+                if verdict.proven:
+                    self.stats.batched_proven += 1
+                    return batched
+                self.stats.batched_refused += 1
+                self._refused[key] = None
+                while len(self._refused) > REFUSED_REMEMBERED:
+                    self._refused.popitem(last=False)
+            log.warning(
+                "batched program refused: it does not give eager's bits here; the looped "
+                "program serves",
+                extra={
+                    "signature": str(signature),
+                    "batch_size": batch_size,
+                    "params": source,
+                    "detail": verdict.detail,
+                },
+            )
+        return self._program(signature, batch_size, source, emit_params, batched=False)
+
+    def _proven_batched(
+        self, signature: ShapeSignature, batch_size: int, source: ParamSource, emit_params: bool
+    ) -> tuple[CompiledRoundTrip, Verdict]:
+        """The cheapest batched program that proves eager's bits (the sums as one row-wise
+        reduce, else each row reduced on its own), or the last one tried and why it failed."""
+        width, features = signature.x_shape[-1], signature.features
+        proof = Proof(
+            signature, batch_size, source, lambda seed: self.initializer(width, features)(seed)
+        )
+        batched = self._program(
+            signature, batch_size, source, emit_params, batched=True, reductions="rowwise"
+        )
+        verdict = proof.check(batched)
+        if not verdict.proven and verdict.outputs_match:
+            batched = batched.with_reductions("sliced")
+            verdict = proof.check(batched)
+        return batched, verdict
+
+    def may_batch(
+        self, signature: ShapeSignature, batch_size: int, source: ParamSource = "seed"
+    ) -> bool:
+        """Whether a batch of ``batch_size`` requests of ``signature`` may run as a batched
+        program (if it proves itself): more than one request, and the parameter sets it
+        draws or reads at once within ``batched_max_bytes`` (one set when the requests
+        share it, one per request otherwise)."""
+        sets = 1 if source == "shared" else batch_size
+        elements = (signature.x_shape[-1] + 1) * signature.features
+        return batch_size > 1 and sets * elements * 4 <= self.batched_max_bytes
+
+    def _program(
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        source: ParamSource,
+        emit_params: bool,
+        *,
+        batched: bool,
+        reductions: Reductions = "sliced",
+    ) -> CompiledRoundTrip:
         if source == "seed":
-            return FromSeeds(signature, batch_size, emit_params=emit_params, device=self.device)
-        return EXECUTABLES[source](signature, batch_size, device=self.device)
+            return FromSeeds(
+                signature,
+                batch_size,
+                emit_params=emit_params,
+                device=self.device,
+                batched=batched,
+                reductions=reductions,
+            )
+        return EXECUTABLES[source](
+            signature, batch_size, device=self.device, batched=batched, reductions=reductions
+        )
 
     def initializer(self, width: int, features: int, *, keep: bool = False) -> CompiledInit:
         """The compiled parameter initializer for (width, features)."""

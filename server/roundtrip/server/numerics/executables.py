@@ -13,10 +13,16 @@ kinds is where step 1's parameters come from, which is the first operand:
 * :class:`FromRowParams`: one cached set per request, host copies stacked per batch.
 
 :class:`CompiledInit` is step 1 alone, for the device-side cache.
+
+Each kind compiles a batch of more than one request looped (each request computed on its
+own, as eager computes it) or, with ``batched``, as one batched program: the engine asks
+for a batched one only where :mod:`~roundtrip.server.engine.proof` has shown it keeps
+eager's bits on this device.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -28,7 +34,7 @@ import numpy.typing as npt
 
 from roundtrip.server.numerics import programs
 from roundtrip.server.numerics.fencing import isolate_primitives
-from roundtrip.server.numerics.programs import param_specs, placed, seed_operand
+from roundtrip.server.numerics.programs import Reductions, param_specs, placed, seed_operand
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 ParamSource = Literal["seed", "shared", "rows"]
@@ -55,28 +61,57 @@ class CompiledInit:
 
 class CompiledRoundTrip:
     """The executables for ``batch_size`` requests of ``signature``; a subclass says where
-    the parameters come from (:meth:`_program`, :meth:`_parameters`)."""
+    the parameters come from (:meth:`_program`, :meth:`_parameters`). ``batched``: steps
+    1-4 for every row at once (``jax.vmap``) instead of row after row, and the sums reduced
+    as ``reductions`` says (:func:`~roundtrip.server.numerics.programs.orig_reductions`;
+    a looped program hands each request's output over as a buffer of its own)."""
 
     def __init__(
-        self, signature: ShapeSignature, batch_size: int, *, device: jax.Device | None = None
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        *,
+        device: jax.Device | None = None,
+        batched: bool = False,
+        reductions: Reductions = "sliced",
     ) -> None:
         self.signature = signature
         self.batch_size = batch_size
+        self.batched = batched and batch_size > 1
+        self.reductions: Reductions = reductions if self.batched else "buffers"
         self._x_dtype = np.dtype(signature.x_dtype)
         width, features = signature.x_shape[-1], signature.features
         self._param_shapes = [spec.shape for spec in param_specs(width, features)]
         body, first = self._program()
+        if self.batched:
+            body = functools.partial(body, batched=True)
         batch_dims: tuple[int, ...] = () if batch_size == 1 else (batch_size,)
         specs = [first, jax.ShapeDtypeStruct(batch_dims + signature.x_shape, self._x_dtype)]
         if batch_size > 1:
             specs.append(jax.ShapeDtypeStruct((), np.int32))
         specs = placed(specs, device)
-        outputs = functools.partial(_with_rows, body, features=features, batch_size=batch_size)
+        rows = batch_size if self.reductions == "buffers" else 0
+        outputs = functools.partial(_with_rows, body, features=features, rows=rows)
         self._outputs = jax.jit(outputs).lower(*specs).compile()
         orig_spec, merged_spec, rows_spec, *_ = jax.eval_shape(outputs, *specs)
-        reduced = placed((orig_spec, merged_spec, rows_spec), device)
-        reductions = functools.partial(programs.orig_reductions, batch_size=batch_size)
-        self._orig_reductions = jax.jit(reductions).lower(*reduced).compile()
+        self._reduced = placed((orig_spec, merged_spec, rows_spec), device)
+        self._orig_reductions = self._compile_reductions()
+
+    def _compile_reductions(self) -> Any:
+        reductions = functools.partial(
+            programs.orig_reductions, batch_size=self.batch_size, how=self.reductions
+        )
+        return jax.jit(reductions).lower(*self._reduced).compile()
+
+    def with_reductions(self, how: Reductions) -> CompiledRoundTrip:
+        """This batched program with its sums reduced as ``how`` says (steps 1-4 shared,
+        the reductions compiled anew)."""
+        if not self.batched or "buffers" in (how, self.reductions):
+            raise ValueError("only a batched program's sliced or rowwise sums are swapped")
+        other = copy.copy(self)
+        other.reductions = how
+        other._orig_reductions = other._compile_reductions()
+        return other
 
     def _program(self) -> tuple[Callable[..., Any], Any]:
         """The steps 1-4 program for this batch size, and its first operand's spec."""
@@ -101,12 +136,18 @@ class CompiledRoundTrip:
     ) -> tuple[list[RoundTripAnswer], DrawnSets]:
         """:meth:`__call__`, and the parameters each request's seed drew (host copies) when
         the executable hands them back (else no sets)."""
+        orig_outs, merged_outs, orig_rows, *drawn = self.outputs(inputs, params)
+        answers = self._answers(len(inputs), orig_outs, merged_outs, orig_rows)
+        return answers, self._sets(drawn, len(inputs))
+
+    def outputs(self, inputs: Sequence[RoundTripInput], params: Sequence[Any] | None) -> Any:
+        """Steps 1-4 for ``inputs``: both outputs of the whole batch (a leading batch axis
+        when ``batch_size`` > 1; rows past ``len(inputs)`` are padding), each request's
+        original output on its own, and any parameter sets drawn."""
         operands = [self._parameters(inputs, params), self._xs(inputs)]
         if self.batch_size > 1:
             operands.append(np.int32(len(inputs)))
-        orig_outs, merged_outs, orig_rows, *drawn = self._outputs(*operands)
-        answers = self._answers(len(inputs), orig_outs, merged_outs, orig_rows)
-        return answers, self._sets(drawn, len(inputs))
+        return self._outputs(*operands)
 
     def _xs(self, inputs: Sequence[RoundTripInput]) -> npt.NDArray[Any]:
         if self.batch_size == 1:
@@ -158,12 +199,12 @@ class CompiledRoundTrip:
 
 
 def _with_rows(
-    body: Callable[..., Any], *operands: Any, features: int, batch_size: int
+    body: Callable[..., Any], *operands: Any, features: int, rows: int
 ) -> tuple[Any, ...]:
-    """Steps 1-4, and each request's original output as an output of its own (what
-    :func:`~roundtrip.server.numerics.programs.orig_reductions` sums)."""
+    """Steps 1-4, and (``rows`` > 0) each request's original output as an output of its own
+    (what :func:`~roundtrip.server.numerics.programs.orig_reductions` sums "buffers")."""
     orig_out, merged_out, *drawn = body(*operands, features=features)
-    return (orig_out, merged_out, programs.rows_of(orig_out, batch_size), *drawn)
+    return (orig_out, merged_out, programs.rows_of(orig_out, rows) if rows else (), *drawn)
 
 
 def merged_sums(merged_outs: Any, count: int, batch_size: int) -> npt.NDArray[Any]:
@@ -185,10 +226,14 @@ class FromSeeds(CompiledRoundTrip):
         *,
         emit_params: bool = False,
         device: jax.Device | None = None,
+        batched: bool = False,
+        reductions: Reductions = "sliced",
     ) -> None:
         self.emit_params = emit_params
         self._seed_dtype = seed_operand(0).dtype
-        super().__init__(signature, batch_size, device=device)
+        super().__init__(
+            signature, batch_size, device=device, batched=batched, reductions=reductions
+        )
 
     def _program(self) -> tuple[Callable[..., Any], Any]:
         single = self.batch_size == 1
@@ -200,8 +245,10 @@ class FromSeeds(CompiledRoundTrip):
         if self.batch_size == 1:
             return seed_operand(inputs[0].seed)
         seeds = np.zeros(self.batch_size, dtype=self._seed_dtype)
-        for row, item in enumerate(inputs):
-            seeds[row] = seed_operand(item.seed)
+        if self._seed_dtype == np.uint32:  # seed_operand's low 32 bits, one conversion
+            seeds[: len(inputs)] = [item.seed & 0xFFFFFFFF for item in inputs]
+        else:
+            seeds[: len(inputs)] = [item.seed for item in inputs]
         return seeds
 
 

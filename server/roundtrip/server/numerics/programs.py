@@ -12,9 +12,13 @@ size, and the engine picks which to run.
   already materialized, each request's sum a standalone reduce in eager's shape (a sum
   fused into a bigger kernel, or a row reduced in place in the batch, accumulates in
   another order), and :func:`merged_sums` only when a merged output's bits differ.
-* Batches: :func:`loop_over_rows`, a ``lax.fori_loop`` whose trip count is an operand, so
-  each request is computed on its own and padding rows never are (``jax.vmap`` would
-  batch the matmuls and change the last bits).
+* Batches, two ways. Looped (:func:`loop_over_rows`): a ``lax.fori_loop`` whose trip
+  count is an operand, so each request is computed on its own, as eager computes it, and
+  padding rows never are. Batched (``batched=True``): ``jax.vmap`` of the same fenced
+  steps, so the draws and the matmuls run as one batched operation each. A batched
+  matmul may accumulate in another order than eager's, so a batched program serves only
+  once :mod:`~roundtrip.server.engine.proof` has shown it gives eager's bits on this
+  device (docs/adr/0011); the reductions stay each request's own either way.
 
 >>> import numpy as np
 >>> seed_operand(-1), seed_operand(2**32 + 5)  # the low 32 bits, as jax.random.key keeps
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +98,12 @@ def round_trip_from_params(
     return orig_out, merged_out
 
 
+Reductions = Literal["buffers", "sliced", "rowwise"]
+"""How a batch's ``orig_sum`` reductions run (:func:`orig_reductions`): over each request's
+output handed over as a buffer of its own (eager's exact shape and placement), over each
+request's row sliced out inside the reductions' executable, or as one row-wise reduce."""
+
+
 def rows_of(outputs: jax.Array, batch_size: int) -> tuple[jax.Array, ...]:
     """Each request's output of a batch, as an output of its own: the executable that
     computes the batch hands them back as separate buffers, each of the request's own shape,
@@ -107,6 +117,7 @@ def orig_reductions(
     orig_rows: tuple[jax.Array, ...],
     *,
     batch_size: int,
+    how: Reductions = "buffers",
 ) -> jax.Array:
     """Reference steps 5-6 for each request of a batch of materialized outputs, as one
     ``(3, batch_size)`` array of the outputs' dtype: the rows are each request's
@@ -130,11 +141,24 @@ def orig_reductions(
     each wait gives the GIL to the event loop and must win it back: under load that cost
     more than the reductions (a batch of 16: 1.49 -> 1.12 ms beside a busy thread).
     Max, 0 and 1 are exact in any float dtype.
+
+    ``how`` "sliced" and "rowwise" need no buffer per request (``orig_rows`` is empty):
+    each request's row sliced out and reduced on its own inside this executable, or all
+    rows in one row-wise reduce. Cheaper, and eager's order only where a proof on the
+    device shows it (:mod:`~roundtrip.server.engine.proof`; on this CPU "sliced" holds
+    below 65,536 output elements, "rowwise" for the narrowest outputs).
     """
     axes = tuple(range(1, orig_out.ndim)) if batch_size > 1 else None
     abs_diff = jnp.max(jnp.abs(orig_out - merged_out), axis=axes).reshape(-1)
     same_bits = jnp.all(_bits(orig_out) == _bits(merged_out), axis=axes).reshape(-1)
-    sums = jnp.stack(jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in orig_rows)))
+    if how == "rowwise":
+        sums = jnp.sum(jax.lax.optimization_barrier(orig_out), axis=axes).reshape(-1)
+    else:
+        if how == "sliced":
+            orig_rows = jax.lax.optimization_barrier(
+                tuple(orig_out[row] for row in range(batch_size))
+            )
+        sums = jnp.stack(jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in orig_rows)))
     return jnp.stack([sums, abs_diff, same_bits.astype(sums.dtype)])
 
 
@@ -149,31 +173,39 @@ def one_request(seed: jax.Array, x: jax.Array, *, features: int, emit_params: bo
 
 
 def batch_from_seeds(
-    seeds: jax.Array, xs: jax.Array, count: jax.Array, *, features: int, emit_params: bool = False
+    seeds: jax.Array,
+    xs: jax.Array,
+    count: jax.Array,
+    *,
+    features: int,
+    emit_params: bool = False,
+    batched: bool = False,
 ) -> Any:
     """The first ``count`` rows, one after the other; padding rows are never computed.
 
     Each request's body runs on its own in a ``lax.fori_loop`` whose trip count
-    is an operand, so a batch of 18 in the bucket of 32 costs 18.
+    is an operand, so a batch of 18 in the bucket of 32 costs 18. ``batched``: every
+    row at once (``jax.vmap``; padding rows too), for a program proven to keep the bits.
     """
-    return loop_over_rows(
-        lambda row: one_request(seeds[row], xs[row], features=features, emit_params=emit_params),
-        xs,
-        count,
-    )
+    one = functools.partial(one_request, features=features, emit_params=emit_params)
+    if batched:
+        return jax.vmap(one)(seeds, xs)
+    return loop_over_rows(lambda row: one(seeds[row], xs[row]), xs, count)
 
 
 def batch_from_row_params(
-    params: tuple[jax.Array, ...], xs: jax.Array, count: jax.Array, *, features: int
+    params: tuple[jax.Array, ...],
+    xs: jax.Array,
+    count: jax.Array,
+    *,
+    features: int,
+    batched: bool = False,
 ) -> Any:
     """:func:`batch_from_seeds` for requests that each bring their own parameters (stacked)."""
-    return loop_over_rows(
-        lambda row: one_from_params(
-            tuple(leaf[row] for leaf in params), xs[row], features=features
-        ),
-        xs,
-        count,
-    )
+    one = functools.partial(one_from_params, features=features)
+    if batched:
+        return jax.vmap(one)(params, xs)
+    return loop_over_rows(lambda row: one(tuple(leaf[row] for leaf in params), xs[row]), xs, count)
 
 
 def one_from_params(params: tuple[jax.Array, ...], x: jax.Array, *, features: int) -> Any:
@@ -183,12 +215,18 @@ def one_from_params(params: tuple[jax.Array, ...], x: jax.Array, *, features: in
 
 
 def batch_from_shared_params(
-    params: tuple[jax.Array, ...], xs: jax.Array, count: jax.Array, *, features: int
+    params: tuple[jax.Array, ...],
+    xs: jax.Array,
+    count: jax.Array,
+    *,
+    features: int,
+    batched: bool = False,
 ) -> Any:
     """:func:`batch_from_seeds` for requests that share one seed's parameters (given)."""
-    return loop_over_rows(
-        lambda row: one_from_params(params, xs[row], features=features), xs, count
-    )
+    one = functools.partial(one_from_params, params, features=features)
+    if batched:
+        return jax.vmap(one)(xs)
+    return loop_over_rows(lambda row: one(xs[row]), xs, count)
 
 
 def loop_over_rows(single: Callable[[jax.Array], Any], xs: jax.Array, count: jax.Array) -> Any:

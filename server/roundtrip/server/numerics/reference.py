@@ -19,6 +19,11 @@ from roundtrip.server.values import RoundTripAnswer
 
 def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripAnswer:
     """SPEC.md's steps 1-6, eagerly, in order."""
+    return eager_with_outputs(seed, x, features)[0]
+
+
+def eager_with_outputs(seed: int, x: Any, features: int) -> tuple[RoundTripAnswer, Any, Any]:
+    """:func:`eager_round_trip`, and both outputs (device arrays)."""
     x = jnp.asarray(x)
     model = nnx.Linear(
         in_features=x.shape[-1], out_features=int(features), rngs=nnx.Rngs(int(seed))
@@ -28,11 +33,12 @@ def eager_round_trip(seed: int, x: Any, features: int) -> RoundTripAnswer:
     merged = nnx.merge(graphdef, state)
     merged_out = merged(x)
     abs_diff = jnp.max(jnp.abs(orig_out - merged_out))
-    return RoundTripAnswer(
+    answer = RoundTripAnswer(
         orig_sum=float(orig_out.sum()),
         merged_sum=float(merged_out.sum()),
         max_abs_diff=float(abs_diff),
     )
+    return answer, orig_out, merged_out
 
 
 def same_answer(got: RoundTripAnswer, expected: RoundTripAnswer) -> bool:

@@ -31,6 +31,10 @@ class EngineCounts(Protocol):
     def batches(self) -> int: ...
     @property
     def requests(self) -> int: ...
+    @property
+    def batched_proven(self) -> int: ...
+    @property
+    def batched_refused(self) -> int: ...
 
 
 class ParamCounts(Protocol):
@@ -162,6 +166,16 @@ class EngineCollector(Collector):
             requests.add_metric([lane], engine.stats.requests)
         yield batches
         yield requests
+        proofs = CounterMetricFamily(
+            "roundtrip_batched_programs",
+            "Batched programs proven to give eager's bits on this device (they serve) or "
+            "refused (the looped program serves their batches), per shape, batch size and "
+            "parameter source.",
+            labels=["outcome"],
+        )
+        proofs.add_metric(["proven"], self._sum(lambda e: e.stats.batched_proven))
+        proofs.add_metric(["refused"], self._sum(lambda e: e.stats.batched_refused))
+        yield proofs
 
 
 class CollectorPauses(Collector):

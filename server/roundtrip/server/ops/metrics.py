@@ -72,6 +72,7 @@ METRIC_NAMES = (
     "roundtrip_param_cache_entries",
     "roundtrip_lane_batches_total",
     "roundtrip_lane_requests_total",
+    "roundtrip_batched_programs_total",
     "roundtrip_audit_checks_total",
     "roundtrip_audit_mismatches_total",
     "roundtrip_audit_skipped_total",

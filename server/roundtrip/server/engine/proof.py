@@ -1,0 +1,128 @@
+"""The proof a batched program gives before it serves: eager's bits, on this device.
+
+A batched program (:mod:`~roundtrip.server.numerics.programs`, ``batched=True``) draws
+every request's parameters and runs every request's matmuls as one batched operation.
+Whether a batched matmul accumulates each row in eager's order depends on the backend,
+the shapes and the compiler, so it is not assumed: :func:`prove` runs the compiled
+program on :func:`proof_inputs` (edge seeds, inputs of both signs and large magnitudes,
+every row position of the batch) and compares each request's outputs and three numbers
+with the eager reference steps, bit for bit. The engine serves the batched program only
+when they all agree, and the looped one otherwise (docs/adr/0011).
+
+>>> from roundtrip.server.values import ShapeSignature
+>>> [item.seed for item in proof_inputs(ShapeSignature((3,), "float32", 4), 4, "seed")]
+[0, -1, 4294967301, 9223372036854775807]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from roundtrip.server.numerics.executables import CompiledRoundTrip, ParamSource
+from roundtrip.server.numerics.reference import eager_with_outputs, same_answer
+from roundtrip.server.values import RoundTripInput, ShapeSignature
+
+#: Distinct requests a proof runs through eager (its slowest part); a larger batch repeats
+#: them, so every row position is still checked.
+PROOF_REQUESTS = 16
+
+#: Seeds at the edges of what the wire carries, then ordinary ones.
+EDGE_SEEDS = (0, -1, 2**32 + 5, 2**63 - 1, -(2**63), 123456789)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A proof's outcome: ``proven``, or the first disagreement in words;
+    ``outputs_match``: steps 1-4 gave eager's outputs (only the sums differed)."""
+
+    proven: bool
+    detail: str = ""
+    outputs_match: bool = True
+
+
+def proof_inputs(
+    signature: ShapeSignature, batch_size: int, source: ParamSource
+) -> list[RoundTripInput]:
+    """``batch_size`` requests of ``signature``: at most :data:`PROOF_REQUESTS` distinct
+    ones, repeated to fill the batch. x is standard normal, every third one scaled by 1e4
+    (large outputs, where an accumulation order shows most). Requests that share
+    parameters (``source`` "shared") share one seed, as the engine groups them."""
+    rng = np.random.default_rng(20261207)
+    distinct = min(batch_size, PROOF_REQUESTS)
+    seeds = list(EDGE_SEEDS) + [int(s) for s in rng.integers(-(2**40), 2**40, distinct)]
+    requests = []
+    for index in range(distinct):
+        x = rng.standard_normal(signature.x_shape) * (1e4 if index % 3 == 2 else 1.0)
+        seed = seeds[0] if source == "shared" else seeds[index]
+        requests.append(
+            RoundTripInput(
+                seed, x.astype(signature.x_dtype), signature.features, signature.with_outputs
+            )
+        )
+    return [requests[row % distinct] for row in range(batch_size)]
+
+
+class Proof:
+    """The eager reference's bits for :func:`proof_inputs` of one signature, batch size and
+    parameter source, computed once, against which candidate programs are checked in turn.
+    ``draw(seed)`` gives a seed's parameters, for the programs that take them as an operand.
+    """
+
+    def __init__(
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        source: ParamSource,
+        draw: Callable[[int], tuple[Any, ...]],
+    ) -> None:
+        self.inputs = proof_inputs(signature, batch_size, source)
+        self._params = _params(self.inputs, source, draw)
+        self._expected = {
+            id(item): eager_with_outputs(item.seed, item.x, item.features) for item in self.inputs
+        }
+
+    def check(self, compiled: CompiledRoundTrip) -> Verdict:
+        """Whether ``compiled`` gives eager's bits for every row: both outputs and the three
+        numbers."""
+        orig_outs, merged_outs, *_ = compiled.outputs(self.inputs, self._params)
+        orig_outs, merged_outs = np.asarray(orig_outs), np.asarray(merged_outs)
+        answers = compiled(self.inputs, self._params)
+        for row, (item, got) in enumerate(zip(self.inputs, answers, strict=True)):
+            answer, orig_out, merged_out = self._expected[id(item)]
+            if not (
+                _same_bits(orig_outs[row], orig_out) and _same_bits(merged_outs[row], merged_out)
+            ):
+                return Verdict(False, f"row {row} (seed {item.seed}): outputs differ", False)
+            if not same_answer(got, answer):
+                return Verdict(False, f"row {row} (seed {item.seed}): sums differ")
+        return Verdict(True)
+
+
+def prove(
+    compiled: CompiledRoundTrip,
+    source: ParamSource,
+    draw: Callable[[int], tuple[Any, ...]],
+) -> Verdict:
+    """:meth:`Proof.check` of ``compiled`` alone."""
+    return Proof(compiled.signature, compiled.batch_size, source, draw).check(compiled)
+
+
+def _params(
+    inputs: Sequence[RoundTripInput],
+    source: ParamSource,
+    draw: Callable[[int], tuple[Any, ...]],
+) -> Any:
+    if source == "shared":
+        return draw(inputs[0].seed)
+    if source == "rows":
+        return [tuple(np.asarray(leaf) for leaf in draw(item.seed)) for item in inputs]
+    return None
+
+
+def _same_bits(got: Any, want: Any) -> bool:
+    got, want = np.asarray(got), np.asarray(want)
+    return bool(got.shape == want.shape and got.tobytes() == want.tobytes())
