@@ -187,7 +187,7 @@ $(PERF)/.synced: | $(UV)
 	touch $@
 
 pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced $(PERF)/.synced
-	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # Run by hand, not in CI: every scenario of bench/scenarios.py, figures to docs/bench/results.json
 # and docs/benchmarks.md. Needs h2load (Debian nghttp2-client) and perf_analyzer (above);
