@@ -212,8 +212,8 @@ class Bodies:
             lambda: [workload_body(workload, index) for index in range(count)],
         )
 
-    def batch(self, workload: str) -> BatchBody:
-        return self._get(("batch", workload), lambda: BatchBody(workload))
+    def batch(self, workload: str, count: int = 64) -> BatchBody:
+        return self._get(("batch", workload, count), lambda: BatchBody(workload, count))
 
     def _get(self, key: Any, make: Callable[[], T]) -> T:
         if key not in self._made:

@@ -52,6 +52,8 @@ class Scenario:
     clients: int = 8
     streams: int = 16
     unit: str = "req/s"
+    #: Requests per RoundTripBatch message (path ``batch``).
+    items: int = 64
 
     @property
     def load(self) -> str:
@@ -71,7 +73,24 @@ SCENARIOS = (
     Scenario("W2 unary", "unary", "W2", ("worker", "empty handler", "naive")),
     Scenario("W2 unary (new seed per request)", "callers", "W2", ("worker", "naive"), clients=64),
     Scenario("W2 stream", "stream", "W2", ("worker",), unit="results/s"),
-    Scenario("W2 RoundTripBatch x64", "batch", "W2", ("worker",), streams=4, unit="results/s"),
+    Scenario(
+        "W2 RoundTripBatch x64",
+        "batch",
+        "W2",
+        ("worker", "empty handler"),
+        streams=4,
+        unit="results/s",
+    ),
+    # 8 messages of 1,024 outstanding, one per connection
+    Scenario(
+        "W2 RoundTripBatch x1024",
+        "batch",
+        "W2",
+        ("worker", "empty handler"),
+        streams=1,
+        unit="results/s",
+        items=1024,
+    ),
     Scenario("W2 V2 gRPC ModelInfer", "v2", "W2", ("worker", "MLServer")),
     Scenario("W2 V2 gRPC ModelInfer (perf_analyzer)", "perf", "W2", ("worker",)),
     Scenario(
@@ -99,6 +118,21 @@ RATIOS = (
     (
         "W2 RoundTripBatch x64 results/s / empty handler's unary req/s",
         ("W2 RoundTripBatch x64", "worker"),
+        ("W2 unary", "empty handler"),
+    ),
+    (
+        "W2 RoundTripBatch x1024 results/s / empty handler's unary req/s",
+        ("W2 RoundTripBatch x1024", "worker"),
+        ("W2 unary", "empty handler"),
+    ),
+    (
+        "empty handler: RoundTripBatch x64 results/s / unary req/s",
+        ("W2 RoundTripBatch x64", "empty handler"),
+        ("W2 unary", "empty handler"),
+    ),
+    (
+        "empty handler: RoundTripBatch x1024 results/s / unary req/s",
+        ("W2 RoundTripBatch x1024", "empty handler"),
         ("W2 unary", "empty handler"),
     ),
     ("W2 unary: worker / naive", ("W2 unary", "worker"), ("W2 unary", "naive")),

@@ -1,7 +1,8 @@
 """The two comparison servers of the benchmark, both serving roundtrip.v1.RoundTripService.
 
-* ``empty``: answers every RoundTrip with a constant response at once. It is
-  the ceiling of a Python grpc.aio unary server on this machine.
+* ``empty``: answers every RoundTrip with a constant response at once, and every
+  request of a RoundTripBatch the same way (the message parsed, one outcome per item).
+  It is the ceiling of a Python grpc.aio server on this machine, unary and batched.
 * ``naive``: runs SPEC.md's eager reference per request on one compute thread,
   as the worker's predecessors did.
 
@@ -30,6 +31,14 @@ CONSTANT = pb.RoundTripResponse(orig_sum=1.0, merged_sum=1.0, max_abs_diff=0.0)
 class EmptyServicer(pb_grpc.RoundTripServiceServicer):
     async def RoundTrip(self, request: Any, context: Any) -> pb.RoundTripResponse:  # noqa: N802
         return CONSTANT
+
+    async def RoundTripBatch(  # noqa: N802
+        self, request: pb.RoundTripBatchRequest, context: Any
+    ) -> pb.RoundTripBatchResponse:
+        response = pb.RoundTripBatchResponse()
+        for _ in request.requests:
+            response.outcomes.add().response.CopyFrom(CONSTANT)
+        return response
 
 
 class NaiveServicer(pb_grpc.RoundTripServiceServicer):

@@ -270,7 +270,8 @@ warmup.fingerprint = lambda engine, stop=None: str(engine.device)  # as if each 
 
 async def main():
     worker = await app.start(WorkerConfig.from_sources(
-        ["--port", "0", "--metrics-port", "0", "--http-port", "-1", "--warmup-shapes", "3:4"],
+        ["--port", "0", "--metrics-port", "0", "--http-port", "-1", "--warmup-shapes", "3:4",
+         "--max-batch-size", "2"],
         {}))
     try:
         await worker.warm_up()
