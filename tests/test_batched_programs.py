@@ -63,7 +63,7 @@ def test_batches_over_batched_max_bytes_run_looped() -> None:
     engine = Engine(max_compiled=8, max_batch_size=4, batched_max_bytes=66_559)
     items = batch((64,), 64, [1, 2, 3, 4])
     assert_exact(engine, items)
-    assert not engine.may_batch(items[0].signature, 4)
+    assert not engine.programs.may_batch(items[0].signature, 4)
     assert (engine.stats.batched_proven, engine.stats.batched_refused) == (0, 0)
     assert not engine.executable(items[0].signature, 4).batched
 
@@ -93,7 +93,7 @@ def test_a_program_whose_proof_fails_is_refused_counted_logged_once_and_never_se
 ) -> None:
     engine = Engine(max_compiled=1, max_batch_size=4, batched_max_bytes=MIB)
     items = batch((64,), 8, [11, 12, 13, 14])
-    with caplog.at_level(logging.WARNING, logger="roundtrip.server.engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="roundtrip.server.engine.proof"):
         assert_exact(engine, items)
         assert engine.stats.batched_refused == 1
         assert_exact(engine, batch((3,), 4, [1, 2, 3, 4]))  # refused too; evicts the first

@@ -162,3 +162,19 @@ def test_the_readme_lists_the_layers_in_their_order() -> None:
     ]
     stated = [name for layer in LAYERS for name in layer if name != "v2proto"]
     assert listed == stated
+
+
+def test_no_hand_written_module_is_longer_than_a_reader_holds_at_once() -> None:
+    """400 lines at most, one subject each: the knob declarations in config.py and the
+    generated protobuf code aside."""
+    root = Path(__file__).resolve().parent.parent
+    generated = ("roundtrip/v1/", "v2proto/")
+    too_long = {
+        str(path.relative_to(root)): lines
+        for folder in ("server", "client", "support", "bench")
+        for path in (root / folder).rglob("*.py")
+        if not any(part in path.as_posix() for part in generated)
+        and path.name != "config.py"
+        and (lines := len(path.read_text().splitlines())) > 400
+    }
+    assert too_long == {}

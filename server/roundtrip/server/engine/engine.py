@@ -40,7 +40,6 @@ the loop). docs/adr/0011 has the argument and its limits.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -50,25 +49,17 @@ from typing import Any, TypeVar
 import jax
 
 from roundtrip.server.engine.param_cache import ParamCache
-from roundtrip.server.engine.proof import Proof, Verdict
+from roundtrip.server.engine.proof import ProvenPrograms
 from roundtrip.server.numerics.executables import (
-    EXECUTABLES,
     CompiledInit,
     CompiledRoundTrip,
-    FromSeeds,
     ParamSource,
 )
-from roundtrip.server.numerics.programs import Reductions, seed_operand
+from roundtrip.server.numerics.programs import seed_operand
 from roundtrip.server.ops import allocator
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 T = TypeVar("T")
-
-log = logging.getLogger(__name__)
-
-#: Batched programs whose proof failed, remembered (most recent) so that one is neither
-#: proven nor logged again when it is compiled again after an eviction.
-REFUSED_REMEMBERED = 1024
 
 
 @dataclass(slots=True)
@@ -162,9 +153,10 @@ class Engine:
             raise ValueError("max_compiled and max_batch_size must be >= 1")
         self.device = device
         self.max_compiled = max_compiled
-        self.batched_max_bytes = batched_max_bytes
         self.buckets = batch_buckets(max_batch_size)
         self.stats = EngineStats()
+        #: Which program each key runs: batched where proven here, looped otherwise.
+        self.programs = ProvenPrograms(batched_max_bytes, self.stats, device)
         # device arrays (shared tier) or host copies (rows tier): both are read as arrays
         self.params: ParamCache[tuple[Any, ...]] = ParamCache(
             max_param_cache_bytes, on_evict=allocator.release_freed
@@ -177,8 +169,6 @@ class Engine:
         )
         #: Executables used more than once (or compiled at warm-up): evicted last.
         self._proven: set[Any] = set()
-        #: Batched programs refused by their proof (bounded, most recent kept).
-        self._refused: collections.OrderedDict[Any, None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -266,81 +256,13 @@ class Engine:
     def _build(
         self, signature: ShapeSignature, batch_size: int, source: ParamSource, emit_params: bool
     ) -> CompiledRoundTrip:
-        """The batched program for this key where it may serve and proves eager's bits here,
-        else the looped one."""
-        key = (signature, batch_size, source, emit_params)
-        if self.may_batch(signature, batch_size, source) and key not in self._refused:
-            batched, verdict = self._proven_batched(signature, batch_size, source, emit_params)
-            with self._lock:
-                if verdict.proven:
-                    self.stats.batched_proven += 1
-                    return batched
-                self.stats.batched_refused += 1
-                self._refused[key] = None
-                while len(self._refused) > REFUSED_REMEMBERED:
-                    self._refused.popitem(last=False)
-            log.warning(
-                "batched program refused: it does not give eager's bits here; the looped "
-                "program serves",
-                extra={
-                    "signature": str(signature),
-                    "batch_size": batch_size,
-                    "params": source,
-                    "detail": verdict.detail,
-                },
-            )
-        return self._program(signature, batch_size, source, emit_params, batched=False)
-
-    def _proven_batched(
-        self, signature: ShapeSignature, batch_size: int, source: ParamSource, emit_params: bool
-    ) -> tuple[CompiledRoundTrip, Verdict]:
-        """The cheapest batched program that proves eager's bits (the sums as one row-wise
-        reduce, else each row reduced on its own), or the last one tried and why it failed."""
         width, features = signature.x_shape[-1], signature.features
-        proof = Proof(
-            signature, batch_size, source, lambda seed: self.initializer(width, features)(seed)
-        )
-        batched = self._program(
-            signature, batch_size, source, emit_params, batched=True, reductions="rowwise"
-        )
-        verdict = proof.check(batched)
-        if not verdict.proven and verdict.outputs_match:
-            batched = batched.with_reductions("sliced")
-            verdict = proof.check(batched)
-        return batched, verdict
-
-    def may_batch(
-        self, signature: ShapeSignature, batch_size: int, source: ParamSource = "seed"
-    ) -> bool:
-        """Whether a batch of ``batch_size`` requests of ``signature`` may run as a batched
-        program (if it proves itself): more than one request, and the parameter sets it
-        draws or reads at once within ``batched_max_bytes`` (one set when the requests
-        share it, one per request otherwise)."""
-        sets = 1 if source == "shared" else batch_size
-        elements = (signature.x_shape[-1] + 1) * signature.features
-        return batch_size > 1 and sets * elements * 4 <= self.batched_max_bytes
-
-    def _program(
-        self,
-        signature: ShapeSignature,
-        batch_size: int,
-        source: ParamSource,
-        emit_params: bool,
-        *,
-        batched: bool,
-        reductions: Reductions = "sliced",
-    ) -> CompiledRoundTrip:
-        if source == "seed":
-            return FromSeeds(
-                signature,
-                batch_size,
-                emit_params=emit_params,
-                device=self.device,
-                batched=batched,
-                reductions=reductions,
-            )
-        return EXECUTABLES[source](
-            signature, batch_size, device=self.device, batched=batched, reductions=reductions
+        return self.programs.build(
+            signature,
+            batch_size,
+            source,
+            emit_params,
+            draw=lambda seed: self.initializer(width, features)(seed),
         )
 
     def initializer(self, width: int, features: int, *, keep: bool = False) -> CompiledInit:

@@ -7,7 +7,8 @@ the shapes and the compiler, so it is not assumed: :func:`prove` runs the compil
 program on :func:`proof_inputs` (edge seeds, inputs of both signs and large magnitudes,
 every row position of the batch) and compares each request's outputs and three numbers
 with the eager reference steps, bit for bit. The engine serves the batched program only
-when they all agree, and the looped one otherwise (docs/adr/0011).
+when they all agree, and the looped one otherwise (docs/adr/0011):
+:class:`ProvenPrograms` makes that choice for the engine, per executable it compiles.
 
 >>> from roundtrip.server.values import ShapeSignature
 >>> [item.seed for item in proof_inputs(ShapeSignature((3,), "float32", 4), 4, "seed")]
@@ -16,16 +17,32 @@ when they all agree, and the looped one otherwise (docs/adr/0011).
 
 from __future__ import annotations
 
+import collections
 import functools
+import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import jax
 import numpy as np
 
-from roundtrip.server.numerics.executables import CompiledRoundTrip, ParamSource
+from roundtrip.server.numerics.executables import (
+    EXECUTABLES,
+    CompiledRoundTrip,
+    FromSeeds,
+    ParamSource,
+)
+from roundtrip.server.numerics.programs import Reductions
 from roundtrip.server.numerics.reference import eager_with_outputs, same_answer
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
+
+log = logging.getLogger(__name__)
+
+#: Batched programs whose proof failed, remembered (most recent) so that one is neither
+#: proven nor logged again when it is compiled again after an eviction.
+REFUSED_REMEMBERED = 1024
 
 #: Distinct requests a proof runs through eager (its slowest part); a larger batch repeats
 #: them, so every row position is still checked.
@@ -146,3 +163,111 @@ def _params(
 def _same_bits(got: Any, want: Any) -> bool:
     got, want = np.asarray(got), np.asarray(want)
     return bool(got.shape == want.shape and got.tobytes() == want.tobytes())
+
+
+class Counts(Protocol):
+    """Where the outcomes are counted (the engine's stats)."""
+
+    batched_proven: int
+    batched_refused: int
+
+
+class ProvenPrograms:
+    """Builds the program an executable key serves on ``device``: the batched one where it
+    may run (:meth:`may_batch`) and its proof passes, the looped one otherwise. Refusals
+    are logged once and remembered; both outcomes are counted in ``counts``."""
+
+    def __init__(self, batched_max_bytes: int, counts: Counts, device: jax.Device | None) -> None:
+        self.batched_max_bytes = batched_max_bytes
+        self.device = device
+        self._counts = counts
+        self._refused: collections.OrderedDict[Any, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def build(
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        source: ParamSource,
+        emit_params: bool,
+        *,
+        draw: Callable[[int], tuple[Any, ...]],
+    ) -> CompiledRoundTrip:
+        """The program for this key: batched if proven here, else looped. ``draw(seed)``:
+        a seed's parameters, for a proof of a program that takes them as an operand."""
+        key = (signature, batch_size, source, emit_params)
+        if self.may_batch(signature, batch_size, source) and key not in self._refused:
+            batched, verdict = self._proven(signature, batch_size, source, emit_params, draw)
+            with self._lock:
+                if verdict.proven:
+                    self._counts.batched_proven += 1
+                    return batched
+                self._counts.batched_refused += 1
+                self._refused[key] = None
+                while len(self._refused) > REFUSED_REMEMBERED:
+                    self._refused.popitem(last=False)
+            log.warning(
+                "batched program refused: it does not give eager's bits here; the looped "
+                "program serves",
+                extra={
+                    "signature": str(signature),
+                    "batch_size": batch_size,
+                    "params": source,
+                    "detail": verdict.detail,
+                },
+            )
+        return self._program(signature, batch_size, source, emit_params, batched=False)
+
+    def may_batch(
+        self, signature: ShapeSignature, batch_size: int, source: ParamSource = "seed"
+    ) -> bool:
+        """Whether a batch of ``batch_size`` requests of ``signature`` may run as a batched
+        program (if it proves itself): more than one request, and the parameter sets it
+        draws or reads at once within ``batched_max_bytes`` (one set when the requests
+        share it, one per request otherwise)."""
+        sets = 1 if source == "shared" else batch_size
+        elements = (signature.x_shape[-1] + 1) * signature.features
+        return batch_size > 1 and sets * elements * 4 <= self.batched_max_bytes
+
+    def _proven(
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        source: ParamSource,
+        emit_params: bool,
+        draw: Callable[[int], tuple[Any, ...]],
+    ) -> tuple[CompiledRoundTrip, Verdict]:
+        """The cheapest batched program that proves eager's bits (the sums as one row-wise
+        reduce, else each row reduced on its own), or the last one tried and why it failed."""
+        proof = Proof(signature, batch_size, source, draw)
+        batched = self._program(
+            signature, batch_size, source, emit_params, batched=True, reductions="rowwise"
+        )
+        verdict = proof.check(batched)
+        if not verdict.proven and verdict.outputs_match:
+            batched = batched.with_reductions("sliced")
+            verdict = proof.check(batched)
+        return batched, verdict
+
+    def _program(
+        self,
+        signature: ShapeSignature,
+        batch_size: int,
+        source: ParamSource,
+        emit_params: bool,
+        *,
+        batched: bool,
+        reductions: Reductions = "sliced",
+    ) -> CompiledRoundTrip:
+        if source == "seed":
+            return FromSeeds(
+                signature,
+                batch_size,
+                emit_params=emit_params,
+                device=self.device,
+                batched=batched,
+                reductions=reductions,
+            )
+        return EXECUTABLES[source](
+            signature, batch_size, device=self.device, batched=batched, reductions=reductions
+        )
