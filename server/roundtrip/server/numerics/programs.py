@@ -145,8 +145,9 @@ def orig_reductions(
     ``how`` "sliced" and "rowwise" need no buffer per request (``orig_rows`` is empty):
     each request's row sliced out and reduced on its own inside this executable, or all
     rows in one row-wise reduce. Cheaper, and eager's order only where a proof on the
-    device shows it (:mod:`~roundtrip.server.engine.proof`; on this CPU "sliced" holds
-    below 65,536 output elements, "rowwise" for the narrowest outputs).
+    device shows it (:mod:`~roundtrip.server.engine.proof`; on this CPU "sliced" held
+    below 65,536 output elements, and at 65,536 in a batch of 2 but not of 64; "rowwise"
+    for the narrowest outputs only).
     """
     axes = tuple(range(1, orig_out.ndim)) if batch_size > 1 else None
     abs_diff = jnp.max(jnp.abs(orig_out - merged_out), axis=axes).reshape(-1)
