@@ -30,12 +30,7 @@ def holds_within(condition: Callable[[], bool], seconds: float) -> bool:
 def stays(condition: Callable[[], bool], seconds: float) -> bool:
     """Whether ``condition`` holds throughout ``seconds``: for what must not happen (an
     error logged late, a thread too many), answered the moment it does."""
-    deadline = time.monotonic() + seconds
-    while condition():
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(EVERY_S)
-    return False
+    return not holds_within(lambda: not condition(), seconds)
 
 
 def wait_for(

@@ -54,6 +54,7 @@ from roundtrip.server.numerics.executables import (
     CompiledInit,
     CompiledRoundTrip,
     ParamSource,
+    ProgramKey,
 )
 from roundtrip.server.numerics.programs import seed_operand
 from roundtrip.server.ops import allocator
@@ -161,9 +162,9 @@ class Engine:
         self.params: ParamCache[tuple[Any, ...]] = ParamCache(
             max_param_cache_bytes, on_evict=allocator.release_freed
         )
-        self._cache: collections.OrderedDict[
-            tuple[ShapeSignature, int, ParamSource, bool], CompiledRoundTrip
-        ] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[ProgramKey, CompiledRoundTrip] = (
+            collections.OrderedDict()
+        )
         self._inits: collections.OrderedDict[tuple[int, int], CompiledInit] = (
             collections.OrderedDict()
         )
@@ -225,11 +226,16 @@ class Engine:
         keep: bool = False,
     ) -> CompiledRoundTrip:
         """The cached executable for ``signature`` at ``batch_size``, compiling it if needed."""
-        key = (signature, batch_size, source, emit_params)
+        key = ProgramKey(signature, batch_size, source, emit_params)
         found = self._cached(self._cache, key, keep)
         if found is not None:
             return found
-        compiled = self._compile(lambda: self._build(signature, batch_size, source, emit_params))
+        width, features = signature.x_shape[-1], signature.features
+        compiled = self._compile(
+            lambda: self.programs.build(
+                key, draw=lambda seed: self.initializer(width, features)(seed)
+            )
+        )
         self._keep(self._cache, key, compiled, keep)
         return compiled
 
@@ -252,18 +258,6 @@ class Engine:
             if keep:
                 self._proven.add(key)
             self._evict()
-
-    def _build(
-        self, signature: ShapeSignature, batch_size: int, source: ParamSource, emit_params: bool
-    ) -> CompiledRoundTrip:
-        width, features = signature.x_shape[-1], signature.features
-        return self.programs.build(
-            signature,
-            batch_size,
-            source,
-            emit_params,
-            draw=lambda seed: self.initializer(width, features)(seed),
-        )
 
     def initializer(self, width: int, features: int, *, keep: bool = False) -> CompiledInit:
         """The compiled parameter initializer for (width, features)."""

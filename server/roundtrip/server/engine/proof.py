@@ -3,7 +3,7 @@
 A batched program (:mod:`~roundtrip.server.numerics.programs`, ``batched=True``) draws
 every request's parameters and runs every request's matmuls as one batched operation.
 Whether a batched matmul accumulates each row in eager's order depends on the backend,
-the shapes and the compiler, so it is not assumed: :func:`prove` runs the compiled
+the shapes and the compiler, so it is not assumed: a :class:`Proof` runs the compiled
 program on :func:`proof_inputs` (edge seeds, inputs of both signs and large magnitudes,
 every row position of the batch) and compares each request's outputs and three numbers
 with the eager reference steps, bit for bit. The engine serves the batched program only
@@ -33,6 +33,7 @@ from roundtrip.server.numerics.executables import (
     CompiledRoundTrip,
     FromSeeds,
     ParamSource,
+    ProgramKey,
 )
 from roundtrip.server.numerics.programs import Reductions
 from roundtrip.server.numerics.reference import eager_with_outputs, same_answer
@@ -71,9 +72,13 @@ def proof_inputs(
     parameters (``source`` "shared") share one seed, as the engine groups them. The
     ``index``-th request is the same at every batch size, so its eager answer is computed
     once per signature (:func:`_eager`)."""
-    distinct = min(batch_size, PROOF_REQUESTS)
-    requests = [_request(signature, source, index) for index in range(distinct)]
-    return [requests[row % distinct] for row in range(batch_size)]
+    requests = [_request(signature, source, index) for index in range(_distinct(batch_size))]
+    return [requests[row % len(requests)] for row in range(batch_size)]
+
+
+def _distinct(batch_size: int) -> int:
+    """How many distinct requests a proof at ``batch_size`` runs."""
+    return min(batch_size, PROOF_REQUESTS)
 
 
 @functools.lru_cache(maxsize=4 * PROOF_REQUESTS)
@@ -119,8 +124,9 @@ class Proof:
     ) -> None:
         self.inputs = proof_inputs(signature, batch_size, source)
         self._params = _params(self.inputs, source, draw)
-        distinct = min(batch_size, PROOF_REQUESTS)
-        self._expected = [_eager(signature, source, index) for index in range(distinct)]
+        self._expected = [
+            _eager(signature, source, index) for index in range(_distinct(batch_size))
+        ]
 
     def check(self, compiled: CompiledRoundTrip) -> Verdict:
         """Whether ``compiled`` gives eager's bits for every row: both outputs and the three
@@ -137,15 +143,6 @@ class Proof:
             if not same_answer(got, answer):
                 return Verdict(False, f"row {row} (seed {item.seed}): sums differ")
         return Verdict(True)
-
-
-def prove(
-    compiled: CompiledRoundTrip,
-    source: ParamSource,
-    draw: Callable[[int], tuple[Any, ...]],
-) -> Verdict:
-    """:meth:`Proof.check` of ``compiled`` alone."""
-    return Proof(compiled.signature, compiled.batch_size, source, draw).check(compiled)
 
 
 def _params(
@@ -185,19 +182,12 @@ class ProvenPrograms:
         self._lock = threading.Lock()
 
     def build(
-        self,
-        signature: ShapeSignature,
-        batch_size: int,
-        source: ParamSource,
-        emit_params: bool,
-        *,
-        draw: Callable[[int], tuple[Any, ...]],
+        self, key: ProgramKey, *, draw: Callable[[int], tuple[Any, ...]]
     ) -> CompiledRoundTrip:
-        """The program for this key: batched if proven here, else looped. ``draw(seed)``:
-        a seed's parameters, for a proof of a program that takes them as an operand."""
-        key = (signature, batch_size, source, emit_params)
-        if self.may_batch(signature, batch_size, source) and key not in self._refused:
-            batched, verdict = self._proven(signature, batch_size, source, emit_params, draw)
+        """The program for ``key``: batched if proven here, else looped. ``draw(seed)``: a
+        seed's parameters, for a proof of a program that takes them as an operand."""
+        if self.may_batch(key.signature, key.batch_size, key.source) and key not in self._refused:
+            batched, verdict = self._proven(key, draw)
             with self._lock:
                 if verdict.proven:
                     self._counts.batched_proven += 1
@@ -210,13 +200,13 @@ class ProvenPrograms:
                 "batched program refused: it does not give eager's bits here; the looped "
                 "program serves",
                 extra={
-                    "signature": str(signature),
-                    "batch_size": batch_size,
-                    "params": source,
+                    "signature": str(key.signature),
+                    "batch_size": key.batch_size,
+                    "params": key.source,
                     "detail": verdict.detail,
                 },
             )
-        return self._program(signature, batch_size, source, emit_params, batched=False)
+        return self._program(key, batched=False)
 
     def may_batch(
         self, signature: ShapeSignature, batch_size: int, source: ParamSource = "seed"
@@ -230,19 +220,12 @@ class ProvenPrograms:
         return batch_size > 1 and sets * elements * 4 <= self.batched_max_bytes
 
     def _proven(
-        self,
-        signature: ShapeSignature,
-        batch_size: int,
-        source: ParamSource,
-        emit_params: bool,
-        draw: Callable[[int], tuple[Any, ...]],
+        self, key: ProgramKey, draw: Callable[[int], tuple[Any, ...]]
     ) -> tuple[CompiledRoundTrip, Verdict]:
         """The cheapest batched program that proves eager's bits (the sums as one row-wise
         reduce, else each row reduced on its own), or the last one tried and why it failed."""
-        proof = Proof(signature, batch_size, source, draw)
-        batched = self._program(
-            signature, batch_size, source, emit_params, batched=True, reductions="rowwise"
-        )
+        proof = Proof(key.signature, key.batch_size, key.source, draw)
+        batched = self._program(key, batched=True, reductions="rowwise")
         verdict = proof.check(batched)
         if not verdict.proven and verdict.outputs_match:
             batched = batched.with_reductions("sliced")
@@ -250,24 +233,21 @@ class ProvenPrograms:
         return batched, verdict
 
     def _program(
-        self,
-        signature: ShapeSignature,
-        batch_size: int,
-        source: ParamSource,
-        emit_params: bool,
-        *,
-        batched: bool,
-        reductions: Reductions = "sliced",
+        self, key: ProgramKey, *, batched: bool, reductions: Reductions = "sliced"
     ) -> CompiledRoundTrip:
-        if source == "seed":
+        if key.source == "seed":
             return FromSeeds(
-                signature,
-                batch_size,
-                emit_params=emit_params,
+                key.signature,
+                key.batch_size,
+                emit_params=key.emit_params,
                 device=self.device,
                 batched=batched,
                 reductions=reductions,
             )
-        return EXECUTABLES[source](
-            signature, batch_size, device=self.device, batched=batched, reductions=reductions
+        return EXECUTABLES[key.source](
+            key.signature,
+            key.batch_size,
+            device=self.device,
+            batched=batched,
+            reductions=reductions,
         )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,16 @@ ParamSource = Literal["seed", "shared", "rows"]
 for all its requests (a shared seed's cached set); given per request (stacked sets)."""
 
 DrawnSets = list[tuple[npt.NDArray[Any], ...]]
+
+
+class ProgramKey(NamedTuple):
+    """What determines an executable: the requests' signature, the batch size, where the
+    parameters come from, and (from seeds) whether the drawn sets are handed back."""
+
+    signature: ShapeSignature
+    batch_size: int
+    source: ParamSource = "seed"
+    emit_params: bool = False
 
 
 class CompiledInit:
@@ -244,12 +254,7 @@ class FromSeeds(CompiledRoundTrip):
     def _parameters(self, inputs: Sequence[RoundTripInput], params: Sequence[Any] | None) -> Any:
         if self.batch_size == 1:
             return seed_operand(inputs[0].seed)
-        seeds = np.zeros(self.batch_size, dtype=self._seed_dtype)
-        if self._seed_dtype == np.uint32:  # seed_operand's low 32 bits, one conversion
-            seeds[: len(inputs)] = [item.seed & 0xFFFFFFFF for item in inputs]
-        else:
-            seeds[: len(inputs)] = [item.seed for item in inputs]
-        return seeds
+        return programs.seed_operands([item.seed for item in inputs], self.batch_size)
 
 
 class FromSharedParams(CompiledRoundTrip):

@@ -28,12 +28,13 @@ size, and the engine picks which to run.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from flax import nnx
 
 from roundtrip.server.numerics.fencing import isolate_primitives
@@ -50,6 +51,21 @@ def seed_operand(seed: int) -> np.integer[Any]:
     if x64_enabled():
         return np.int64(seed)
     return np.uint32(seed & 0xFFFFFFFF)
+
+
+def seed_operands(seeds: Sequence[int], size: int) -> npt.NDArray[Any]:
+    """:func:`seed_operand` of each of ``seeds``, as one array of ``size`` (zeros past
+    them: a batch's padding), converted in one step rather than one scalar each.
+
+    >>> seed_operands([-1, 2**32 + 5], 3).tolist()
+    [4294967295, 5, 0]
+    """
+    operands = np.zeros(size, dtype=seed_operand(0).dtype)
+    if x64_enabled():
+        operands[: len(seeds)] = seeds
+    else:
+        operands[: len(seeds)] = [seed & 0xFFFFFFFF for seed in seeds]
+    return operands
 
 
 def round_trip(
@@ -156,9 +172,7 @@ def orig_reductions(
         sums = jnp.sum(jax.lax.optimization_barrier(orig_out), axis=axes).reshape(-1)
     else:
         if how == "sliced":
-            orig_rows = jax.lax.optimization_barrier(
-                tuple(orig_out[row] for row in range(batch_size))
-            )
+            orig_rows = jax.lax.optimization_barrier(rows_of(orig_out, batch_size))
         sums = jnp.stack(jax.lax.optimization_barrier(tuple(jnp.sum(row) for row in orig_rows)))
     return jnp.stack([sums, abs_diff, same_bits.astype(sums.dtype)])
 
