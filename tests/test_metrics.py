@@ -76,6 +76,16 @@ def test_the_garbage_collectors_time_is_exported(worker: WorkerProcess, traffic:
     assert metric_value(text, 'roundtrip_gc_seconds_total{generation="2"}') > 0
 
 
+def test_warm_up_proves_batched_programs_and_the_metric_counts_them(worker: WorkerProcess) -> None:
+    """Warm-up compiles every batch size of its shapes: the batched ones are proven first
+    (docs/adr/0011), and the outcomes are counted."""
+    proven = 'roundtrip_batched_programs_total{outcome="proven"}'
+    refused = 'roundtrip_batched_programs_total{outcome="refused"}'
+    text = worker.scrape()
+    assert metric_value(text, proven) >= 1
+    metric_value(text, refused)  # the series is there (how many, this device decides)
+
+
 def test_every_documented_metric_is_exported(worker: WorkerProcess, traffic: None) -> None:
     text = worker.scrape()
     for name in METRIC_NAMES:
