@@ -124,7 +124,7 @@ def container(overlay: str) -> dict[str, Any]:
 
 def knob_value(overlay: str, knob: str) -> float:
     """A knob as the rendered container sets it, or its default."""
-    env = {item["name"]: item["value"] for item in container(overlay).get("env", [])}
+    env = {item["name"]: item.get("value") for item in container(overlay).get("env", [])}
     default = next(f.default for f in dataclasses.fields(WorkerConfig) if f.name == knob)
     return float(env.get("ROUNDTRIP_" + knob.upper(), default))
 
@@ -232,7 +232,7 @@ def test_gpu_pods_choose_kernels_without_timing_them() -> None:
     """XLA's autotuner times candidate GPU kernels and keeps the fastest, so two processes
     can answer one request with different bits; off, one GPU model gives one fingerprint.
     The cuda image sets the same, for pods run from it without these manifests."""
-    env = {item["name"]: item["value"] for item in container("overlays/gpu")["env"]}
+    env = {item["name"]: item.get("value") for item in container("overlays/gpu")["env"]}
     assert "--xla_gpu_autotune_level=0" in env["XLA_FLAGS"].split()
     assert "XLA_FLAGS" not in {item["name"] for item in container("base")["env"]}
     cuda_stage = (ROOT / "Dockerfile").read_text().split("FROM runtime AS cuda")[1]
@@ -251,7 +251,39 @@ def test_the_image_carries_the_distributions_name_and_version() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_pins_the_cpu_instruction_set(overlay: str) -> None:
     """One fingerprint per fleet: the documented pin (AVX2), a level the worker accepts."""
-    env = {item["name"]: item["value"] for item in container(overlay).get("env", [])}
+    env = {item["name"]: item.get("value") for item in container(overlay).get("env", [])}
     assert env["ROUNDTRIP_XLA_CPU_MAX_ISA"] == "AVX2"
     knob = {"ROUNDTRIP_XLA_CPU_MAX_ISA": env["ROUNDTRIP_XLA_CPU_MAX_ISA"]}
     assert WorkerConfig.from_sources([], environ=knob).xla_cpu_max_isa in ISA_LEVELS
+
+
+def expanded_env(overlay: str, pod: Mapping[str, str]) -> dict[str, str]:
+    """The container's environment as the kubelet gives it: downward API fields from
+    ``pod`` (by field path), and ``$(NAME)`` replaced by variables defined above it."""
+    env: dict[str, str] = {}
+    for item in container(overlay).get("env", []):
+        if "valueFrom" in item:
+            env[item["name"]] = pod[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            value = str(item["value"])
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            env[item["name"]] = value
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_span_names_the_pod_namespace_and_node_it_came_from(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from roundtrip.server.ops.trace_export import resource
+
+    pod = {"metadata.name": "worker-7f9c", "metadata.namespace": "ml", "spec.nodeName": "n-3"}
+    for name, value in expanded_env(overlay, pod).items():
+        monkeypatch.setenv(name, value)
+    attributes = resource(__version__).attributes
+    assert attributes["k8s.pod.name"] == "worker-7f9c"
+    assert attributes["k8s.namespace.name"] == "ml"
+    assert attributes["k8s.node.name"] == "n-3"
+    assert attributes["service.name"] == "roundtrip-worker"
+    assert attributes["service.version"] == __version__

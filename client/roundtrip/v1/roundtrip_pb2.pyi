@@ -410,6 +410,7 @@ class GetServerInfoResponse(_message.Message):
     GRPC_VERSION_FIELD_NUMBER: _builtins.int
     COMPUTE_LANES_FIELD_NUMBER: _builtins.int
     NUMERICS_FIELD_NUMBER: _builtins.int
+    TRACING_FIELD_NUMBER: _builtins.int
     worker_version: _builtins.str
     jax_version: _builtins.str
     flax_version: _builtins.str
@@ -432,6 +433,10 @@ class GetServerInfoResponse(_message.Message):
         has run (empty before).
         """
 
+    @_builtins.property
+    def tracing(self) -> Global___TracingSettings:
+        """Whether the worker exports traces, and where (docs/tracing.md)."""
+
     def __init__(
         self,
         *,
@@ -446,14 +451,54 @@ class GetServerInfoResponse(_message.Message):
         grpc_version: _builtins.str = ...,
         compute_lanes: _builtins.int = ...,
         numerics: Global___NumericsIdentity | None = ...,
+        tracing: Global___TracingSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "numerics", b"numerics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "numerics", b"numerics", "tracing", b"tracing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "compute_lanes", b"compute_lanes", "devices", b"devices", "flax_version", b"flax_version", "grpc_version", b"grpc_version", "jax_version", b"jax_version", "limits", b"limits", "numerics", b"numerics", "numpy_version", b"numpy_version", "worker_version", b"worker_version", "x64_enabled", b"x64_enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "compute_lanes", b"compute_lanes", "devices", b"devices", "flax_version", b"flax_version", "grpc_version", b"grpc_version", "jax_version", b"jax_version", "limits", b"limits", "numerics", b"numerics", "numpy_version", b"numpy_version", "tracing", b"tracing", "worker_version", b"worker_version", "x64_enabled", b"x64_enabled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class TracingSettings(_message.Message):
+    """The worker's traces, as the standard OTEL_* environment configured them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SAMPLER_FIELD_NUMBER: _builtins.int
+    SAMPLER_ARG_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """True when an OTLP endpoint is set and OTEL_SDK_DISABLED is not "true"."""
+    protocol: _builtins.str
+    """The OTLP protocol: "http/protobuf" or "grpc"."""
+    endpoint: _builtins.str
+    """Where spans are sent (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    OTEL_EXPORTER_OTLP_ENDPOINT).
+    """
+    sampler: _builtins.str
+    """OTEL_TRACES_SAMPLER and its argument."""
+    sampler_arg: _builtins.str
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        protocol: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        sampler: _builtins.str = ...,
+        sampler_arg: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "endpoint", b"endpoint", "protocol", b"protocol", "sampler", b"sampler", "sampler_arg", b"sampler_arg"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TracingSettings: _TypeAlias = TracingSettings  # noqa: Y015
 
 @_typing.final
 class NumericsIdentity(_message.Message):

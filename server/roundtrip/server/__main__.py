@@ -15,16 +15,30 @@ import sys
 
 from roundtrip.server.config import WorkerConfig, config_table
 from roundtrip.server.numerics import numerics
-from roundtrip.server.ops import eventloop, logs
+from roundtrip.server.ops import eventloop
 
 #: Import names the worker needs beyond the thin client: the ``server`` extra.
-SERVER_EXTRA = ("jax", "flax", "grpc_reflection", "prometheus_client", "aiohttp")
+SERVER_EXTRA = (
+    "jax",
+    "flax",
+    "grpc_reflection",
+    "prometheus_client",
+    "aiohttp",
+    "opentelemetry.sdk",
+)
 DISTRIBUTION = "roundtrip-worker"
 
 
 def missing_server_extra() -> list[str]:
     """The ``server`` extra's modules that cannot be imported here."""
-    return [name for name in SERVER_EXTRA if importlib.util.find_spec(name) is None]
+    return [name for name in SERVER_EXTRA if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a dotted name whose package is missing
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop_factory = eventloop.loop_factory(config.event_loop)
     except eventloop.LoopUnavailable as error:
+        print(f"roundtrip-server: {error}", file=sys.stderr)
+        return 2
+    from roundtrip.server.ops import logs, tracing  # the server extra's: after the check above
+
+    try:
+        tracing.TraceSettings.from_environ(os.environ)
+    except tracing.TraceConfigError as error:
         print(f"roundtrip-server: {error}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -46,6 +47,7 @@ from roundtrip.server.engine import warmup
 from roundtrip.server.engine.engine import Engine, EngineStats
 from roundtrip.server.ops import heap
 from roundtrip.server.ops.metrics import NUMERICS_LABELS, WorkerMetrics
+from roundtrip.server.ops.tracing import TraceSettings
 from roundtrip.server.parts import pipeline_for, server_info, use_compilation_cache
 from roundtrip.server.pipeline.batcher import Batcher
 from roundtrip.server.pipeline.pipeline import Pipeline
@@ -56,6 +58,10 @@ __all__ = ["PortUnavailable", "Worker", "serve", "start"]
 log = logging.getLogger(__name__)
 
 ROUNDTRIP_SERVICE = pb.DESCRIPTOR.services_by_name["RoundTripService"]
+
+#: The longest a stopping worker waits to send the spans it still holds (a collector that is
+#: down would otherwise hold it for the exporter's timeout).
+TRACE_FLUSH_S = 2.0
 
 
 @dataclass(kw_only=True)
@@ -243,21 +249,25 @@ class Worker:
             self.batcher.compiler.shutdown(wait=True)
         self.parser.shutdown(wait=True)
         self.pipeline.auditor.stop()
+        if self.pipeline.tracing is not None:
+            self.pipeline.tracing.close(TRACE_FLUSH_S)
         self.pauses.unwatch()
         self.metrics.close()
 
 
-async def start(config: WorkerConfig) -> Worker:
+async def start(config: WorkerConfig, traces: TraceSettings | None = None) -> Worker:
     """Build and start a worker; health stays NOT_SERVING until :meth:`Worker.warm_up`. A
-    port that cannot be bound raises :class:`PortUnavailable`, with nothing left open."""
+    port that cannot be bound raises :class:`PortUnavailable`, with nothing left open.
+    ``traces``: as the ``OTEL_*`` environment says, unless given."""
     if config.compilation_cache_dir:
         use_compilation_cache(config.compilation_cache_dir)
-    pipeline = pipeline_for(config)
+    traces = traces or TraceSettings.from_environ(os.environ)
+    pipeline = pipeline_for(config, traces)
     token = security.token_check(config)
     worker = Worker(
         config=config,
         pipeline=pipeline,
-        info=server_info(config, pipeline.budget.limit, len(pipeline.batcher.lanes)),
+        info=server_info(config, pipeline.budget.limit, len(pipeline.batcher.lanes), traces),
         server=grpc.aio.server(
             options=server_options(config),
             interceptors=security.interceptors(token, pipeline.metrics.refused_unauthenticated),

@@ -19,8 +19,10 @@ from roundtrip.server.config import WorkerConfig
 from roundtrip.server.engine.audit import Auditor
 from roundtrip.server.engine.engine import Engine
 from roundtrip.server.numerics import numerics
+from roundtrip.server.ops import trace_export
 from roundtrip.server.ops.eventloop import loop_name
 from roundtrip.server.ops.metrics import WorkerMetrics
+from roundtrip.server.ops.tracing import TraceSettings, Tracing
 from roundtrip.server.pipeline import admission
 from roundtrip.server.pipeline.batcher import Batcher
 from roundtrip.server.pipeline.lanes import Lane
@@ -33,9 +35,18 @@ from roundtrip.wire.version import __version__
 log = logging.getLogger(__name__)
 
 
-def server_info(config: WorkerConfig, budget_limit: int, lanes: int) -> pb.GetServerInfoResponse:
-    """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits."""
+def server_info(
+    config: WorkerConfig, budget_limit: int, lanes: int, traces: TraceSettings
+) -> pb.GetServerInfoResponse:
+    """What GetServerInfo answers: versions, backend, devices, 64-bit mode, limits, traces."""
     return pb.GetServerInfoResponse(
+        tracing=pb.TracingSettings(
+            enabled=traces.enabled,
+            protocol=traces.protocol,
+            endpoint=traces.endpoint,
+            sampler=traces.sampler,
+            sampler_arg=traces.sampler_arg,
+        ),
         worker_version=__version__,
         jax_version=jax.__version__,
         flax_version=metadata.version("flax"),
@@ -102,10 +113,21 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def pipeline_for(config: WorkerConfig) -> Pipeline:
-    """The pipeline: lanes, batcher, byte budget, limits, audit and metrics, from ``config``."""
+def tracing_for(settings: TraceSettings, metrics: WorkerMetrics) -> Tracing | None:
+    """The worker's tracing as the ``OTEL_*`` environment says (None: off)."""
+    started = trace_export.start(settings, version=__version__, count=metrics.count_spans)
+    if started is None:
+        return None
+    provider, close = started
+    return Tracing(provider.get_tracer("roundtrip.server", __version__), settings, close=close)
+
+
+def pipeline_for(config: WorkerConfig, traces: TraceSettings | None = None) -> Pipeline:
+    """The pipeline: lanes, batcher, byte budget, limits, audit, metrics and tracing, from
+    ``config`` (and ``traces``: None, off)."""
     budget = admission.ByteBudget(inflight_bytes(config), caller_share=config.max_caller_share)
     lanes = compute_lanes(config)
+    traces = traces or TraceSettings(enabled=False)
     log.info(
         "starting",
         extra={
@@ -116,9 +138,11 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
             "config": config.as_dict(),
             "max_inflight_bytes": budget.limit,
             "container_memory_limit": admission.container_memory_limit(),
+            "tracing": traces.describe(),
         },
     )
     metrics = WorkerMetrics(max_batch_size=config.max_batch_size)
+    tracing = tracing_for(traces, metrics)
     batcher = Batcher(
         lanes,
         max_batch_size=config.max_batch_size,
@@ -131,7 +155,7 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
     metrics.watch_lanes({lane.name: lane.engine for lane in lanes})
     metrics.watch_queue(lambda: batcher.queued)
     metrics.watch_budget(budget)
-    return Pipeline(
+    pipeline = Pipeline(
         batcher=batcher,
         budget=budget,
         limits=RequestLimits(
@@ -152,4 +176,8 @@ def pipeline_for(config: WorkerConfig) -> Pipeline:
         max_answer_bytes=config.max_message_bytes,
         queue_share=config.max_queue_share,
         bulk_queue_share=config.max_bulk_queue_share,
+        tracing=tracing,
     )
+    if tracing is not None:  # batch spans carry the fingerprint the self-check settles
+        tracing.fingerprint = lambda: pipeline.fingerprint
+    return pipeline

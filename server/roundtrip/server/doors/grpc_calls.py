@@ -29,6 +29,7 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from roundtrip.server.errors import Failure, InvalidArgument, LimitExceeded, RequestError
 from roundtrip.server.numerics import numerics
+from roundtrip.server.ops.tracing import TraceStart, Tracing
 from roundtrip.server.pipeline.admission import Reservation
 from roundtrip.server.pipeline.calls import Call
 from roundtrip.server.pipeline.wire_counts import (
@@ -60,6 +61,15 @@ class Answering(Protocol):
     def failure(self) -> Failure | None: ...
 
 
+class Traced(Answering, Protocol):
+    """A call being answered whose span (when it has one) takes attributes."""
+
+    @property
+    def traced(self) -> bool: ...
+
+    def note(self, key: str, value: int | str) -> None: ...
+
+
 class Pipeline(Protocol):
     """What a gRPC method needs of the pipeline
     (:class:`~roundtrip.server.pipeline.pipeline.Pipeline`): a message's bytes held as it
@@ -68,6 +78,9 @@ class Pipeline(Protocol):
 
     @property
     def repeated_limits(self) -> RepeatedLimits: ...
+
+    @property
+    def tracing(self) -> Tracing | None: ...
 
     def received(self, nbytes: int) -> Reservation: ...
 
@@ -85,8 +98,13 @@ class Pipeline(Protocol):
     ) -> None: ...
 
     def envelope(
-        self, method: str, *, dropped: Callable[[], grpc.StatusCode], counts: bool = True
-    ) -> AbstractContextManager[Answering]: ...
+        self,
+        method: str,
+        *,
+        dropped: Callable[[], grpc.StatusCode],
+        counts: bool = True,
+        trace: TraceStart | None = None,
+    ) -> AbstractContextManager[Traced]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +274,9 @@ class Door(Protocol):
     @property
     def pipeline(self) -> Pipeline: ...
 
+    #: The gRPC service the door's methods belong to (its spans' names).
+    service: str
+
 
 Handler = Callable[[Any, Call, Any, Context], Awaitable[Response]]
 
@@ -288,11 +309,18 @@ def unary(
             )
             try:
                 dropped = functools.partial(dropped_code, context)
-                with pipeline.envelope(method, dropped=dropped, counts=counts) as envelope:
-                    if not about_the_worker:
-                        metadata = context.invocation_metadata()
+                metadata = None if about_the_worker else context.invocation_metadata()
+                trace = None  # calls about the worker (probes among them) make no spans
+                if metadata is not None and pipeline.tracing is not None:
+                    trace = TraceStart.rpc(door.service, method, metadata, received.size)
+                with pipeline.envelope(
+                    method, dropped=dropped, counts=counts, trace=trace
+                ) as envelope:
+                    if metadata is not None:
                         pipeline.check_new_call(numerics.expected_fingerprint(metadata), call)
                     response = await handler(door, call, await opened(received.message), context)
+                    if envelope.traced:
+                        envelope.note("rpc.response.size", response.ByteSize())  # type: ignore[attr-defined]
             except BaseException:
                 call.close()
                 raise

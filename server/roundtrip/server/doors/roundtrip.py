@@ -26,6 +26,8 @@ class RoundTripDoor:
     """The unary methods of ``roundtrip.v1.RoundTripService`` over ``pipeline``; ``info``
     is what GetServerInfo answers (its numerics fingerprint filled in once known)."""
 
+    service = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
+
     def __init__(self, pipeline: Pipeline, info: pb.GetServerInfoResponse) -> None:
         self.pipeline = pipeline
         self.info = info

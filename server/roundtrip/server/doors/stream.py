@@ -32,6 +32,7 @@ from roundtrip.server.doors.grpc_calls import (
 )
 from roundtrip.server.errors import Failure, ShuttingDown
 from roundtrip.server.numerics import numerics
+from roundtrip.server.ops.tracing import TraceStart
 from roundtrip.server.pipeline.calls import Call
 from roundtrip.server.pipeline.pipeline import Pipeline
 from roundtrip.v1 import roundtrip_pb2 as pb
@@ -39,6 +40,7 @@ from roundtrip.v1 import roundtrip_pb2 as pb
 log = logging.getLogger(__name__)
 
 METHOD = "RoundTripStream"
+SERVICE = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
 
 
 class StreamDoor:
@@ -65,9 +67,12 @@ class StreamDoor:
         context.add_done_callback(lambda _: stream.close())  # type: ignore[arg-type]
         unwatch = pipeline.calls.watch_stream(stream.end_for_drain)
         dropped = functools.partial(dropped_code, context)
+        metadata = context.invocation_metadata()
+        trace = None  # the stream's span; each message's is its child
+        if pipeline.tracing is not None:
+            trace = TraceStart.rpc(SERVICE, METHOD, metadata, 0)
         try:  # the stream as a whole: its messages are counted one by one
-            with pipeline.envelope(METHOD, dropped=dropped, counts=False) as envelope:
-                metadata = context.invocation_metadata()
+            with pipeline.envelope(METHOD, dropped=dropped, counts=False, trace=trace) as envelope:
                 pipeline.check_new_call(numerics.expected_fingerprint(metadata))
                 reader = stream.start_reading(request_iterator)
                 while (answer := await stream.answers.get()) is not None:
@@ -192,7 +197,10 @@ class _OpenStream:
         budget could not take it, or it is over a limit) by its id; the stream goes on."""
         pipeline = self._pipeline
         message_id = message.id or 0  # an Unparseable is only answered when it has one
-        with pipeline.envelope(METHOD, dropped=self._dropped, opens=False) as envelope:
+        trace = None
+        if pipeline.tracing is not None:
+            trace = TraceStart.message(SERVICE, METHOD, message_id, call.message_bytes)
+        with pipeline.envelope(METHOD, dropped=self._dropped, opens=False, trace=trace) as envelope:
             if isinstance(message, Unparseable):
                 raise message.error
             call.claim()

@@ -28,6 +28,8 @@ SERVICE = v2pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 class V2GrpcDoor:
     """The V2 gRPC methods over ``pipeline``, describing ``model``."""
 
+    service = SERVICE.full_name
+
     def __init__(self, pipeline: Pipeline, model: Model, *, ready: Callable[[], bool]) -> None:
         self.pipeline = pipeline
         self.model = model

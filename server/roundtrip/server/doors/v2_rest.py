@@ -42,6 +42,7 @@ from roundtrip.server.errors import (
     UploadTimedOut,
     failure_of,
 )
+from roundtrip.server.ops.tracing import TraceStart
 from roundtrip.server.pipeline.calls import Call
 from roundtrip.server.pipeline.pipeline import Pipeline
 from roundtrip.wire.metadata import FINGERPRINT_KEY
@@ -176,11 +177,17 @@ class V2RestDoor:
         pipeline = self.pipeline
         model, version = request.match_info["model"], request.match_info.get("version", "")
         sent: web.StreamResponse | None = None
+        trace = None
+        if pipeline.tracing is not None:
+            route = request.match_info.route.resource
+            template = route.canonical if route is not None else request.path
+            trace = TraceStart.http(request.method, template, request.headers)
         with pipeline.call(deadline=None, caller=caller_of(request)) as call:
-            with pipeline.envelope(METHOD, dropped=_cancelled) as envelope:
+            with pipeline.envelope(METHOD, dropped=_cancelled, trace=trace) as envelope:
                 pipeline.check_new_call(request.headers.get(FINGERPRINT_KEY), call)
                 self.model.check(model, version)
                 body, split = await self._read(request, call)
+                envelope.note("http.request.body.size", len(body))
                 with self._decoding(call, split, len(body) - split):
                     message, binary_outputs = v2_json.infer_request(
                         memoryview(body)[:split], memoryview(body)[split:], model, version
@@ -196,6 +203,7 @@ class V2RestDoor:
                 tail = v2_json.binary_tail(response, binary_outputs)
                 del response
                 sent = _answer(text, tail)
+                envelope.note("http.response.body.size", len(text) + sum(map(len, tail)))
                 await self._write(request, sent, text, tail)
                 return sent
             assert envelope.failure is not None

@@ -293,6 +293,15 @@ class Engine:
             self._proven.discard(key)
             self.stats.evictions += 1
 
+    def counts(self) -> dict[str, int]:
+        """What a traced batch reports, by how much each grew while it ran."""
+        return {
+            "compilations": self.stats.compilations,
+            "executable_cache_hits": self.stats.cache_hits,
+            "param_cache_hits": self.params.hits,
+            "param_cache_misses": self.params.misses,
+        }
+
     def run(self, inputs: Sequence[RoundTripInput]) -> list[RoundTripAnswer]:
         """Answer ``inputs`` (one signature, at most ``max_batch_size``) in order."""
         if not inputs:

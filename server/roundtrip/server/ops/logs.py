@@ -3,6 +3,8 @@
 Fields passed with ``extra=`` land in the object, so events stay greppable:
 ``log.info("listening", extra={"port": 50051})`` prints
 ``{"ts": ..., "level": "INFO", "logger": ..., "event": "listening", "port": 50051}``.
+A line written while a traced call is served also carries its ``trace_id`` and ``span_id``
+(``docs/tracing.md``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from opentelemetry import trace
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -28,6 +32,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 payload[key] = value
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # written while serving a traced call: join the log to its span
+            payload["trace_id"] = trace.format_trace_id(span.trace_id)
+            payload["span_id"] = trace.format_span_id(span.span_id)
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)

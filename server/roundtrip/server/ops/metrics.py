@@ -77,6 +77,7 @@ METRIC_NAMES = (
     "roundtrip_audit_mismatches_total",
     "roundtrip_audit_skipped_total",
     "roundtrip_unauthenticated_total",
+    "roundtrip_trace_spans_total",
     "roundtrip_gc_seconds_total",
     "roundtrip_gc_collections_total",
 )
@@ -200,6 +201,20 @@ class WorkerMetrics:
             ["method"],
             registry=self.registry,
         )
+
+        self.trace_spans = Counter(
+            "roundtrip_trace_spans",
+            "Trace spans by outcome: exported to the OTLP collector, failed (the collector "
+            "refused them or could not be reached), or dropped (OTEL_BSP_MAX_QUEUE_SIZE spans "
+            "already waited); none while tracing is off.",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def count_spans(self, outcome: str, count: int) -> None:
+        """``count`` trace spans ended ``outcome`` (exported, failed, dropped): called from
+        the exporter's thread."""
+        self.trace_spans.labels(outcome).inc(count)
 
     def observe_audit(self, matched: bool) -> None:
         """One audited answer: ``matched`` False is a wrong answer that went out."""

@@ -54,8 +54,9 @@ from roundtrip.server.errors import (
     QueueFull,
     ShuttingDown,
 )
+from roundtrip.server.ops.tracing import Tracing, end_request
 from roundtrip.server.pipeline.admission import ByteBudget, Reservation
-from roundtrip.server.pipeline.lanes import BatchRecord, EngineT, Lane, WarmSignatures, compute
+from roundtrip.server.pipeline.lanes import BatchRecord, EngineT, Lane, WarmSignatures, run_batch
 from roundtrip.server.pipeline.tickets import Gathering, Ticket, live
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
@@ -102,6 +103,8 @@ class Batcher(Generic[EngineT]):
         self._warm = WarmSignatures(WARM_MEMO)
         #: Called when requests leave the queue for a batch (places come back).
         self.on_taken: Callable[[], None] | None = None
+        #: Traces: a batch that computed traced requests gets its span (None: off).
+        self.tracing: Tracing | None = None
         self._budget = budget
         self._queues: dict[ShapeSignature, collections.deque[Ticket]] = {}
         self._queued = 0
@@ -175,6 +178,7 @@ class Batcher(Generic[EngineT]):
     def forget(self, ticket: Ticket) -> None:
         """The caller of an :meth:`enqueue` went away: cancel it and take it out of the queue."""
         ticket.future.cancel()
+        end_request(ticket.span, "CANCELLED: its call ended before it was answered")
         self._forget(ticket.item.signature, ticket)
 
     def _forget(self, signature: ShapeSignature, ticket: Ticket) -> None:
@@ -362,9 +366,12 @@ class Batcher(Generic[EngineT]):
         items = [ticket.item for ticket in batch]
         loop = asyncio.get_running_loop()
         self._moved = time.monotonic()
+        traced = [t for t in batch if t.span is not None] if self.tracing is not None else []
         try:
-            started = time.monotonic()
-            outcomes = await loop.run_in_executor(lane.executor, compute, lane.engine, items)
+            started, wall_started = time.monotonic(), time.time_ns()
+            outcomes, counts = await loop.run_in_executor(
+                lane.executor, run_batch, lane.engine, items, bool(traced)
+            )
             finished = time.monotonic()
         finally:
             self._moved = time.monotonic()
@@ -372,16 +379,18 @@ class Batcher(Generic[EngineT]):
             self._arrival.set()  # the runner may be waiting for a lane, not for requests
             if computing is not None:
                 computing.release()
+        record = BatchRecord(
+            signature=signature,
+            size=len(batch),
+            queue_seconds=[started - ticket.arrived for ticket in batch],
+            compute_seconds=finished - started,
+            lane=lane.name,
+        )
+        if traced and self.tracing is not None:
+            spans = [ticket.span for ticket in batch]
+            self.tracing.record_batch(record, spans, started_ns=wall_started, counts=counts)
         for ticket, outcome in zip(batch, outcomes, strict=True):
             if not ticket.future.done():  # done: cancelled, its caller went away
                 ticket.resolve(outcome)
         if self._on_batch is not None:
-            self._on_batch(
-                BatchRecord(
-                    signature=signature,
-                    size=len(batch),
-                    queue_seconds=[started - ticket.arrived for ticket in batch],
-                    compute_seconds=finished - started,
-                    lane=lane.name,
-                )
-            )
+            self._on_batch(record)

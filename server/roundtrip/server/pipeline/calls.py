@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import context as otel_context
 
 from roundtrip.server.engine.audit import Auditor
 from roundtrip.server.errors import RequestError
+from roundtrip.server.ops.tracing import Tracing, end_request, queued
 from roundtrip.server.pipeline.admission import (
     ByteBudget,
     Caller,
@@ -45,12 +48,14 @@ from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 @dataclass(frozen=True, slots=True)
 class Holdings:
     """What a call takes its claims from: the byte budget, the queue (the batcher), the turns
-    of calls of many, and the audit its answers are offered to."""
+    of calls of many, the audit its answers are offered to, and the tracing its requests'
+    spans start in (None: off)."""
 
     budget: ByteBudget
     batcher: Queue | None
     auditor: Auditor | None
     turns: QueueTurns | None
+    tracing: Tracing | None = None
 
 
 class _Request:
@@ -95,6 +100,7 @@ class Call:
         "_place",
         "_queued",
         "_requests",
+        "_trace",
         "_waiting",
         "caller",
         "deadline",
@@ -124,6 +130,9 @@ class Call:
         self._outstanding: Outstanding | None = None
         self._place: asyncio.Semaphore | None = None
         self._closed = False
+        #: The trace context its requests' spans start in (the call's span, taken when it
+        #: admits its first request): None until then, or while tracing is off.
+        self._trace: otel_context.Context | None = None
 
     def __enter__(self) -> Call:
         return self
@@ -186,9 +195,11 @@ class Call:
         its :class:`RequestError` and holds nothing."""
         holdings = self._holdings
         held_bytes, compute, answer = reserved_bytes(size)
-        held = holdings.budget.admit(held_bytes, compute, self.caller)
-        self._answers += answer
+        span = None if holdings.tracing is None else self._request_span(held_bytes, compute)
+        held = None
         try:
+            held = holdings.budget.admit(held_bytes, compute, self.caller)
+            self._answers += answer
             item = decode()
             assert holdings.batcher is not None
             ticket = holdings.batcher.enqueue(
@@ -198,12 +209,27 @@ class Call:
                 held=held,
                 compute_bytes=compute,
             )
-        except BaseException:
-            held.release()
+        except BaseException as error:
+            if held is not None:
+                held.release()
+            if span is not None:
+                end_request(span, getattr(error, "message", repr(error)))
             raise
+        if span is not None:
+            ticket.span = queued(span, item)
         self._held.append(held)
         self._queued.append(ticket)
         return item, held, ticket
+
+    def _request_span(self, held_bytes: int, compute_bytes: int) -> Any:
+        """A request's span under the call's (None: tracing is off)."""
+        tracing = self._holdings.tracing
+        if tracing is None:
+            return None
+        if self._trace is None:  # the call's span: the first request is queued in its task
+            self._trace = otel_context.get_current()
+        attributes = {"roundtrip.held_bytes": held_bytes, "roundtrip.compute_bytes": compute_bytes}
+        return tracing.start_request(self._trace, attributes)
 
     def admit(
         self,
@@ -219,6 +245,8 @@ class Call:
         failure (V2), so :meth:`answers` returns as soon as one fails."""
         if self._outstanding is None:
             self._outstanding = Outstanding(self._place_back, all_or_nothing)
+            if self._holdings.tracing is not None:  # for the requests queued later
+                self._trace = otel_context.get_current()
         request = _Request(size, decode)
         turns = self._holdings.turns
         if self._waiting:
@@ -271,33 +299,6 @@ class Call:
             else:
                 outcomes.append(None)
         return outcomes
-
-    async def answer_all(
-        self,
-        sizes: Sequence[WorkingSet],
-        decode: Callable[[int], RoundTripInput],
-        about: Callable[[int, RequestError], RequestError],
-    ) -> list[RoundTripAnswer]:
-        """Every request of a call that succeeds or fails whole (a V2 call of B seeds): the
-        ``index``-th weighed at ``sizes[index]`` and read by ``decode(index)``, each exactly
-        as if sent alone. The first failure is raised as ``about(index, error)`` (naming the
-        request) as soon as it happens; closing the call then takes the others out of the
-        queue, so a retry does not find the first attempt's requests still queued."""
-        for index, size in enumerate(sizes):
-            try:
-                self.admit(size, functools.partial(decode, index), all_or_nothing=True)
-            except RequestError as error:
-                raise about(index, error) from None
-        answers = []
-        for index, outcome in enumerate(await self.outcomes()):
-            if isinstance(outcome, RequestError):
-                raise about(index, outcome)
-            if isinstance(outcome, Exception):
-                raise outcome  # a bug: INTERNAL
-            if outcome is None:
-                raise RuntimeError("a request of the call was never answered")  # a bug
-            answers.append(outcome)
-        return answers
 
     async def answer(
         self, size: WorkingSet, decode: Callable[[], RoundTripInput]

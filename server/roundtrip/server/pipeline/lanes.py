@@ -43,6 +43,11 @@ class Engine(Protocol):
         """Answer ``inputs`` (one signature), in order."""
         ...
 
+    def counts(self) -> dict[str, int]:
+        """What the engine has done so far, by what a traced batch reports: compilations,
+        executable and parameter cache hits and misses (read on the compute thread)."""
+        ...
+
 
 EngineT = TypeVar("EngineT", bound=Engine)
 
@@ -81,6 +86,19 @@ def compute(engine: Engine, items: list[RoundTripInput]) -> list[Outcome]:
     for item in items:
         outcomes.extend(compute(engine, [item]))
     return outcomes
+
+
+def run_batch(
+    engine: Engine, items: list[RoundTripInput], counted: bool = False
+) -> tuple[list[Outcome], dict[str, int]]:
+    """:func:`compute`, and (``counted``: a traced batch) by how much each of the engine's
+    :meth:`Engine.counts` grew while it ran, named ``roundtrip.<count>``."""
+    if not counted:
+        return compute(engine, items), {}
+    before = engine.counts()
+    outcomes = compute(engine, items)
+    after = engine.counts()
+    return outcomes, {f"roundtrip.{key}": after[key] - before[key] for key in after}
 
 
 @dataclass(frozen=True)

@@ -30,22 +30,21 @@ back into their wire format. What they share is here:
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any, Protocol
 
 import grpc
 
 from roundtrip.server.engine.audit import Auditor
-from roundtrip.server.errors import Failure, LimitExceeded, RequestError, ShuttingDown, failure_of
+from roundtrip.server.errors import LimitExceeded, RequestError
 from roundtrip.server.numerics import numerics
 from roundtrip.server.ops.metrics import WorkerMetrics
+from roundtrip.server.ops.tracing import TraceStart, Tracing
 from roundtrip.server.pipeline.admission import ByteBudget, Caller, Reservation, WorkingSet
 from roundtrip.server.pipeline.batcher import Batcher
 from roundtrip.server.pipeline.calls import Call, Holdings
+from roundtrip.server.pipeline.envelope import Envelope, OpenCalls
 from roundtrip.server.pipeline.turns import QueueTurns
 from roundtrip.server.pipeline.validation import MAX_RANK, RequestLimits
 from roundtrip.server.pipeline.wire_counts import RepeatedLimits
@@ -72,59 +71,6 @@ def repeated_limits(limits: RequestLimits, max_batch_items: int) -> RepeatedLimi
     )
 
 
-class OpenCalls:
-    """The calls handlers hold now, and whether new ones are accepted: what a drain waits on.
-
-    Unary calls and whole streams count one each. Once :meth:`refuse_new` runs,
-    new calls are answered UNAVAILABLE (retryable elsewhere) and every open
-    stream is asked to finish what it started and end.
-
-    >>> calls = OpenCalls()
-    >>> calls.enter(); calls.open, calls.accepting
-    (1, True)
-    >>> calls.refuse_new(); calls.leave(); calls.open, calls.accepting
-    (0, False)
-    """
-
-    def __init__(self) -> None:
-        self.open = 0
-        self.accepting = True
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._streams: set[Callable[[], None]] = set()
-
-    def enter(self) -> None:
-        self.open += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.open -= 1
-        if not self.open:
-            self._idle.set()
-
-    def check_accepting(self) -> None:
-        if not self.accepting:
-            raise ShuttingDown("the worker is draining; retry on another worker")
-
-    def watch_stream(self, end: Callable[[], None]) -> Callable[[], None]:
-        """Register an open stream's ``end``, run on :meth:`refuse_new`; returns the unregister."""
-        self._streams.add(end)
-        return functools.partial(self._streams.discard, end)
-
-    def refuse_new(self) -> None:
-        self.accepting = False
-        for end in list(self._streams):
-            end()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no call is open (True), or ``timeout`` seconds (False)."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
 class Pipeline:
     """What every door admits its calls into, and answers them from."""
 
@@ -140,8 +86,11 @@ class Pipeline:
         max_answer_bytes: int = 1 << 62,
         queue_share: float = 1.0,
         bulk_queue_share: float = 1.0,
+        tracing: Tracing | None = None,
     ) -> None:
         self.batcher = batcher
+        #: Traces (:mod:`~roundtrip.server.ops.tracing`); None: off, and nothing of them runs.
+        self.tracing = tracing
         self.budget = budget
         self.limits = limits
         self.auditor = auditor
@@ -159,7 +108,8 @@ class Pipeline:
         )
         if batcher is not None:
             batcher.on_taken = self.turns.grant
-        self._holdings = Holdings(budget, batcher, auditor, self.turns)
+            batcher.tracing = tracing
+        self._holdings = Holdings(budget, batcher, auditor, self.turns, tracing)
         #: The callers with open calls, by key (a connection's peer address).
         self.callers: dict[str, Caller] = {}
         self.calls = OpenCalls()
@@ -189,13 +139,13 @@ class Pipeline:
             )
 
     async def answer_all(self, call: Call, requests: AllOrNothing) -> list[RoundTripAnswer]:
-        """A call whose ``requests`` succeed or fail whole (:meth:`Call.answer_all`), its
+        """A call whose ``requests`` succeed or fail whole (:func:`answer_all`), its
         answer refused before any compute when it could never be sent and reserved beside
         the answers' own copies."""
         answer_bytes = requests.answer_wire_bytes()
         self.check_answer_size(answer_bytes)
         call.reserve(answer_bytes)
-        return await call.answer_all(requests.sizes, requests.item, requests.about)
+        return await answer_all(call, requests)
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message that has arrived, or raise Overloaded when the budget cannot take
@@ -231,9 +181,11 @@ class Pipeline:
         dropped: Callable[[], grpc.StatusCode],
         counts: bool = True,
         opens: bool = True,
+        trace: TraceStart | None = None,
     ) -> Envelope:
-        """The envelope a call of ``method`` is answered in (:class:`Envelope`)."""
-        return Envelope(self, method, dropped=dropped, counts=counts, opens=opens)
+        """The envelope a call of ``method`` is answered in (:class:`Envelope`), its span
+        started as ``trace`` says while tracing is on."""
+        return Envelope(self, method, dropped=dropped, counts=counts, opens=opens, trace=trace)
 
 
 class AllOrNothing(Protocol):
@@ -258,66 +210,24 @@ class AllOrNothing(Protocol):
         ...
 
 
-class Envelope:
-    """One call (or one stream message) answered: open for the drain while it runs
-    (``opens``), counted once by the code it really ended with, its failure mapped by
-    :func:`~roundtrip.server.errors.failure_of` and kept in :attr:`failure` (the exception
-    is swallowed: the door answers with the failure in its own wire format).
-
-    A cancel (the caller went away, or its deadline passed) is counted as ``dropped()``
-    says and propagates. ``counts=False`` is for a call whose requests are counted one by
-    one (a batch, a stream): only a failure of the call as a whole is counted.
-    """
-
-    __slots__ = ("_counts", "_dropped", "_method", "_opens", "_pipeline", "_started", "failure")
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        method: str,
-        *,
-        dropped: Callable[[], grpc.StatusCode],
-        counts: bool,
-        opens: bool,
-    ) -> None:
-        self._pipeline = pipeline
-        self._method = method
-        self._dropped = dropped
-        self._counts = counts
-        self._opens = opens
-        self._started = 0.0
-        self.failure: Failure | None = None
-
-    def __enter__(self) -> Envelope:
-        self._started = time.perf_counter()
-        if self._opens:
-            self._pipeline.calls.enter()
-        if self._counts:
-            self._pipeline.metrics.inflight.inc()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        metrics = self._pipeline.metrics
-        if self._counts:
-            metrics.inflight.dec()
-        if self._opens:
-            self._pipeline.calls.leave()
-        seconds = time.perf_counter() - self._started
-        if error is None:
-            if self._counts:
-                metrics.observe_rpc(self._method, "OK", seconds)
-            return False
-        if isinstance(error, asyncio.CancelledError):
-            if self._counts:  # a call that counts its requests has counted them as dropped
-                metrics.observe_rpc(self._method, self._dropped().name, seconds)
-            return False
-        if not isinstance(error, Exception):
-            return False
-        self.failure = failure_of(error)
-        metrics.observe_rpc(self._method, self.failure.code.name, seconds)
-        return True
+async def answer_all(call: Call, requests: AllOrNothing) -> list[RoundTripAnswer]:
+    """Every request of a call that succeeds or fails whole (a V2 call of B seeds): each
+    weighed, admitted and read exactly as if sent alone. The first failure is raised naming
+    its request (``requests.about``) as soon as it happens; closing the call then takes the
+    others out of the queue, so a retry does not find the first attempt's requests still
+    queued."""
+    for index, size in enumerate(requests.sizes):
+        try:
+            call.admit(size, functools.partial(requests.item, index), all_or_nothing=True)
+        except RequestError as error:
+            raise requests.about(index, error) from None
+    answers = []
+    for index, outcome in enumerate(await call.outcomes()):
+        if isinstance(outcome, RequestError):
+            raise requests.about(index, outcome)
+        if isinstance(outcome, Exception):
+            raise outcome  # a bug: INTERNAL
+        if outcome is None:
+            raise RuntimeError("a request of the call was never answered")  # a bug
+        answers.append(outcome)
+    return answers

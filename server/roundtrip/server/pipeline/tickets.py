@@ -7,9 +7,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from roundtrip.server.errors import DeadlineExpired, RequestError
+from roundtrip.server.ops.tracing import end_request
 from roundtrip.server.pipeline.admission import Reservation
 from roundtrip.server.pipeline.lanes import Outcome
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
@@ -46,6 +47,8 @@ class Ticket:
     #: them: the batch it joins reserves those before it runs.
     held: Reservation | None = None
     compute_bytes: int = 0
+    #: The request's trace span (None: tracing is off), ended with its outcome.
+    span: Any = None
 
     def resolve(self, outcome: Outcome) -> None:
         """Hand the request its answer or error (and count it down in its gathering)."""
@@ -55,6 +58,8 @@ class Ticket:
         else:
             self.future.set_result(outcome)
             failed = False
+        if self.span is not None:
+            end_request(self.span, outcome.message if failed else None)  # type: ignore[union-attr]
         if self.gathering is not None:
             self.gathering.report(failed)
 

@@ -1,0 +1,328 @@
+"""Traces: a caller's W3C trace context continued through the worker, the standard way.
+
+Tracing is on exactly when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT``
+or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) and ``OTEL_SDK_DISABLED`` is not ``true`` (as
+KServe does); everything else is the OpenTelemetry SDK reading its own ``OTEL_*``
+variables: the sampler (``OTEL_TRACES_SAMPLER``/``_ARG``, parent-based always-on by
+default), the resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), the
+exporter's endpoint, headers, timeout and TLS, the batch processor's queue
+(``OTEL_BSP_*``). ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` (or ``OTEL_EXPORTER_OTLP_PROTOCOL``)
+picks the official OTLP exporter: ``http/protobuf`` (the specification's default) or
+``grpc``.
+
+Off, nothing here runs on a request's path: the pipeline holds ``None`` for its tracing.
+On, spans leave through :class:`~roundtrip.server.ops.trace_export.BoundedExport`, which
+never blocks the event loop and never grows: once ``OTEL_BSP_MAX_QUEUE_SIZE`` spans wait
+for a collector that is down or slow, new ones are dropped and counted
+(``roundtrip_trace_spans_total{outcome="dropped"}``).
+
+>>> settings = TraceSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+>>> settings.enabled, settings.protocol, settings.endpoint
+(True, 'http/protobuf', 'http://c:4318')
+>>> TraceSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+...                             "OTEL_SDK_DISABLED": "true"}).enabled
+False
+>>> TraceSettings.from_environ({}).describe()
+{'enabled': False}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+#: The metadata keys (and HTTP headers) trace context arrives in: W3C trace context and
+#: baggage, what the default propagators read.
+CONTEXT_KEYS = ("traceparent", "tracestate", "baggage")
+
+PROTOCOLS = ("http/protobuf", "grpc")
+
+
+class Batch(Protocol):
+    """What a traced batch's span says of it (the batcher's ``BatchRecord``)."""
+
+    @property
+    def signature(self) -> object: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def lane(self) -> str: ...
+    @property
+    def queue_seconds(self) -> Sequence[float]: ...
+    @property
+    def compute_seconds(self) -> float: ...
+
+
+class TraceConfigError(ValueError):
+    """``OTEL_*`` settings the worker cannot honour (the worker refuses to start)."""
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """What the ``OTEL_*`` environment says about traces, as the worker reports it (its
+    start log, GetServerInfo)."""
+
+    enabled: bool
+    protocol: str = ""
+    endpoint: str = ""
+    sampler: str = ""
+    sampler_arg: str = ""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> TraceSettings:
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", ""
+        )
+        disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+        if not endpoint or disabled or exporter == "none":
+            return cls(enabled=False)
+        if exporter != "otlp":
+            raise TraceConfigError(
+                f"OTEL_TRACES_EXPORTER={exporter!r}: this worker exports traces over OTLP only "
+                "('otlp', or 'none' for no traces)"
+            )
+        protocol = (
+            environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        ).strip()
+        if protocol not in PROTOCOLS:
+            raise TraceConfigError(
+                f"OTLP protocol {protocol!r} (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or "
+                f"OTEL_EXPORTER_OTLP_PROTOCOL): use one of {', '.join(PROTOCOLS)}"
+            )
+        return cls(
+            enabled=True,
+            protocol=protocol,
+            endpoint=endpoint,
+            sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+            sampler_arg=environ.get("OTEL_TRACES_SAMPLER_ARG", ""),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as the start log prints them."""
+        if not self.enabled:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "protocol": self.protocol,
+            "endpoint": self.endpoint,
+            "sampler": self.sampler,
+            "sampler_arg": self.sampler_arg,
+        }
+
+
+def carrier_of(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """The trace context among a call's gRPC metadata (or HTTP headers), as text.
+
+    >>> carrier_of([("traceparent", "00-ab-cd-01"), ("x-other", "1"), ("bin-bin", b"2")])
+    {'traceparent': '00-ab-cd-01'}
+    """
+    return {
+        key.lower(): value
+        for key, value in pairs
+        if isinstance(value, str) and key.lower() in CONTEXT_KEYS
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStart:
+    """How a door's call starts its span: its name, the trace context it came with (None:
+    the current span's child, a stream message's), and its first attributes (the
+    OpenTelemetry conventions for RPC and HTTP servers).
+
+    >>> TraceStart.rpc("roundtrip.v1.RoundTripService", "RoundTrip", [], 10).name
+    'roundtrip.v1.RoundTripService/RoundTrip'
+    """
+
+    name: str
+    carrier: Mapping[str, str] | None
+    attributes: Mapping[str, Any]
+
+    @classmethod
+    def rpc(
+        cls,
+        service: str,
+        method: str,
+        metadata: Iterable[tuple[str, Any]] | None,
+        request_bytes: int = 0,
+    ) -> TraceStart:
+        """A gRPC call's, with the trace context among its ``metadata``."""
+        return cls(
+            f"{service}/{method}",
+            None if metadata is None else carrier_of(metadata),
+            {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method,
+                "rpc.request.size": request_bytes,
+            },
+        )
+
+    @classmethod
+    def message(cls, service: str, method: str, message_id: int, request_bytes: int) -> TraceStart:
+        """A stream message's, the child of its stream's span (the current one)."""
+        start = cls.rpc(service, method, None, request_bytes)
+        attributes = {**start.attributes, "rpc.message.id": message_id}
+        return cls("roundtrip.stream.message", None, attributes)
+
+    @classmethod
+    def http(cls, method: str, route: str, headers: Mapping[str, str]) -> TraceStart:
+        """An HTTP request's, named by its route (its template, not its path)."""
+        return cls(
+            f"{method} {route}",
+            carrier_of(headers.items()),
+            {"http.request.method": method, "http.route": route},
+        )
+
+
+def outcome_status(code: str) -> Status:
+    """A span's status for a call (or request) that ended with gRPC ``code`` (its name)."""
+    if code == "OK":
+        return Status(StatusCode.OK)
+    return Status(StatusCode.ERROR, code)
+
+
+class Tracing:
+    """The worker's tracer, and how the pipeline's pieces open and end their spans.
+
+    * a **call** (one per RPC, one per stream message under its stream's): a SERVER span,
+      the child of the caller's span (from its ``traceparent``) or a new root;
+    * a **request** inside a call: a span from its admission to its answer (queue wait and
+      compute as events), linked to the batch that computed it;
+    * a **batch**: a span of its own, linked to every request it served (the OpenTelemetry
+      convention for batch processing), with the lane, signature, caches and numerics
+      fingerprint as attributes.
+    """
+
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        settings: TraceSettings,
+        *,
+        fingerprint: Callable[[], str] = str,
+        close: Callable[[float], None] | None = None,
+    ) -> None:
+        self.tracer = tracer
+        self.settings = settings
+        #: The numerics fingerprint batch spans carry (set once the self-check has run).
+        self.fingerprint = fingerprint
+        self._close = close
+
+    def start_call(
+        self, name: str, carrier: Mapping[str, str] | None, attributes: Mapping[str, Any]
+    ) -> tuple[Span, object]:
+        """A call's span, started and made current (its token: for :meth:`end_call`).
+        ``carrier``: the call's trace context (None: the current span's child, a stream
+        message's; malformed context is ignored, a new root)."""
+        parent = propagate.extract(carrier) if carrier is not None else None
+        span = self.tracer.start_span(
+            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        return span, token
+
+    @staticmethod
+    def end_call(span: Span, token: object, code: str, message: str = "") -> None:
+        """End a call's span with the gRPC code it ended with (and the current context
+        restored)."""
+        otel_context.detach(token)  # type: ignore[arg-type]
+        span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS.get(code, 2))
+        if code != "OK" and message:
+            span.add_event("refused", {"code": code, "message": message})
+        span.set_status(outcome_status(code))
+        span.end()
+
+    def start_request(self, parent: otel_context.Context, attributes: Mapping[str, Any]) -> Span:
+        """A request's span, from its admission (its bytes reserved) to its answer."""
+        return self.tracer.start_span("roundtrip.request", context=parent, attributes=attributes)
+
+    def record_batch(
+        self,
+        batch: Batch,
+        spans: Sequence[Span | None],
+        *,
+        started_ns: int,
+        counts: Mapping[str, int],
+    ) -> None:
+        """One computed ``batch`` whose requests' ``spans`` (in its order; None: not traced)
+        it served: its span, in a trace of its own and linked to each request's (the
+        OpenTelemetry convention for batch processing), with ``counts`` (what the engine's
+        caches did) among its attributes; and on each request's span its queue wait, an
+        event when the compute started and a link back."""
+        traced = [
+            (span, queued_s)
+            for span, queued_s in zip(spans, batch.queue_seconds, strict=True)
+            if span is not None
+        ]
+        span = self.tracer.start_span(
+            "roundtrip.batch",
+            context=otel_context.Context(),  # a root: it serves many traces
+            links=[Link(span.get_span_context()) for span, _ in traced],
+            start_time=started_ns,
+            attributes={
+                "roundtrip.batch.size": batch.size,
+                "roundtrip.lane": batch.lane,
+                "roundtrip.signature": str(batch.signature),
+                "roundtrip.numerics.fingerprint": self.fingerprint(),
+                **counts,
+            },
+        )
+        span.end(end_time=started_ns + int(batch.compute_seconds * 1e9))
+        back = span.get_span_context()
+        for request, queued_s in traced:
+            request.set_attribute("roundtrip.queue_wait_seconds", queued_s)
+            request.add_event("computing", timestamp=started_ns)
+            request.add_link(back)
+
+    def close(self, timeout_s: float) -> None:
+        """Send what is queued, for at most ``timeout_s`` (a collector that is down never
+        holds a draining worker longer)."""
+        if self._close is not None:
+            self._close(timeout_s)
+
+
+def end_request(span: Span | None, failure: str | None) -> None:
+    """End a request's span (None: tracing is off): answered (``failure`` None) or with its
+    own refusal."""
+    if span is None:
+        return
+    span.set_status(Status(StatusCode.OK) if failure is None else Status(StatusCode.ERROR, failure))
+    span.end()
+
+
+def queued(span: Span | None, item: Any) -> Span | None:
+    """A request's span once it is queued (None: tracing is off), for its ticket."""
+    if span is not None:
+        span.add_event("queued", {"roundtrip.signature": str(item.signature)})
+    return span
+
+
+_CODE_NUMBERS = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
