@@ -22,7 +22,7 @@ from roundtrip.server.numerics.numerics import ISA_LEVELS
 from support.workers import ROOT
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
-OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring")
+OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring", "overlays/tracing")
 NAMESPACE = "roundtrip"
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9464
 Labels = Mapping[str, str]
@@ -171,8 +171,59 @@ def test_the_network_policy_admits_clients_and_the_scraper_and_nothing_else(
     ]
     for source, port, expected in cases:
         assert admits(policy, source, worker, port) is expected, (source, port)
-    assert policy["spec"]["egress"] == []
     assert "Egress" in policy["spec"]["policyTypes"]
+
+
+COLLECTOR = Pod("observability", {"app.kubernetes.io/name": "opentelemetry-collector"})
+DNS = Pod("kube-system", {"k8s-app": "kube-dns"})
+
+
+def lets_out(policy: Mapping[str, Any], target: Pod, port: int, protocol: str = "TCP") -> bool:
+    """Whether ``policy`` lets the worker pods reach ``target`` on ``port``."""
+    if "Egress" not in policy["spec"].get("policyTypes", []):
+        return True
+    namespace = policy["metadata"]["namespace"]
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        if ports and not any(
+            p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+        ):
+            continue
+        peers = rule.get("to")
+        if not peers or any(peer_matches(peer, target, namespace) for peer in peers):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_worker_reaches_nothing_but_its_collector_when_it_traces(overlay: str) -> None:
+    """The worker opens no connection; with the tracing component, only to the collector's
+    OTLP/gRPC port and to the cluster DNS that resolves its name."""
+    policy = one(overlay, "NetworkPolicy")
+    tracing = overlay == "overlays/tracing"
+    cases = [
+        (COLLECTOR, 4317, "TCP", tracing),
+        (DNS, 53, "UDP", tracing),
+        (DNS, 53, "TCP", tracing),
+        (COLLECTOR, 4318, "TCP", False),  # its other ports
+        (Pod("observability", {"app.kubernetes.io/name": "jaeger"}), 4317, "TCP", False),
+        (Pod("default", {"app.kubernetes.io/name": "opentelemetry-collector"}), 4317, "TCP", False),
+        (Pod(NAMESPACE, {"roundtrip-client": "true"}), 50051, "TCP", False),
+        (Pod("kube-system", {"k8s-app": "other"}), 53, "UDP", False),
+    ]
+    for target, port, protocol, expected in cases:
+        assert lets_out(policy, target, port, protocol) is expected, (target, port, protocol)
+
+
+def test_the_tracing_overlay_turns_tracing_on_towards_the_port_it_may_reach() -> None:
+    from roundtrip.server.ops.tracing import TraceSettings
+
+    pod = {"metadata.name": "w", "metadata.namespace": NAMESPACE, "spec.nodeName": "n"}
+    settings = TraceSettings.from_environ(expanded_env("overlays/tracing", pod))
+    assert (settings.enabled, settings.protocol) == (True, "grpc")
+    assert settings.endpoint.endswith(":4317")
+    assert lets_out(one("overlays/tracing", "NetworkPolicy"), COLLECTOR, 4317)
+    assert not TraceSettings.from_environ(expanded_env("base", pod)).enabled  # off by default
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

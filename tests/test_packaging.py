@@ -169,6 +169,8 @@ with RoundTripClient(sys.argv[1], timeout=30) as client:
     streamed = [o.as_list() for o in client.stream([(0, [1.0, 2.0, 3.0], 4)] * 2)]
 assert one == batch[0] == batch[1] == streamed[0] == streamed[1], (one, batch, streamed)
 assert one == [-4.221933364868164, -4.221933364868164, 0.0], one
+# without the otel extra, nothing of OpenTelemetry is imported (roundtrip.client.tracing)
+assert not [name for name in sys.modules if name.startswith("opentelemetry")], sys.modules
 print(google.protobuf.__version__, grpc.__version__)
 """
 

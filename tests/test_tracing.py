@@ -8,6 +8,7 @@ service definitions) from the worker's official exporters, configured the standa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,9 +19,14 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from reference import numbers, reference
 
-from roundtrip.client import RoundTripClient
+from roundtrip.client import AsyncRoundTripClient, RoundTripClient
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc
@@ -393,3 +399,49 @@ def test_the_worker_process_reports_where_spans_go_and_refuses_what_it_cannot_ho
 
 def _environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+
+
+@pytest.fixture(scope="module")
+def caller_spans() -> InMemorySpanExporter:
+    """The test process as a traced caller: the global tracer provider (set once per
+    process), its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+def test_the_clients_carry_the_callers_trace_under_a_client_span(
+    worker: InProcessWorker, collector: Collector, caller_spans: InMemorySpanExporter
+) -> None:
+    tracer = trace.get_tracer("a-calling-service")
+
+    async def aio_call() -> None:
+        async with AsyncRoundTripClient(worker.target) as client:
+            await client.round_trip(2, X, 4)
+
+    for name, call in (
+        ("RoundTrip", lambda client: client.round_trip(1, X, 4)),
+        ("RoundTripBatch", lambda client: client.round_trip_many([(1, X, 4)])),
+        ("RoundTripStream", lambda client: list(client.stream([(1, X, 4)]))),
+        ("RoundTrip", None),
+    ):
+        caller_spans.clear()
+        with tracer.start_as_current_span("the caller's work") as work:
+            if call is None:
+                asyncio.run(aio_call())
+            else:
+                with RoundTripClient(worker.target) as client:
+                    call(client)
+        trace_id = trace.format_trace_id(work.get_span_context().trace_id)
+        [client_span] = [s for s in caller_spans.get_finished_spans() if s.kind == SpanKind.CLIENT]
+        assert client_span.name == f"roundtrip.v1.RoundTripService/{name}"
+        assert client_span.parent is not None
+        assert client_span.parent.span_id == work.get_span_context().span_id
+        [server] = call_spans(collector, client_span.name, trace_id)
+        assert server.parent_id == trace.format_span_id(client_span.context.span_id)
+    caller_spans.clear()
+    with RoundTripClient(worker.target) as client:  # no current span: no client span
+        client.round_trip(1, X, 4)
+    assert caller_spans.get_finished_spans() == ()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -54,8 +54,11 @@ from roundtrip.client.streams import (
     async_stream_messages,
     resumable,
 )
+from roundtrip.client.tracing import call_span
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+SERVICE = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
 
 
 class AsyncRoundTripClient:
@@ -93,17 +96,17 @@ class AsyncRoundTripClient:
         self.timeout = timeout
         self._metadata = call_metadata(metadata, token, expect_fingerprint)
 
-    async def _unary(
-        self, method: Callable[..., Any], request: Any, timeout: Timeout, metadata: Metadata
-    ) -> Any:
-        """One unary call with the client's deadline and metadata (plus the call's own); a
+    async def _unary(self, method: str, request: Any, timeout: Timeout, metadata: Metadata) -> Any:
+        """One unary call of ``method`` (its name) with the client's deadline and metadata
+        (plus the call's own, and the caller's trace: :mod:`~roundtrip.client.tracing`); a
         failure is raised as its :class:`~roundtrip.client.errors.RoundTripError`."""
         try:
-            return await method(
-                request,
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
+            with call_span(f"{SERVICE}/{method}") as traced:  # the caller's trace, if any
+                return await getattr(self._stub, method)(
+                    request,
+                    timeout=call_timeout(self.timeout, timeout),
+                    metadata=(*self._metadata, *metadata, *traced),
+                )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
@@ -127,7 +130,7 @@ class AsyncRoundTripClient:
                 (``InvalidArgumentError``, ``ResourceExhaustedError``, ...).
         """
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
-        response = await self._unary(self._stub.RoundTrip, request, timeout, metadata)
+        response = await self._unary("RoundTrip", request, timeout, metadata)
         return parse_response(response)
 
     async def round_trip_many(
@@ -147,7 +150,7 @@ class AsyncRoundTripClient:
             RoundTripError: the call itself failed (its subclass names the status).
         """
         batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
-        response = await self._unary(self._stub.RoundTripBatch, batch, timeout, metadata)
+        response = await self._unary("RoundTripBatch", batch, timeout, metadata)
         return [parse_outcome(outcome) for outcome in response.outcomes]
 
     async def stream(
@@ -172,16 +175,17 @@ class AsyncRoundTripClient:
         resumes = 0
         try:
             while True:
-                call = self._stub.RoundTripStream(
-                    pending.outgoing(),
-                    timeout=call_timeout(self.timeout, timeout),
-                    metadata=(*self._metadata, *metadata),
-                )
                 try:
-                    async for message in call:
-                        pending.answered(message.id)
-                        for outcome in order.push(message.id, parse_outcome(message)):
-                            yield outcome
+                    with call_span(f"{SERVICE}/RoundTripStream") as traced:  # the caller's trace
+                        call = self._stub.RoundTripStream(
+                            pending.outgoing(),
+                            timeout=call_timeout(self.timeout, timeout),
+                            metadata=(*self._metadata, *metadata, *traced),
+                        )
+                        async for message in call:
+                            pending.answered(message.id)
+                            for outcome in order.push(message.id, parse_outcome(message)):
+                                yield outcome
                     return
                 except grpc.RpcError as error:
                     pending.end_stream()
@@ -202,7 +206,7 @@ class AsyncRoundTripClient:
         """
         request = pb.GetServerInfoRequest()
         response: pb.GetServerInfoResponse = await self._unary(
-            self._stub.GetServerInfo, request, timeout, metadata
+            "GetServerInfo", request, timeout, metadata
         )
         return response
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -51,8 +51,11 @@ from roundtrip.client.streams import (
     resumable,
     stream_messages,
 )
+from roundtrip.client.tracing import call_span
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
+
+SERVICE = pb.DESCRIPTOR.services_by_name["RoundTripService"].full_name
 
 
 class RoundTripClient:
@@ -112,17 +115,17 @@ class RoundTripClient:
         self.timeout = timeout
         self._metadata = call_metadata(metadata, token, expect_fingerprint)
 
-    def _unary(
-        self, method: Callable[..., Any], request: Any, timeout: Timeout, metadata: Metadata
-    ) -> Any:
-        """One unary call with the client's deadline and metadata (plus the call's own); a
+    def _unary(self, method: str, request: Any, timeout: Timeout, metadata: Metadata) -> Any:
+        """One unary call of ``method`` (its name) with the client's deadline and metadata
+        (plus the call's own, and the caller's trace: :mod:`~roundtrip.client.tracing`); a
         failure is raised as its :class:`~roundtrip.client.errors.RoundTripError`."""
         try:
-            return method(
-                request,
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
+            with call_span(f"{SERVICE}/{method}") as traced:  # the caller's trace, if any
+                return getattr(self._stub, method)(
+                    request,
+                    timeout=call_timeout(self.timeout, timeout),
+                    metadata=(*self._metadata, *metadata, *traced),
+                )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
@@ -162,7 +165,7 @@ class RoundTripClient:
             RoundTripError: any other status, with its ``code``.
         """
         request = build_request(seed, x, features, dtype=dtype, return_outputs=return_outputs)
-        response = self._unary(self._stub.RoundTrip, request, timeout, metadata)
+        response = self._unary("RoundTrip", request, timeout, metadata)
         return parse_response(response)
 
     def round_trip_many(
@@ -189,7 +192,7 @@ class RoundTripClient:
                 deadline.
         """
         batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
-        response = self._unary(self._stub.RoundTripBatch, batch, timeout, metadata)
+        response = self._unary("RoundTripBatch", batch, timeout, metadata)
         return [parse_outcome(outcome) for outcome in response.outcomes]
 
     def stream(
@@ -218,15 +221,16 @@ class RoundTripClient:
         order: InOrder[StreamOutcome] = InOrder()
         resumes = 0
         while True:
-            calls = self._stub.RoundTripStream(
-                pending.outgoing(),
-                timeout=call_timeout(self.timeout, timeout),
-                metadata=(*self._metadata, *metadata),
-            )
             try:
-                for message in calls:
-                    pending.answered(message.id)
-                    yield from order.push(message.id, parse_outcome(message))
+                with call_span(f"{SERVICE}/RoundTripStream") as traced:  # the caller's trace
+                    calls = self._stub.RoundTripStream(
+                        pending.outgoing(),
+                        timeout=call_timeout(self.timeout, timeout),
+                        metadata=(*self._metadata, *metadata, *traced),
+                    )
+                    for message in calls:
+                        pending.answered(message.id)
+                        yield from order.push(message.id, parse_outcome(message))
                 return
             except grpc.RpcError as error:
                 pending.end_stream()
@@ -245,7 +249,7 @@ class RoundTripClient:
         """
         request = pb.GetServerInfoRequest()
         response: pb.GetServerInfoResponse = self._unary(
-            self._stub.GetServerInfo, request, timeout, metadata
+            "GetServerInfo", request, timeout, metadata
         )
         return response
 
