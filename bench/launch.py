@@ -7,6 +7,7 @@ the worker's own counters read around a load (:func:`codes`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from support.otlp import Collector
 from support.workers import (
     ROOT,
     ServerProcess,
@@ -38,13 +40,16 @@ from support.workers import (
 class ServerSpec:
     """A server a benchmark starts: ``kind`` is ``worker``, ``empty``, ``naive`` or
     ``mlserver``; a worker takes ``flags`` and ``env``, and ``tree`` (a checkout of
-    another commit) runs that commit's worker instead of this one."""
+    another commit) runs that commit's worker instead of this one. ``traced``: the worker
+    exports its traces over OTLP/gRPC to a collector on loopback that counts them (its
+    sampler as ``env`` sets it)."""
 
     name: str
     kind: str
     flags: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     tree: Path | None = None
+    traced: bool = False
 
     @property
     def computes(self) -> bool:
@@ -71,6 +76,16 @@ def launched(spec: ServerSpec) -> Iterator[Launched]:
     if spec.kind == "mlserver":
         with mlserver() as (grpc_port, http_port):
             yield Launched(grpc_port, http_port)
+        return
+    if spec.traced:
+        with Collector(keep=False) as collector:
+            endpoint = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.grpc_endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            }
+            untraced = dataclasses.replace(spec, traced=False, env={**spec.env, **endpoint})
+            with launched(untraced) as running:
+                yield running
         return
     process: ServerProcess
     if spec.kind == "worker":

@@ -32,6 +32,21 @@ SERVERS = {
     "worker (cache off)": ServerSpec(
         "worker (cache off)", "worker", (*WORKER_FLAGS, "--max-param-cache-bytes", "0")
     ),
+    # tracing on (docs/tracing.md): h2load sends no trace context, so the sampler decides
+    "worker (traced 1%)": ServerSpec(
+        "worker (traced 1%)",
+        "worker",
+        WORKER_FLAGS,
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+        traced=True,
+    ),
+    "worker (traced 100%)": ServerSpec(
+        "worker (traced 100%)",
+        "worker",
+        WORKER_FLAGS,
+        {"OTEL_TRACES_SAMPLER": "always_on"},
+        traced=True,
+    ),
     "empty handler": ServerSpec("empty handler", "empty"),
     "naive": ServerSpec("naive", "naive"),
     "MLServer": ServerSpec("MLServer", "mlserver"),
@@ -70,14 +85,19 @@ class Scenario:
 
 SCENARIOS = (
     Scenario("W1 unary", "unary", "W1", ("worker",)),
-    Scenario("W2 unary", "unary", "W2", ("worker", "empty handler", "naive")),
+    Scenario(
+        "W2 unary",
+        "unary",
+        "W2",
+        ("worker", "empty handler", "naive", "worker (traced 1%)", "worker (traced 100%)"),
+    ),
     Scenario("W2 unary (new seed per request)", "callers", "W2", ("worker", "naive"), clients=64),
     Scenario("W2 stream", "stream", "W2", ("worker",), unit="results/s"),
     Scenario(
         "W2 RoundTripBatch x64",
         "batch",
         "W2",
-        ("worker", "empty handler"),
+        ("worker", "empty handler", "worker (traced 1%)", "worker (traced 100%)"),
         streams=4,
         unit="results/s",
     ),
@@ -115,6 +135,26 @@ SCENARIOS = (
 #: The ratios the report gives: (name, (scenario, server) over (scenario, server)).
 RATIOS = (
     ("W2 unary: worker / empty handler", ("W2 unary", "worker"), ("W2 unary", "empty handler")),
+    (
+        "W2 unary: traced 1% / not traced",
+        ("W2 unary", "worker (traced 1%)"),
+        ("W2 unary", "worker"),
+    ),
+    (
+        "W2 unary: traced 100% / not traced",
+        ("W2 unary", "worker (traced 100%)"),
+        ("W2 unary", "worker"),
+    ),
+    (
+        "W2 RoundTripBatch x64: traced 1% / not traced",
+        ("W2 RoundTripBatch x64", "worker (traced 1%)"),
+        ("W2 RoundTripBatch x64", "worker"),
+    ),
+    (
+        "W2 RoundTripBatch x64: traced 100% / not traced",
+        ("W2 RoundTripBatch x64", "worker (traced 100%)"),
+        ("W2 RoundTripBatch x64", "worker"),
+    ),
     (
         "W2 RoundTripBatch x64 results/s / empty handler's unary req/s",
         ("W2 RoundTripBatch x64", "worker"),

@@ -14,7 +14,6 @@ collector never hurts serving.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -79,10 +78,14 @@ def value_of(value: Any) -> Any:
 class Collector:
     """The receiver on two free loopback ports (gRPC and HTTP), as a context manager."""
 
-    def __init__(self, *, refuse: bool = False, stall_s: float = 0.0) -> None:
+    def __init__(self, *, refuse: bool = False, stall_s: float = 0.0, keep: bool = True) -> None:
         self.refuse = refuse
         self.stall_s = stall_s
+        #: Whether spans are kept to read (False: only counted, as a benchmark's collector).
+        self.keep = keep
+        self.received = 0
         self.exports = 0
+        self._closed = threading.Event()  # ends a stuck export's wait
         self._spans: list[Received] = []
         self._lock = threading.Lock()
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -108,6 +111,7 @@ class Collector:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closed.set()
         self._grpc.stop(0)
         self._http.shutdown()
         self._http.server_close()
@@ -117,10 +121,17 @@ class Collector:
         with self._lock:
             self.exports += 1
         if self.stall_s:
-            time.sleep(self.stall_s)
+            self._closed.wait(self.stall_s)
         with self._lock:
             if self.refuse:
                 return False
+            if not self.keep:
+                self.received += sum(
+                    len(scope.spans)
+                    for spans in request.resource_spans
+                    for scope in spans.scope_spans
+                )
+                return True
             for resource_spans in request.resource_spans:
                 resource = {
                     item.key: value_of(item.value) for item in resource_spans.resource.attributes
