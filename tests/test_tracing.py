@@ -278,6 +278,22 @@ def test_no_context_or_malformed_context_starts_a_new_trace_never_an_error(
     assert len({span.trace_id for span in roots}) == 3
 
 
+def test_a_caller_that_does_not_sample_gets_no_spans(
+    worker: InProcessWorker, collector: Collector
+) -> None:
+    """The caller's sampled flag off (parent-based sampling): no call, request or batch span
+    of that trace, and a call after it (sampled) is traced whole."""
+    unsampled = "d" * 32
+    with RoundTripClient(worker.target) as client:
+        client.round_trip(5, X, 4, metadata=[("traceparent", f"00-{unsampled}-{PARENT_ID}-00")])
+        client.round_trip_many(
+            [(5, X, 4)] * 3, metadata=[("traceparent", f"00-{unsampled}-{PARENT_ID}-00")]
+        )
+    new_trace(worker, collector, 0xAE)  # exported after anything of the calls before it
+    assert not list(collector.trace(unsampled))
+    assert not batch_serving(collector, unsampled)
+
+
 def test_a_refused_call_ends_its_span_with_its_code_and_its_log_lines_carry_the_trace(
     worker: InProcessWorker, collector: Collector
 ) -> None:

@@ -118,8 +118,8 @@ def tracing_for(settings: TraceSettings, metrics: WorkerMetrics) -> Tracing | No
     started = trace_export.start(settings, version=__version__, count=metrics.count_spans)
     if started is None:
         return None
-    provider, close = started
-    return Tracing(provider.get_tracer("roundtrip.server", __version__), settings, close=close)
+    tracer, batch_tracer, close = started
+    return Tracing(tracer, settings, batch_tracer=batch_tracer, close=close)
 
 
 def pipeline_for(config: WorkerConfig, traces: TraceSettings | None = None) -> Pipeline:

@@ -5,6 +5,7 @@ about 170 ms to import)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,6 +13,36 @@ from typing import Any
 from opentelemetry import trace
 
 from roundtrip.server.ops.tracing import TraceSettings
+
+#: Spans that may wait to be exported, unless OTEL_BSP_MAX_QUEUE_SIZE says otherwise (the
+#: SDK's default).
+DEFAULT_MAX_QUEUE_SIZE = 2048
+
+
+class CountedExporter:
+    """An exporter that tells ``done(spans, exported)`` once each export has returned (or
+    raised): how :class:`BoundedExport` knows what still waits, and what the metric counts."""
+
+    def __init__(self, inner: Any, done: Callable[[int, bool], None]) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self._inner = inner
+        self._done = done
+        self._success = SpanExportResult.SUCCESS
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        result = None
+        try:
+            result = self._inner.export(spans)
+        finally:
+            self._done(len(spans), result == self._success)
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self._inner.force_flush(timeout_millis))
 
 
 class BoundedExport:
@@ -23,36 +54,22 @@ class BoundedExport:
     unreachable once the exporter gave up) or ``dropped``.
     """
 
-    def __init__(self, exporter: Any, *, count: Callable[[str, int], None], **batch: Any) -> None:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+    def __init__(
+        self, exporter: Any, *, count: Callable[[str, int], None], max_queue_size: int
+    ) -> None:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self._count = count
         self._lock = threading.Lock()
         self._pending = 0
-        success = SpanExportResult.SUCCESS
-        inner = exporter
+        self.max_queue_size = max_queue_size
+        counted = CountedExporter(exporter, self._exported)
+        self._inner = BatchSpanProcessor(counted, max_queue_size=max_queue_size)  # type: ignore[arg-type]
 
-        class Counted:  # the exporter, counting what leaves the queue and how it went
-            def export(_, spans: Sequence[Any]) -> Any:  # noqa: N805
-                try:
-                    result = inner.export(spans)
-                except Exception:
-                    result = None
-                    raise
-                finally:
-                    with self._lock:
-                        self._pending -= len(spans)
-                    self._count("exported" if result == success else "failed", len(spans))
-                return result
-
-            def shutdown(_) -> None:  # noqa: N805
-                inner.shutdown()
-
-            def force_flush(_, timeout_millis: int = 30000) -> bool:  # noqa: N805
-                return bool(inner.force_flush(timeout_millis))
-
-        self._inner = BatchSpanProcessor(Counted(), **batch)  # type: ignore[arg-type]
-        self.max_queue_size: int = self._inner._batch_processor._max_queue_size
+    def _exported(self, spans: int, succeeded: bool) -> None:
+        with self._lock:
+            self._pending -= spans
+        self._count("exported" if succeeded else "failed", spans)
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         pass
@@ -81,12 +98,15 @@ class BoundedExport:
 
 def start(
     settings: TraceSettings, *, version: str, count: Callable[[str, int], None]
-) -> tuple[trace.TracerProvider, Callable[[float], None]] | None:
-    """The SDK's tracer provider for ``settings`` (None when tracing is off), and how to
-    close it within a time."""
+) -> tuple[trace.Tracer, trace.Tracer, Callable[[float], None]] | None:
+    """For ``settings`` (None when tracing is off): the tracer of calls and requests
+    (sampled as ``OTEL_TRACES_SAMPLER`` says), the tracer of batches (always recorded: a
+    batch span is only made for a batch that served a recorded request, whose sampling
+    decision it follows), and how to close both within a time. They share one exporter."""
     if not settings.enabled:
         return None
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     if settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -94,9 +114,13 @@ def start(
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
-    provider = TracerProvider(resource=resource(version), shutdown_on_exit=False)
-    processor = BoundedExport(OTLPSpanExporter(), count=count)
+    where = resource(version)
+    provider = TracerProvider(resource=where, shutdown_on_exit=False)
+    batches = TracerProvider(resource=where, shutdown_on_exit=False, sampler=ALWAYS_ON)
+    queue = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") or DEFAULT_MAX_QUEUE_SIZE)
+    processor = BoundedExport(OTLPSpanExporter(), count=count, max_queue_size=queue)
     provider.add_span_processor(processor)  # type: ignore[arg-type]
+    batches.add_span_processor(processor)  # type: ignore[arg-type]
 
     def flush_and_shut_down(timeout_s: float) -> None:
         processor.force_flush(int(timeout_s * 1000))
@@ -109,7 +133,11 @@ def start(
         done.start()
         done.join(timeout_s)
 
-    return provider, close
+    return (
+        provider.get_tracer("roundtrip.server", version),
+        batches.get_tracer("roundtrip.server", version),
+        close,
+    )
 
 
 def resource(version: str) -> Any:

@@ -209,10 +209,14 @@ class Tracing:
         tracer: trace.Tracer,
         settings: TraceSettings,
         *,
+        batch_tracer: trace.Tracer | None = None,
         fingerprint: Callable[[], str] = str,
         close: Callable[[float], None] | None = None,
     ) -> None:
         self.tracer = tracer
+        #: Batches' spans: recorded whenever made (only for a batch that served a recorded
+        #: request, whose sampling decision they follow).
+        self.batch_tracer = batch_tracer or tracer
         self.settings = settings
         #: The numerics fingerprint batch spans carry (set once the self-check has run).
         self.fingerprint = fingerprint
@@ -220,14 +224,23 @@ class Tracing:
 
     def start_call(
         self, name: str, carrier: Mapping[str, str] | None, attributes: Mapping[str, Any]
-    ) -> tuple[Span, object]:
-        """A call's span, started and made current (its token: for :meth:`end_call`).
+    ) -> tuple[Span, object] | None:
+        """A call's span, started and made current (its token: for :meth:`end_call`);
+        None when the sampler does not record it (nothing more of the call is traced).
         ``carrier``: the call's trace context (None: the current span's child, a stream
-        message's; malformed context is ignored, a new root)."""
-        parent = propagate.extract(carrier) if carrier is not None else None
+        message's, and None when that is not recorded); malformed context is ignored (a
+        new root)."""
+        if carrier is None:
+            if not trace.get_current_span().is_recording():
+                return None
+            parent = None
+        else:
+            parent = propagate.extract(carrier)
         span = self.tracer.start_span(
             name, context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
+        if not span.is_recording():
+            return None
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
 
@@ -242,8 +255,13 @@ class Tracing:
         span.set_status(outcome_status(code))
         span.end()
 
-    def start_request(self, parent: otel_context.Context, attributes: Mapping[str, Any]) -> Span:
-        """A request's span, from its admission (its bytes reserved) to its answer."""
+    def start_request(
+        self, parent: otel_context.Context, attributes: Mapping[str, Any]
+    ) -> Span | None:
+        """A request's span, from its admission (its bytes reserved) to its answer; None
+        when its call is not recorded."""
+        if not trace.get_current_span(parent).is_recording():
+            return None
         return self.tracer.start_span("roundtrip.request", context=parent, attributes=attributes)
 
     def record_batch(
@@ -264,7 +282,7 @@ class Tracing:
             for span, queued_s in zip(spans, batch.queue_seconds, strict=True)
             if span is not None
         ]
-        span = self.tracer.start_span(
+        span = self.batch_tracer.start_span(
             "roundtrip.batch",
             context=otel_context.Context(),  # a root: it serves many traces
             links=[Link(span.get_span_context()) for span, _ in traced],

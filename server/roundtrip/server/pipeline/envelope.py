@@ -138,8 +138,8 @@ class Envelope:
 
     @property
     def traced(self) -> bool:
-        """Whether the call has a span (what :meth:`note` writes to)."""
-        return self._trace is not None
+        """Whether the call has a recorded span (what :meth:`note` writes to)."""
+        return self._span is not None
 
     def __enter__(self) -> Envelope:
         self._started = time.perf_counter()
