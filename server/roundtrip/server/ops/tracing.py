@@ -45,6 +45,9 @@ CONTEXT_KEYS = ("traceparent", "tracestate", "baggage")
 
 PROTOCOLS = ("http/protobuf", "grpc")
 
+#: The context of a call that came without one: its span is a new root.
+_NO_PARENT = otel_context.Context()
+
 
 class Batch(Protocol):
     """What a traced batch's span says of it (the batcher's ``BatchRecord``)."""
@@ -234,13 +237,12 @@ class Tracing:
             if not trace.get_current_span().is_recording():
                 return None
             parent = None
-        else:
-            parent = propagate.extract(carrier)
-        span = self.tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
-        if not span.is_recording():
+        else:  # no context: a new root (extracting nothing costs a call per call)
+            parent = propagate.extract(carrier) if carrier else _NO_PARENT
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+        if not span.is_recording():  # unsampled: its attributes are never set
             return None
+        span.set_attributes(attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
 
