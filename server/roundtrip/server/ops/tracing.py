@@ -28,6 +28,7 @@ False
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,15 +126,25 @@ class TraceSettings:
 
 
 def carrier_of(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
-    """The trace context among a call's gRPC metadata (or HTTP headers), as text.
+    """The trace context among a call's gRPC metadata (its keys are lowercase: HTTP/2's
+    rule, which gRPC enforces), as text. It runs on every call while tracing is on.
 
     >>> carrier_of([("traceparent", "00-ab-cd-01"), ("x-other", "1"), ("bin-bin", b"2")])
     {'traceparent': '00-ab-cd-01'}
     """
-    return {
-        key.lower(): value
-        for key, value in pairs
-        if isinstance(value, str) and key.lower() in CONTEXT_KEYS
+    return {key: value for key, value in pairs if key in _CONTEXT_KEYS and isinstance(value, str)}
+
+
+_CONTEXT_KEYS = frozenset(CONTEXT_KEYS)
+
+
+@functools.cache
+def _rpc_attributes(service: str, method: str) -> tuple[str, dict[str, Any]]:
+    """A gRPC method's span name and fixed attributes, built once (never mutated)."""
+    return f"{service}/{method}", {
+        "rpc.system": "grpc",
+        "rpc.service": service,
+        "rpc.method": method,
     }
 
 
@@ -150,6 +161,8 @@ class TraceStart:
     name: str
     carrier: Mapping[str, str] | None
     attributes: Mapping[str, Any]
+    #: More attributes, this call's own (set beside ``attributes``, which may be shared).
+    more: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def rpc(
@@ -160,30 +173,22 @@ class TraceStart:
         request_bytes: int = 0,
     ) -> TraceStart:
         """A gRPC call's, with the trace context among its ``metadata``."""
-        return cls(
-            f"{service}/{method}",
-            None if metadata is None else carrier_of(metadata),
-            {
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": method,
-                "rpc.request.size": request_bytes,
-            },
-        )
+        name, attributes = _rpc_attributes(service, method)
+        carrier = None if metadata is None else carrier_of(metadata)
+        return cls(name, carrier, attributes, (("rpc.request.size", request_bytes),))
 
     @classmethod
     def message(cls, service: str, method: str, message_id: int, request_bytes: int) -> TraceStart:
         """A stream message's, the child of its stream's span (the current one)."""
-        start = cls.rpc(service, method, None, request_bytes)
-        attributes = {**start.attributes, "rpc.message.id": message_id}
-        return cls("roundtrip.stream.message", None, attributes)
+        more = (("rpc.request.size", request_bytes), ("rpc.message.id", message_id))
+        return cls("roundtrip.stream.message", None, _rpc_attributes(service, method)[1], more)
 
     @classmethod
     def http(cls, method: str, route: str, headers: Mapping[str, str]) -> TraceStart:
         """An HTTP request's, named by its route (its template, not its path)."""
         return cls(
             f"{method} {route}",
-            carrier_of(headers.items()),
+            {key: headers[key] for key in CONTEXT_KEYS if key in headers},  # any case
             {"http.request.method": method, "http.route": route},
         )
 
@@ -225,24 +230,25 @@ class Tracing:
         self.fingerprint = fingerprint
         self._close = close
 
-    def start_call(
-        self, name: str, carrier: Mapping[str, str] | None, attributes: Mapping[str, Any]
-    ) -> tuple[Span, object] | None:
+    def start_call(self, start: TraceStart) -> tuple[Span, object] | None:
         """A call's span, started and made current (its token: for :meth:`end_call`);
         None when the sampler does not record it (nothing more of the call is traced).
         ``carrier``: the call's trace context (None: the current span's child, a stream
         message's, and None when that is not recorded); malformed context is ignored (a
         new root)."""
+        carrier = start.carrier
         if carrier is None:
             if not trace.get_current_span().is_recording():
                 return None
             parent = None
         else:  # no context: a new root (extracting nothing costs a call per call)
             parent = propagate.extract(carrier) if carrier else _NO_PARENT
-        span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+        span = self.tracer.start_span(start.name, context=parent, kind=SpanKind.SERVER)
         if not span.is_recording():  # unsampled: its attributes are never set
             return None
-        span.set_attributes(attributes)
+        span.set_attributes(start.attributes)
+        for key, value in start.more:
+            span.set_attribute(key, value)
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
 

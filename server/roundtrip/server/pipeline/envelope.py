@@ -144,10 +144,7 @@ class Envelope:
     def __enter__(self) -> Envelope:
         self._started = time.perf_counter()
         if self._trace is not None and self._pipeline.tracing is not None:
-            trace = self._trace
-            self._span = self._pipeline.tracing.start_call(
-                trace.name, trace.carrier, trace.attributes
-            )
+            self._span = self._pipeline.tracing.start_call(self._trace)
         if self._opens:
             self._pipeline.calls.enter()
         if self._counts:
