@@ -22,6 +22,12 @@ for a collector that is down or slow, new ones are dropped and counted
 >>> TraceSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
 ...                             "OTEL_SDK_DISABLED": "true"}).enabled
 False
+>>> TraceSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+...                             "OTEL_TRACES_EXPORTER": "none"}).enabled
+False
+>>> TraceSettings.from_environ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317",
+...                             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}).protocol
+'grpc'
 >>> TraceSettings.from_environ({}).describe()
 {'enabled': False}
 """
