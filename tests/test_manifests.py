@@ -101,12 +101,27 @@ def admits(policy: Mapping[str, Any], source: Pod, target: Pod, port: int) -> bo
     spec = policy["spec"]
     if target.namespace != namespace or not selects(spec["podSelector"], target.labels):
         return True  # not a pod this policy isolates
-    for rule in spec.get("ingress", []):
+    return any_rule_lets(spec.get("ingress", []), "from", source, port, "TCP", namespace)
+
+
+def any_rule_lets(
+    rules: list[Mapping[str, Any]],
+    peers_key: str,
+    peer: Pod,
+    port: int,
+    protocol: str,
+    namespace: str,
+) -> bool:
+    """Whether one of a policy's ingress (``from``) or egress (``to``) ``rules`` lets traffic
+    with ``peer`` through on ``port`` over ``protocol``."""
+    for rule in rules:
         ports = rule.get("ports")
-        if ports and not any(p.get("port") == port for p in ports):
+        if ports and not any(
+            p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+        ):
             continue
-        peers = rule.get("from")
-        if not peers or any(peer_matches(peer, source, namespace) for peer in peers):
+        peers = rule.get(peers_key)
+        if not peers or any(peer_matches(each, peer, namespace) for each in peers):
             return True
     return False
 
@@ -183,16 +198,7 @@ def lets_out(policy: Mapping[str, Any], target: Pod, port: int, protocol: str = 
     if "Egress" not in policy["spec"].get("policyTypes", []):
         return True
     namespace = policy["metadata"]["namespace"]
-    for rule in policy["spec"].get("egress", []):
-        ports = rule.get("ports")
-        if ports and not any(
-            p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
-        ):
-            continue
-        peers = rule.get("to")
-        if not peers or any(peer_matches(peer, target, namespace) for peer in peers):
-            return True
-    return False
+    return any_rule_lets(policy["spec"].get("egress", []), "to", target, port, protocol, namespace)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

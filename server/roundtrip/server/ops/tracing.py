@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
@@ -263,7 +264,7 @@ class Tracing:
         """End a call's span with the gRPC code it ended with (and the current context
         restored)."""
         otel_context.detach(token)  # type: ignore[arg-type]
-        span.set_attribute("rpc.grpc.status_code", _CODE_NUMBERS.get(code, 2))
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
         if code != "OK" and message:
             span.add_event("refused", {"code": code, "message": message})
         span.set_status(outcome_status(code))
@@ -337,24 +338,3 @@ def queued(span: Span | None, item: Any) -> Span | None:
     if span is not None:
         span.add_event("queued", {"roundtrip.signature": str(item.signature)})
     return span
-
-
-_CODE_NUMBERS = {
-    "OK": 0,
-    "CANCELLED": 1,
-    "UNKNOWN": 2,
-    "INVALID_ARGUMENT": 3,
-    "DEADLINE_EXCEEDED": 4,
-    "NOT_FOUND": 5,
-    "ALREADY_EXISTS": 6,
-    "PERMISSION_DENIED": 7,
-    "RESOURCE_EXHAUSTED": 8,
-    "FAILED_PRECONDITION": 9,
-    "ABORTED": 10,
-    "OUT_OF_RANGE": 11,
-    "UNIMPLEMENTED": 12,
-    "INTERNAL": 13,
-    "UNAVAILABLE": 14,
-    "DATA_LOSS": 15,
-    "UNAUTHENTICATED": 16,
-}
