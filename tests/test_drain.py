@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import Counter
 
@@ -73,31 +74,43 @@ def test_sigterm_under_load_fails_no_accepted_request() -> None:
     # Nothing is cut off: the only other outcome is the retryable UNAVAILABLE.
     assert set(outcomes) <= {"ok", grpc.StatusCode.UNAVAILABLE.name}, outcomes
     events = [e["event"] for e in worker.events]
-    assert events.index("draining") < events.index("refusing") < events.index("stopped")
+    assert events.index("draining") < events.index("refusing") < events.index("drained")
+    assert events.index("drained") < events.index("stopped")
 
 
 def test_calls_during_the_announce_are_answered_then_new_ones_refused() -> None:
-    """Health reads NOT_SERVING at once, calls are still answered for the announce, then refused."""
+    """Health reads NOT_SERVING at once, calls are still answered for the announce, then new
+    ones are refused UNAVAILABLE while an open call (here an upload still arriving) finishes."""
     worker = WorkerProcess("--warmup-shapes", "64:64", "--drain-announce-s", "3")
     try:
         worker.wait_serving()
         with RoundTripClient(worker.target, timeout=30) as client:
             client.round_trip(*CASE)
-            worker.process.send_signal(15)
-            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-            wait_for(lambda: worker.health() == not_serving, "health NOT_SERVING", timeout=2)
-            # a caller that ignores health is still answered during the announce
-            with grpc.insecure_channel(worker.target) as channel:
-                stub = pb_grpc.RoundTripServiceStub(channel)
-                response = stub.RoundTrip(build_request(*CASE), timeout=10)
-                assert [response.orig_sum, response.merged_sum, response.max_abs_diff] == list(
-                    reference(*CASE)
+            with socket.create_connection(("127.0.0.1", worker.http_port)) as upload:
+                # an open call: its body promised, not yet sent, so the drain waits on it
+                upload.sendall(
+                    b"POST /v2/models/roundtrip/infer HTTP/1.1\r\nHost: w\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
                 )
-                refusing = lambda: any(e["event"] == "refusing" for e in worker.events)  # noqa: E731
-                wait_for(refusing, "the announce over", timeout=10)
-                with pytest.raises(grpc.RpcError) as refused:
-                    stub.RoundTrip(build_request(*CASE), timeout=10)
-                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                worker.process.send_signal(15)
+                not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+                wait_for(lambda: worker.health() == not_serving, "health NOT_SERVING", timeout=2)
+                # a caller that ignores health is still answered during the announce
+                with grpc.insecure_channel(worker.target) as channel:
+                    stub = pb_grpc.RoundTripServiceStub(channel)
+                    response = stub.RoundTrip(build_request(*CASE), timeout=10)
+                    assert [response.orig_sum, response.merged_sum, response.max_abs_diff] == list(
+                        reference(*CASE)
+                    )
+                    refusing = lambda: any(e["event"] == "refusing" for e in worker.events)  # noqa: E731
+                    wait_for(refusing, "the announce over", timeout=10)
+                    with pytest.raises(grpc.RpcError) as refused:
+                        stub.RoundTrip(build_request(*CASE), timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert worker.process.wait(60) == 0
     finally:
         worker.kill()
+    [refused_from] = [e for e in worker.events if e["event"] == "refusing"]
+    assert refused_from["open_calls"] == 1  # the refusal was met while the upload was open
+    drained = next(e for e in worker.events if e["event"] == "drained")
+    assert drained["all_finished"] is True  # the upload's caller hung up: nothing cut off

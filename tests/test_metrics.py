@@ -163,13 +163,19 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
     counted = 'roundtrip_requests_total{{code="{}",method="RoundTrip"}}'
     with serving_worker("--warmup-shapes", "3:4") as worker, worker.channel() as channel:
         stub = pb_grpc.RoundTripServiceStub(channel)
+
+        def counts(sample: str) -> float:
+            return metric_value(worker.scrape(), sample, missing=0)
+
         release = threading.Event()
         [lane] = worker.worker.batcher.lanes
         lane.executor.submit(release.wait, 60)  # the compute thread busy: calls queue
         try:
-            expiring = [stub.RoundTrip.future(quick, timeout=0.5) for _ in range(5)]
+            expiring = [stub.RoundTrip.future(quick, timeout=3) for _ in range(5)]
             cancelled = [stub.RoundTrip.future(quick, timeout=60) for _ in range(5)]
-            time.sleep(0.2)
+            # cancelled only once the worker holds them: a call cancelled before it arrives
+            # is never the worker's to count
+            wait_for(lambda: counts("roundtrip_inflight_requests") == 10, "ten calls queued")
             for call in cancelled:
                 call.cancel()
             codes = [rpc_code(call) for call in expiring]
@@ -177,8 +183,8 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
             release.set()
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5
         assert stub.RoundTrip(quick, timeout=30).orig_sum != 0  # and it serves on
+        wait_for(lambda: counts(counted.format("CANCELLED")) == 5, "five counted CANCELLED")
         text = worker.scrape()
         assert metric_value(text, counted.format("DEADLINE_EXCEEDED")) == 5
-        assert metric_value(text, counted.format("CANCELLED")) == 5
         assert metric_value(text, "roundtrip_queued_requests") == 0
         assert metric_value(text, "roundtrip_inflight_requests") == 0

@@ -196,7 +196,7 @@ def test_a_stream_on_a_draining_worker_goes_on_elsewhere_with_every_answer() -> 
     refused = [str(o) for o in outcomes if isinstance(o, RoundTripError)]
     assert refused == []  # every message the draining worker read was computed, not refused
     assert all(np.array_equal(numbers(o), expected) for o in outcomes)
-    drained = next(e for e in holder.events if e["event"] == "refusing")
+    drained = next(e for e in holder.events if e["event"] == "drained")
     assert drained["all_finished"] is True
 
 

@@ -202,10 +202,11 @@ class Worker:
         # Calls already accepted (and stream messages already read) still reach the
         # batcher and are answered; only new calls are refused.
         calls.refuse_new()
+        log.info("refusing", extra={"open_calls": calls.open})
         grace_started = time.monotonic()
         finished = await calls.wait_idle(config.drain_grace_s)
         log.info(
-            "refusing",
+            "drained",
             extra={
                 "open_calls": calls.open,
                 "waited_s": round(time.monotonic() - grace_started, 3),
