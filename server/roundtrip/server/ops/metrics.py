@@ -35,6 +35,7 @@ from roundtrip.server.ops.collectors import (
     Lane,
 )
 from roundtrip.server.ops.metrics_http import MetricsServer
+from roundtrip.server.ops.occupancy import Occupancy, OccupancyCollector
 from roundtrip.server.ops.tally import InferenceTally
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ METRIC_NAMES = (
     "roundtrip_requests_total",
     "roundtrip_request_duration_seconds",
     "roundtrip_inflight_requests",
+    "roundtrip_inflight_seconds_total",
+    "roundtrip_busy_seconds_total",
     "roundtrip_queued_requests",
     "roundtrip_queue_wait_seconds",
     "roundtrip_admitted_bytes",
@@ -105,11 +108,8 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.inflight = Gauge(
-            "roundtrip_inflight_requests",
-            "Requests received and not yet answered.",
-            registry=self.registry,
-        )
+        self.inflight = Occupancy()
+        self.registry.register(OccupancyCollector(self.inflight))
         self.queued = Gauge(
             "roundtrip_queued_requests",
             "Requests waiting for the engine (max_queue_size refuses beyond).",
@@ -284,7 +284,7 @@ class WorkerMetrics:
     @property
     def inflight_requests(self) -> int:
         """Requests admitted and not yet answered, now."""
-        return self._value("roundtrip_inflight_requests")
+        return self.inflight.level
 
     @property
     def audited(self) -> tuple[int, int]:
