@@ -67,9 +67,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def metrics_page(metrics_port: int) -> str:
-    """The /metrics page a local worker serves on ``metrics_port``."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
+def metrics_page(metrics_port: int, host: str = "127.0.0.1") -> str:
+    """The /metrics page a local worker serves on ``metrics_port`` (at ``host``)."""
+    url = f"http://{host}:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
 
@@ -100,6 +100,7 @@ def health_status(
 class _Served:
     """What both kinds of worker answer from their ports."""
 
+    host: str = "127.0.0.1"
     port: int
     metrics_port: int
     http_port: int
@@ -108,7 +109,7 @@ class _Served:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
@@ -120,7 +121,7 @@ class _Served:
 
     def scrape(self) -> str:
         """The worker's /metrics page."""
-        return metrics_page(self.metrics_port)
+        return metrics_page(self.metrics_port, self.host)
 
     def metric(self, sample: str) -> float:
         """One sample's value from a fresh scrape (0 when the series does not exist yet)."""
@@ -175,6 +176,8 @@ class ServerProcess(_Served):
                 event = {"event": "non-json", "line": line.rstrip()}
             self.events.append(event)
             if event.get("event") == "listening":
+                if event.get("host") not in (None, "", "0.0.0.0", "::", "[::]"):
+                    self.host = str(event["host"])
                 self.port = int(event["port"])
                 self.metrics_port = int(event.get("metrics_port") or 0)
                 self.http_port = int(event.get("http_port") or 0)
