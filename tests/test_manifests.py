@@ -22,7 +22,15 @@ from roundtrip.server.numerics.numerics import ISA_LEVELS
 from support.workers import ROOT
 
 KUBECTL = ROOT / ".tools" / "kubectl" / "kubectl"
-OVERLAYS = ("base", "overlays/gpu", "overlays/tls", "overlays/monitoring", "overlays/tracing")
+OVERLAYS = (
+    "base",
+    "overlays/gpu",
+    "overlays/tls",
+    "overlays/monitoring",
+    "overlays/tracing",
+    "overlays/keda",
+    "overlays/hpa-custom",
+)
 NAMESPACE = "roundtrip"
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9464
 Labels = Mapping[str, str]
