@@ -47,14 +47,15 @@ def _model_routes(prefix: str) -> dict[str, dict[str, Any]]:
                 "summary": "one inference call: B requests, each answered as if sent alone",
                 "requestBody": {
                     "required": True,
+                    "description": "JSON; or, as application/octet-stream, JSON then binary "
+                    "tensor data, the JSON's length in the Inference-Header-Content-Length "
+                    "header",
                     "content": {
                         "application/json": {
                             "schema": {"$ref": "#/components/schemas/InferenceRequest"}
                         },
                         "application/octet-stream": {
                             "schema": {"type": "string", "format": "binary"},
-                            "description": "JSON then binary tensor data; the JSON's length "
-                            "in the Inference-Header-Content-Length header",
                         },
                     },
                 },
@@ -108,7 +109,11 @@ def document() -> dict[str, Any]:
         },
         "components": {
             "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
                 "Tensor": tensor,
                 "InferenceRequest": {
                     "type": "object",

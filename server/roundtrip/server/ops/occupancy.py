@@ -95,7 +95,8 @@ class OccupancyCollector(Collector):
         busy = CounterMetricFamily(
             "roundtrip_busy_seconds",
             "Seconds with at least one request in flight: its rate() is the worker's "
-            "utilisation (0 to 1). Scale on it: the target per pod is in docs/autoscaling.md.",
+            "utilisation (0 to 1). Scale on it: target 0.6 per pod, 0.45 for pods below one "
+            "CPU (docs/autoscaling.md).",
         )
         busy.add_metric([], self._occupancy.busy_seconds())
         yield busy
