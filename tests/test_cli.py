@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from roundtrip.client import RoundTripClient
-from support.workers import WorkerProcess, console_script, free_port
+from roundtrip.client.cli import result_json
+from support.workers import WorkerProcess, console_script, free_port, serving_process
 
 CLI = console_script("roundtrip")
 WORKED_EXAMPLE = '{"orig_sum": -4.2219334, "merged_sum": -4.2219334, "max_abs_diff": 0.0}'
@@ -78,6 +79,37 @@ def test_info_uses_the_same_snake_case_as_call(worker: WorkerProcess) -> None:
     info = json.loads(done.stdout)
     assert info["jax_version"] == "0.10.2"
     assert "max_inflight_bytes" in info["limits"]
+
+
+def test_info_prints_numbers_as_numbers_and_every_field(worker: WorkerProcess) -> None:
+    done = run("info", "--target", worker.target)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    limits = info["limits"]
+    assert isinstance(limits["max_batch_items"], int)  # int64: a string in proto3's JSON
+    assert isinstance(limits["max_queue_delay_us"], int)
+    assert info["x64_enabled"] is False  # a false field is printed, not left out
+
+
+def test_many_sends_more_than_a_call_may_hold_in_several_calls() -> None:
+    with serving_process("--warmup-shapes", "3:4", "--max-batch-items", "4") as small:
+        lines = "".join(
+            f'{{"seed": {seed}, "x": [1, 2, 3], "features": 4}}\n' for seed in range(10)
+        )
+        done = subprocess.run(
+            [CLI, "many", "--target", small.target],
+            input=lines,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        with RoundTripClient(small.target) as client:
+            expected = [client.round_trip(seed, [1.0, 2.0, 3.0], 4) for seed in range(10)]
+        answered = small.metric('roundtrip_requests_total{code="OK",method="RoundTripBatch"}')
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert answers == [result_json(result) for result in expected]  # in order, each exact
+    assert answered == 10  # all by RoundTripBatch, none refused
 
 
 def test_a_refused_call_exits_one_with_the_status(worker: WorkerProcess) -> None:

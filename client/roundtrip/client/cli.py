@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from roundtrip.client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, tls_credentials
 from roundtrip.client.errors import DeadlineExceededError, RoundTripError, UnavailableError
@@ -168,6 +170,58 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
     return result_json(outcome)
 
 
+def message_json(message: Message) -> dict[str, Any]:
+    """``message`` as JSON for a reader: every field, zero and false ones too, in the proto's
+    snake_case, and 64-bit integers as numbers (proto3's JSON form writes them as strings).
+
+    >>> from roundtrip.v1 import roundtrip_pb2 as pb
+    >>> message_json(pb.Limits(max_batch_items=4096))["max_batch_items"], message_json(
+    ...     pb.Limits())["max_features"]
+    (4096, 0)
+    """
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(message.DESCRIPTOR, data)
+
+
+_WIDE = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the 64-bit integer fields of ``descriptor`` (a message's, nested ones
+    too) turned back into numbers."""
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                _numbers(field.message_type, item)
+        elif field.type in _WIDE:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return data
+
+
+def round_trip_in_chunks(
+    client: RoundTripClient, requests: Sequence[tuple[int, Any, int]], dtype: str
+) -> list[Outcome]:
+    """``round_trip_many`` over ``requests`` in calls of at most the worker's
+    ``max_batch_items``, the outcomes in order."""
+    size = max(int(client.server_info().limits.max_batch_items), 1)
+    outcomes: list[Outcome] = []
+    for start in range(0, len(requests), size):
+        outcomes += client.round_trip_many(requests[start : start + size], dtype=dtype)
+    return outcomes
+
+
 def _attach_values(argv: Sequence[str]) -> list[str]:
     """``--x -1,2,3`` as ``--x=-1,2,3``, so a leading minus is a number, not a flag."""
     joined: list[str] = []
@@ -290,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "many":
                 try:
                     requests = read_requests(sys.stdin.read().splitlines())
-                    outcomes = client.round_trip_many(requests, dtype=args.dtype)
+                    outcomes = round_trip_in_chunks(client, requests, args.dtype)
                 except ValueError as error:
                     return _fail(str(error), 2)
                 for outcome in outcomes:
@@ -300,10 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return _fail(f"{len(refused)} of {len(outcomes)} requests refused", 1)
                 return 0
             if args.command == "info":
-                info = json_format.MessageToDict(
-                    client.server_info(), preserving_proto_field_name=True
-                )
-                print(json.dumps(info, indent=2))
+                print(json.dumps(message_json(client.server_info()), indent=2))
                 return 0
             result = client.round_trip(
                 args.seed, args.x, args.features, dtype=args.dtype, return_outputs=args.outputs
