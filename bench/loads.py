@@ -1,7 +1,8 @@
 """The loads: h2load replaying one body over gRPC or HTTP (:func:`h2load`), Triton's
 perf_analyzer over V2 (:func:`perf_analyzer`), and asyncio callers through grpc.aio
 (:func:`callers`, :func:`fresh_seed_callers`, :func:`stream_load`) that check every
-answer as it comes.
+answer as it comes, and the closed- and open-loop callers of one serialized request that
+the overload and autoscaling benchmarks time (:func:`closed_loop`, :func:`open_loop`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
-from bench.checks import WORKLOADS, Answer, Body, answer_of, reference, same
+from bench.checks import ROUNDTRIP, WORKLOADS, Answer, Body, answer_of, reference, same
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
@@ -285,4 +287,65 @@ def percentiles(seconds: Sequence[float]) -> dict[str, float]:
     return {
         "p50_ms": round(1000 * ordered[len(ordered) // 2], 2),
         "p99_ms": round(1000 * ordered[min(int(len(ordered) * 0.99), len(ordered) - 1)], 2),
+    }
+
+
+async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> dict[str, float]:
+    """``callers`` each sending ``body`` (a serialized RoundTrip request) back to back for
+    ``seconds``: answers per second and their p50/p99 (any error raises)."""
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(ROUNDTRIP, None, None)
+
+        async def caller() -> None:
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                await call(body, timeout=60)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = time.monotonic() - started
+    return {"requests_per_s": round(len(latencies) / elapsed, 1), **percentiles(latencies)}
+
+
+async def open_loop(port: int, body: bytes, rate: float, seconds: float) -> dict[str, Any]:
+    """``body`` sent at ``rate`` calls a second for ``seconds``, each on schedule, not waiting
+    for earlier answers (as traffic from many services arrives): the calls by code, OK
+    answers a second and their p50/p99, refusals' p50/p99."""
+    outcomes: dict[str, list[float]] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(ROUNDTRIP, None, None)
+
+        async def one() -> None:
+            started = time.perf_counter()
+            try:
+                await call(body, timeout=60)
+                code = "OK"
+            except grpc.aio.AioRpcError as error:
+                code = error.code().name
+            outcomes.setdefault(code, []).append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.monotonic()
+        count = int(rate * seconds)
+        for index in range(count):
+            delay = start + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        sent_in = time.monotonic() - start
+        await asyncio.gather(*tasks)
+    accepted = outcomes.get("OK", [])
+    refused = outcomes.get("RESOURCE_EXHAUSTED", [])
+    codes = Counter({code: len(lat) for code, lat in outcomes.items()})
+    return {
+        "offered_per_s": round(count / sent_in, 1),
+        "sent": count,
+        "codes": dict(codes),
+        "lost": sum(n for code, n in codes.items() if code not in ("OK", "RESOURCE_EXHAUSTED")),
+        "accepted_per_s": round(len(accepted) / sent_in, 1),
+        "accepted": percentiles(accepted),
+        "refused": percentiles(refused),
     }

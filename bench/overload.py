@@ -22,75 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
-from collections import Counter
 
-import grpc
 import numpy as np
 
-from bench.checks import ROUNDTRIP
 from bench.harness import OUT
-from bench.loads import percentiles
+from bench.loads import closed_loop, open_loop
 from roundtrip.client.messages import build_request
 from support.workers import serving_process
 
 MAX_BATCH_SIZE = 32  # the worker's default, which this benchmark keeps
-
-
-async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> dict[str, float]:
-    latencies: list[float] = []
-    stop_at = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(ROUNDTRIP, None, None)
-
-        async def caller() -> None:
-            while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                await call(body, timeout=60)
-                latencies.append(time.perf_counter() - started)
-
-        started = time.monotonic()
-        await asyncio.gather(*(caller() for _ in range(callers)))
-        elapsed = time.monotonic() - started
-    return {"requests_per_s": round(len(latencies) / elapsed, 1), **percentiles(latencies)}
-
-
-async def open_loop(port: int, body: bytes, rate: float, seconds: float) -> dict[str, object]:
-    outcomes: dict[str, list[float]] = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(ROUNDTRIP, None, None)
-
-        async def one() -> None:
-            started = time.perf_counter()
-            try:
-                await call(body, timeout=60)
-                code = "OK"
-            except grpc.aio.AioRpcError as error:
-                code = error.code().name
-            outcomes.setdefault(code, []).append(time.perf_counter() - started)
-
-        tasks = []
-        start = time.monotonic()
-        count = int(rate * seconds)
-        for index in range(count):
-            delay = start + index / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        sent_in = time.monotonic() - start
-        await asyncio.gather(*tasks)
-    accepted = outcomes.get("OK", [])
-    refused = outcomes.get("RESOURCE_EXHAUSTED", [])
-    codes = Counter({code: len(lat) for code, lat in outcomes.items()})
-    return {
-        "offered_per_s": round(count / sent_in, 1),
-        "sent": count,
-        "codes": dict(codes),
-        "lost": sum(n for code, n in codes.items() if code not in ("OK", "RESOURCE_EXHAUSTED")),
-        "accepted_per_s": round(len(accepted) / sent_in, 1),
-        "accepted": percentiles(accepted),
-        "refused": percentiles(refused),
-    }
 
 
 def main() -> None:

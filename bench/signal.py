@@ -31,15 +31,12 @@ import asyncio
 import json
 import sys
 import time
-from collections import Counter
 from typing import Any
 
-import grpc
-
 from bench.capped import CpuCap, cpu_seconds
-from bench.checks import ROUNDTRIP, workload_body
+from bench.checks import workload_body
 from bench.harness import OUT, machine
-from bench.loads import percentiles
+from bench.loads import closed_loop, open_loop
 from support.polling import wait_for
 from support.workers import FREE_PORTS, WORKER_DEFAULTS, WorkerProcess, metric_value
 
@@ -54,57 +51,6 @@ COUNTERS = {
     "compute_s": "roundtrip_batch_compute_seconds_sum",
     "batch_requests": "roundtrip_queue_wait_seconds_count",
 }
-
-
-async def open_loop(target: str, body: bytes, rate: float, seconds: float) -> dict[str, Any]:
-    """Calls at ``rate`` per second for ``seconds``, each sent on schedule; what they got."""
-    latencies: list[float] = []
-    codes: Counter[str] = Counter()
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(ROUNDTRIP, None, None)
-
-        async def one() -> None:
-            started = time.perf_counter()
-            try:
-                await call(body, timeout=30)
-            except grpc.aio.AioRpcError as error:
-                codes[error.code().name] += 1
-                return
-            latencies.append(time.perf_counter() - started)
-            codes["OK"] += 1
-
-        tasks = []
-        start = time.monotonic()
-        for index in range(int(rate * seconds)):
-            delay = start + index / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - start
-    return {
-        "ok_per_s": round(codes["OK"] / seconds, 1),
-        **percentiles(latencies),
-        "codes": dict(codes),
-        "elapsed_s": round(elapsed, 2),
-    }
-
-
-async def closed_loop(target: str, body: bytes, callers: int, seconds: float) -> float:
-    """OK answers per second with ``callers`` each sending back to back."""
-    answered = 0
-    stop_at = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(ROUNDTRIP, None, None)
-
-        async def caller() -> None:
-            nonlocal answered
-            while time.monotonic() < stop_at:
-                await call(body, timeout=30)
-                answered += 1
-
-        await asyncio.gather(*(caller() for _ in range(callers)))
-    return answered / seconds
 
 
 def snapshot(worker: WorkerProcess) -> dict[str, float]:
@@ -144,12 +90,14 @@ async def step(
 ) -> dict[str, Any]:
     before = snapshot(worker)
     load, sampled = await asyncio.gather(
-        open_loop(worker.target, body, rate, seconds), sampled_gauge(worker, seconds)
+        open_loop(worker.port, body, rate, seconds), sampled_gauge(worker, seconds)
     )
     after = snapshot(worker)
     return {
         "offered_per_s": round(rate, 1),
-        **load,
+        "ok_per_s": load["accepted_per_s"],
+        **load["accepted"],
+        "codes": load["codes"],
         **signals(before, after, cpus),
         "inflight_sampled": round(sampled, 2),
     }
@@ -164,8 +112,8 @@ def ramp(cpus: float, step_s: float, workload: str, shares: list[float]) -> dict
         worker = WorkerProcess(command=cap.command(command))
         try:
             worker.wait_serving(timeout=300)
-            asyncio.run(closed_loop(worker.target, body, 16, 3.0))  # warm
-            capacity = asyncio.run(closed_loop(worker.target, body, 16, step_s))
+            asyncio.run(closed_loop(worker.port, body, 16, 3.0))  # warm
+            capacity = asyncio.run(closed_loop(worker.port, body, 16, step_s))["requests_per_s"]
             print(f"capacity {capacity:.0f} OK/s at {cpus} CPU", flush=True)
             steps = []
             for share in shares:
