@@ -381,3 +381,16 @@ def serving_process(
 ) -> AbstractContextManager[WorkerProcess]:
     """A worker subprocess that reports SERVING; on leaving, SIGTERM must stop it with 0."""
     return _serving(WorkerProcess(*flags, credentials=credentials, env=env))
+
+
+@contextmanager
+def busy_lane(worker: InProcessWorker) -> Iterator[threading.Event]:
+    """The worker's compute lane held by a job that waits for the yielded event (set on
+    leaving at the latest): requests queue behind it."""
+    release = threading.Event()
+    [lane] = worker.worker.batcher.lanes
+    lane.executor.submit(release.wait, 60)
+    try:
+        yield release
+    finally:
+        release.set()

@@ -22,7 +22,7 @@ from test_manifests import NAMESPACE, knob_value, one, rendered
 
 from roundtrip.client import ResourceExhaustedError, RoundTripClient, RoundTripError
 from support.polling import wait_for
-from support.workers import ROOT, InProcessWorker, serving_worker
+from support.workers import ROOT, InProcessWorker, busy_lane, serving_worker
 
 PROMTOOL = ROOT / ".tools" / "promtool"
 ADAPTER_RULES = (
@@ -39,6 +39,8 @@ POD = {
     "endpoint": "metrics",
 }
 SCRAPES, INTERVAL_S = 12, 15
+#: promtool evaluates at the last recorded scrape.
+EVAL_TIME = f"{(SCRAPES - 1) * INTERVAL_S}s"
 TOKEN = "s3cret-token"
 
 pytestmark = pytest.mark.external
@@ -163,15 +165,12 @@ def traffic(worker: InProcessWorker, *, refusals: bool) -> None:
             client.round_trip(seed, [1.0, 2.0, 3.0], 4)
         if not refusals:
             return
-        release = threading.Event()
-        [lane] = worker.worker.batcher.lanes
-        lane.executor.submit(release.wait, 30)
         calls = [threading.Thread(target=_refused_or_ok, args=(client,)) for _ in range(4)]
-        for call in calls:
-            call.start()
-        for call in calls:
-            call.join(2)
-        release.set()
+        with busy_lane(worker):
+            for call in calls:
+                call.start()
+            for call in calls:
+                call.join(2)
         for call in calls:
             call.join(30)
     with RoundTripClient(worker.target, timeout=30) as stranger, pytest.raises(RoundTripError):
@@ -235,12 +234,12 @@ def test_the_scaling_signal_queries_give_how_busy_the_pod_was(
     [counter] = [s for s in recorded if s.startswith("roundtrip_busy_seconds_total{")]
     expected = rate_over_last_minute(recorded[counter])
     assert 0 < expected <= 1
-    eval_time = f"{(SCRAPES - 1) * INTERVAL_S}s"
+
     found = queries()
     tests = [
         {
             "expr": f"abs(({found[name]}) - {expected!r}) < bool 1e-9",
-            "eval_time": eval_time,
+            "eval_time": EVAL_TIME,
             "exp_samples": [{"labels": labels, "value": 1}],
         }
         for name, labels in (
@@ -258,14 +257,14 @@ def test_every_query_of_the_manifests_and_docs_selects_what_the_worker_exports(
     """A renamed metric, a wrong label or a typo leaves a query empty: promtool fails it.
     A label's value (an alert's code="INTERNAL") is relaxed to any value, since the worker
     never answered INTERNAL while recorded; a code it names must be a gRPC status code."""
-    eval_time = f"{(SCRAPES - 1) * INTERVAL_S}s"
+
     for query in queries().values():
         for code in re.findall(r'code="(\w+)"', query):
             assert code in grpc.StatusCode.__members__, (code, query)
     tests = [
         {
             "expr": f"count({any_value(query)}) > bool 0",
-            "eval_time": eval_time,
+            "eval_time": EVAL_TIME,
             "exp_samples": [{"labels": "{}", "value": 1}],
         }
         for query in queries().values()
@@ -285,10 +284,7 @@ def test_the_counters_add_the_seconds_requests_spent_in_flight_and_the_worker_wa
         before = [worker.metric(counter) for counter in counters]
         time.sleep(hold_s)
         idle = [worker.metric(counter) - was for counter, was in zip(counters, before, strict=True)]
-        release = threading.Event()
-        [lane] = worker.worker.batcher.lanes
-        lane.executor.submit(release.wait, 30)
-        with RoundTripClient(worker.target, timeout=30) as client:
+        with RoundTripClient(worker.target, timeout=30) as client, busy_lane(worker) as release:
             calls = [
                 threading.Thread(target=client.round_trip, args=(seed, [1.0, 2.0, 3.0], 4))
                 for seed in range(5)

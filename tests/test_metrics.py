@@ -6,7 +6,6 @@ import contextlib
 import re
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,14 @@ from roundtrip.client.messages import build_request
 from roundtrip.server.ops.metrics import METRIC_NAMES
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.polling import stays, wait_for
-from support.workers import ROOT, WorkerProcess, metric_value, serving_process, serving_worker
+from support.workers import (
+    ROOT,
+    WorkerProcess,
+    busy_lane,
+    metric_value,
+    serving_process,
+    serving_worker,
+)
 
 PROMTOOL = ROOT / ".tools" / "promtool"
 
@@ -167,10 +173,7 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
         def counts(sample: str) -> float:
             return metric_value(worker.scrape(), sample, missing=0)
 
-        release = threading.Event()
-        [lane] = worker.worker.batcher.lanes
-        lane.executor.submit(release.wait, 60)  # the compute thread busy: calls queue
-        try:
+        with busy_lane(worker):  # the compute thread busy: calls queue
             expiring = [stub.RoundTrip.future(quick, timeout=3) for _ in range(5)]
             cancelled = [stub.RoundTrip.future(quick, timeout=60) for _ in range(5)]
             # cancelled only once the worker holds them: a call cancelled before it arrives
@@ -179,8 +182,6 @@ def test_calls_dropped_by_their_deadline_or_their_caller_are_counted_by_that_cod
             for call in cancelled:
                 call.cancel()
             codes = [rpc_code(call) for call in expiring]
-        finally:
-            release.set()
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5
         assert stub.RoundTrip(quick, timeout=30).orig_sum != 0  # and it serves on
         wait_for(lambda: counts(counted.format("CANCELLED")) == 5, "five counted CANCELLED")

@@ -27,7 +27,7 @@ from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 from support.collector import left_for_the_collector
 from support.polling import wait_for
 from support.v2_stub import V2Stub
-from support.workers import InProcessWorker, serving_worker
+from support.workers import InProcessWorker, busy_lane, serving_worker
 
 DOORS = ["unary", "stream", "batch", "v2-grpc", "v2-rest"]
 GRPC_DOORS = DOORS[:4]
@@ -50,19 +50,6 @@ def settles_to_zero(worker: InProcessWorker, timeout: float = 30) -> None:
     while admitted(worker) != 0:
         assert time.monotonic() < deadline, f"{admitted(worker)} bytes still admitted"
         time.sleep(0.05)
-
-
-@contextmanager
-def busy_lane(worker: InProcessWorker) -> Iterator[threading.Event]:
-    """The worker's compute lane held by a job that waits for the yielded event (set on
-    leaving at the latest): requests queue behind it."""
-    release = threading.Event()
-    [lane] = worker.worker.batcher.lanes
-    lane.executor.submit(release.wait, 60)
-    try:
-        yield release
-    finally:
-        release.set()
 
 
 def v2_request(features: int) -> v2pb.ModelInferRequest:
