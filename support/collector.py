@@ -36,3 +36,30 @@ def left_for_the_collector() -> Iterator[list[object]]:
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
+
+
+@contextmanager
+def kept_alive(type_names: set[str]) -> Iterator[list[object]]:
+    """The objects of ``type_names`` the block made that are still alive once it has run and
+    a collector pass has freed its cycles, in the list yielded (filled on leaving).
+
+    >>> class Node:
+    ...     pass
+    >>> kept = []
+    >>> with kept_alive({"Node"}) as found:
+    ...     kept.append(Node())
+    ...     dropped = Node()
+    ...     del dropped
+    >>> found == kept
+    True
+    """
+    gc.collect()
+    before = {id(thing) for thing in gc.get_objects() if type(thing).__name__ in type_names}
+    found: list[object] = []
+    yield found
+    gc.collect()
+    found.extend(
+        thing
+        for thing in gc.get_objects()
+        if type(thing).__name__ in type_names and id(thing) not in before
+    )

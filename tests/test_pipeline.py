@@ -24,7 +24,7 @@ from roundtrip.client.messages import build_request
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
-from support.collector import left_for_the_collector
+from support.collector import kept_alive, left_for_the_collector
 from support.polling import wait_for
 from support.v2_stub import V2Stub
 from support.workers import InProcessWorker, busy_lane, serving_worker
@@ -135,8 +135,10 @@ def test_an_answered_or_refused_call_gives_back_what_it_held(
 
 
 #: What a call holds: its message as parsed, its claim on the worker, its requests queued
-#: (inputs, tickets, reservations) and its answers.
+#: (inputs, tickets, reservations), its answers, and a stream's own state.
 A_CALLS_OBJECTS = {
+    "_OpenStream",
+    "_Answer",
     "RoundTripRequest",
     "RoundTripBatchRequest",
     "RoundTripStreamRequest",
@@ -154,10 +156,12 @@ A_CALLS_OBJECTS = {
 @contextmanager
 def nothing_left_for_the_cycle_collector() -> Iterator[None]:
     """The block's calls' objects (:data:`A_CALLS_OBJECTS`) are all freed by reference
-    counting: none is among what a collector pass finds unreachable afterwards."""
-    with left_for_the_collector() as found:
+    counting: none is among what a collector pass finds unreachable afterwards, and none is
+    still alive (kept by what outlives the call: gRPC's state of the call, say)."""
+    with kept_alive(A_CALLS_OBJECTS) as kept, left_for_the_collector() as found:
         yield
     assert sorted({type(thing).__name__ for thing in found} & A_CALLS_OBJECTS) == []
+    assert sorted({type(thing).__name__ for thing in kept}) == []
 
 
 @pytest.mark.parametrize("door", DOORS)

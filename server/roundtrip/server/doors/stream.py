@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,11 @@ class StreamDoor:
     ) -> None:
         pipeline = self.pipeline
         stream = _OpenStream(pipeline, context, self.max_stream_inflight)
-        # grpc may end the call while an answer waits to be written, and never resume here
-        context.add_done_callback(lambda _: stream.close())  # type: ignore[arg-type]
+        # grpc may end the call while an answer waits to be written, and never resume here.
+        # Weakly: grpc keeps its callbacks as long as it keeps the call's state, and the
+        # stream is not its to keep.
+        closes = functools.partial(_close_stream, weakref.ref(stream))
+        context.add_done_callback(closes)  # type: ignore[arg-type]
         unwatch = pipeline.calls.watch_stream(stream.end_for_drain)
         dropped = functools.partial(dropped_code, context)
         metadata = context.invocation_metadata()
@@ -161,6 +165,11 @@ class _OpenStream:
         # refer to each other until a collector pass (tests/test_pipeline.py).
         self._reader = None
         self._tasks = set()
+        # Answers written by nobody now (their calls closed above): let go of them too, and
+        # leave the end mark for a handler still waiting on the queue.
+        while not self.answers.empty():
+            self.answers.get_nowait()
+        self.answers.put_nowait(None)
 
     async def _read_all(self, request_iterator: AsyncIterator[Received]) -> None:
         try:
@@ -214,6 +223,11 @@ class _OpenStream:
             return
         response = pb.RoundTripStreamResponse(id=message_id, response=encode_result(answer))
         self.answers.put_nowait(_Answer(response, call))
+
+
+def _close_stream(stream: weakref.ref[_OpenStream], _context: object) -> None:
+    if (alive := stream()) is not None:
+        alive.close()
 
 
 def stream_error(message_id: int, failure: Failure) -> pb.RoundTripStreamResponse:

@@ -4,13 +4,12 @@ Requests queue per :class:`ShapeSignature`. One runner task feeds the compute
 lanes (:class:`Lane`: an engine on one device and its one compute thread; JAX
 work never runs on the event loop). Whenever a lane is free the runner takes
 the signature whose head request is oldest and runs up to ``max_batch_size``
-of its requests together on that lane;
-if the batch is not full it waits at most until the oldest request's arrival
-plus ``max_queue_delay_us`` (``time.monotonic``), so the window cannot close
-early or stretch. With a delay of 0, batches form from whatever queued while
-the previous batch ran. A signature a lane has never run is first compiled on
-the compile thread (``compiler``) while other signatures' batches run; its
-requests wait in the queue meanwhile. A batch reserves its computation's bytes
+of its requests together on that lane; if the batch is not full it waits at most
+until the oldest request's arrival plus ``max_queue_delay_us`` (``time.monotonic``),
+so the window cannot close early or stretch. With a delay of 0, batches form from
+whatever queued while the previous batch ran. A signature a lane has never run is
+first compiled on the compile thread (``compiler``) while other signatures' batches
+run; its requests wait in the queue meanwhile. A batch reserves its computation's bytes
 before it runs (:class:`~roundtrip.server.pipeline.admission.ByteBudget`) and, when they
 do not fit, waits until bytes come back.
 
@@ -218,23 +217,28 @@ class Batcher(Generic[EngineT]):
                 await self._arrival.wait()
                 continue
             lane = await self._idle.get()  # a lane is free: form its batch now
-            batch: list[Ticket] = []
-            signature = await self._next_signature(lane) if self._queued else None
-            if signature is not None:
-                batch = self._take(signature)
-                if self.on_taken is not None:
-                    self.on_taken()
-            if batch and signature is not None:
-                computing, batch = await self._reserve(signature, batch)
-            if not batch or signature is None:
-                self._idle.put_nowait(lane)
-                if signature is None and self._queued:  # every queued shape is compiling
-                    self._arrival.clear()
-                    await self._arrival.wait()
-                continue
-            task = asyncio.create_task(self._execute(lane, signature, batch, computing))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            await self._start_batch(lane)
+
+    async def _start_batch(self, lane: Lane[EngineT]) -> None:
+        """Form ``lane``'s next batch and start it, or give the lane back. A frame of its own:
+        its tickets (their inputs) are let go of once it started, not at the next batch."""
+        batch: list[Ticket] = []
+        signature = await self._next_signature(lane) if self._queued else None
+        if signature is not None:
+            batch = self._take(signature)
+            if self.on_taken is not None:
+                self.on_taken()
+        if batch and signature is not None:
+            computing, batch = await self._reserve(signature, batch)
+        if not batch or signature is None:
+            self._idle.put_nowait(lane)
+            if signature is None and self._queued:  # every queued shape is compiling
+                self._arrival.clear()
+                await self._arrival.wait()
+            return
+        task = asyncio.create_task(self._execute(lane, signature, batch, computing))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _next_signature(self, lane: Lane[EngineT]) -> ShapeSignature | None:
         """The signature of the oldest request that ``lane`` can run now, once its batch is
