@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import itertools
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -170,19 +173,27 @@ def test_persistent_compilation_cache_is_written_and_reused(tmp_path: Path) -> N
 def test_sigterm_ten_seconds_into_warm_up_stops_within_the_grace() -> None:
     """The pod's grace (terminationGracePeriodSeconds 40) bounds it; the worker looks at its
     stop flag between every two warm-up steps (compilations, self-check inputs, probes), and
-    says where warm-up is as it goes."""
+    says where warm-up is as it goes: after each shape, and in a heartbeat line every few
+    seconds naming the step each lane is in."""
     many_shapes = ",".join(f"{width}:{width + 1}" for width in range(2, 40))
     worker = WorkerProcess("--warmup-shapes", many_shapes)  # about 450 compilations
     try:
         started = time.monotonic()
         progress: list[dict[str, object]] = []
-        while time.monotonic() - started < 10 or not progress:  # 10 s in, and compiling
+        beats: list[dict[str, Any]] = []
+        while time.monotonic() - started < 10 or not (progress and beats):  # 10 s in
             assert worker.process.poll() is None
             assert time.monotonic() - started < 180, "warm-up never said where it is"
             progress = [e for e in worker.events if e["event"] == "warm-up: compiled"]
+            beats = [e for e in worker.events if e["event"] == "warming up"]
             time.sleep(0.2)
         assert worker.health() == NOT_SERVING
         assert {"shape", "shapes", "seconds"} <= set(progress[-1])
+        [(lane, now)] = beats[-1]["lanes"].items()
+        assert now["step"].startswith("compiling "), (lane, now)
+        assert now["seconds"] < 10
+        times = [logged_at(event) for event in worker.events if "ts" in event]
+        assert max(later - sooner for sooner, later in itertools.pairwise(times)) <= 10
         signalled = time.monotonic()
         worker.process.send_signal(signal.SIGTERM)
         assert worker.process.wait(40) == 0
@@ -236,9 +247,16 @@ def test_a_taken_port_stops_the_worker_with_status_two_and_says_which(taken: str
         )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if not line.startswith("{")] == []
     [refusal] = [json.loads(line) for line in done.stderr.splitlines() if "cannot start" in line]
     assert f"127.0.0.1:{port}" in refusal["event"]
     assert f"choose another {taken}" in refusal["event"]
+
+
+def logged_at(event: dict[str, Any]) -> float:
+    """The time a log line says it was written, in seconds."""
+    stamp = datetime.datetime.fromisoformat(str(event["ts"]).replace("Z", "+00:00"))
+    return stamp.timestamp()
 
 
 def refuses_connections(port: int) -> bool:

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from roundtrip.server.config import WorkerConfig, config_table
 from roundtrip.server.numerics import numerics
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"roundtrip-server: {error}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    with logs.native_lines():  # gRPC core's and XLA's own lines as JSON too
+        return _serve(config, loop_factory)
+
+
+def _serve(config: WorkerConfig, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
     from roundtrip.server import app  # imports JAX: after the flags are known good
     from roundtrip.server.engine.warmup import SelfCheckFailed
 

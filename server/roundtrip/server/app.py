@@ -126,14 +126,16 @@ class Worker:
         loop = asyncio.get_running_loop()
         lanes = self.batcher.lanes
         pairs = self.config.warmup_pairs()
-        fingerprints = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    lane.executor, warmup.warm_up, lane.engine, pairs, self.stopping
+        steps = {lane.name: warmup.Steps(self.stopping) for lane in lanes}
+        async with warmup.heartbeat(steps):  # a line every few seconds: what it is doing
+            fingerprints = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        lane.executor, warmup.warm_up, lane.engine, pairs, steps[lane.name]
+                    )
+                    for lane in lanes
                 )
-                for lane in lanes
             )
-        )
         if len(set(fingerprints)) != 1:
             by_lane = dict(zip([lane.name for lane in lanes], fingerprints, strict=True))
             raise warmup.SelfCheckFailed(f"the compute lanes give different bits: {by_lane}")

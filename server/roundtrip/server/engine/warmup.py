@@ -10,11 +10,14 @@ cannot prove its answers must not take traffic.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import struct
 import threading
 import time
+from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
 
@@ -79,18 +82,72 @@ def probe_inputs() -> list[RoundTripInput]:
     ]
 
 
-def _check_stop(stop: threading.Event | None, done: str) -> None:
-    """Give up warm-up between two steps once the worker was asked to stop (SIGTERM)."""
-    if stop is not None and stop.is_set():
-        raise WarmUpAborted(f"stopped after {done}")
+class Steps:
+    """One lane's warm-up, step by step: each step says what it does (what the heartbeat
+    reports), and a worker asked to stop (SIGTERM sets ``stop``) gives up between two.
+
+    >>> steps = Steps()
+    >>> steps.start("compiling 3:4 at batch size 1"); steps.now
+    'compiling 3:4 at batch size 1'
+    >>> steps.stop.set()
+    >>> try:
+    ...     steps.start("self-check input 1 of 9")
+    ... except WarmUpAborted as stopped:
+    ...     print(stopped)
+    stopped before self-check input 1 of 9
+    """
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop if stop is not None else threading.Event()
+        self.now = "starting"
+        self.since = time.monotonic()
+
+    def start(self, step: str) -> None:
+        if self.stop.is_set():
+            raise WarmUpAborted(f"stopped before {step}")
+        self.now, self.since = step, time.monotonic()
 
 
-def fingerprint(engine: Engine, stop: threading.Event | None = None) -> str:
+#: Seconds between two "warming up" lines: a single compilation or the self-check can take
+#: tens of seconds on a loaded node, and an operator watching the logs should see it move.
+HEARTBEAT_S = 5.0
+
+
+@contextlib.asynccontextmanager
+async def heartbeat(
+    lanes: Mapping[str, Steps], every_s: float = HEARTBEAT_S
+) -> AsyncIterator[None]:
+    """While the block runs, log every ``every_s`` seconds what each lane's warm-up does."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            log.info(
+                "warming up",
+                extra={
+                    "lanes": {
+                        name: {"step": steps.now, "seconds": round(now - steps.since, 1)}
+                        for name, steps in lanes.items()
+                    }
+                },
+            )
+
+    task = asyncio.create_task(beat(), name="warm-up heartbeat")
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def fingerprint(engine: Engine, steps: Steps | None = None) -> str:
     """A short hash of the bits the engine answers :data:`PROBES` with (sums and outputs):
     equal on two workers when their code generation gives the same bits."""
     digest = hashlib.sha256()
-    for index, item in enumerate(probe_inputs()):
-        _check_stop(stop, f"{index} fingerprint probes")
+    steps = steps or Steps()
+    probes = probe_inputs()
+    for index, item in enumerate(probes):
+        steps.start(f"fingerprint probe {index + 1} of {len(probes)}")
         [answer] = engine.run([item])
         assert answer.orig_out is not None
         assert answer.merged_out is not None
@@ -100,20 +157,16 @@ def fingerprint(engine: Engine, stop: threading.Event | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def compile_shapes(
-    engine: Engine, pairs: list[tuple[int, int]], stop: threading.Event | None = None
-) -> int:
-    """Compile every batch bucket for 1-D float32 x of each (width, features).
-
-    Checks ``stop`` between compilations, so a SIGTERM during a long warm-up
-    is obeyed within one compilation rather than after all of them.
-    """
+def compile_shapes(engine: Engine, pairs: list[tuple[int, int]], steps: Steps | None = None) -> int:
+    """Compile every batch bucket for 1-D float32 x of each (width, features), one step
+    each: a SIGTERM during a long warm-up is obeyed within one compilation."""
+    steps = steps or Steps()
     count = 0
     started = time.perf_counter()
     for index, (width, features) in enumerate(pairs):
         signature = ShapeSignature((width,), "float32", features)
         for batch_size in engine.buckets:
-            _check_stop(stop, f"{count} compilations")
+            steps.start(f"compiling {width}:{features} at batch size {batch_size}")
             engine.prepare(signature, batch_size, keep=True)
             count += 1
         log.info(
@@ -128,13 +181,14 @@ def compile_shapes(
     return count
 
 
-def self_check(engine: Engine, stop: threading.Event | None = None) -> int:
+def self_check(engine: Engine, steps: Steps | None = None) -> int:
     """Compare engine and eager reference on :func:`self_check_inputs`; raise on any bit."""
+    steps = steps or Steps()
     checked = 0
     inputs = self_check_inputs(engine)
     started = time.perf_counter()
     for index, item in enumerate(inputs):
-        _check_stop(stop, f"{index} of {len(inputs)} self-check inputs")
+        steps.start(f"self-check input {index + 1} of {len(inputs)}")
         expected = eager_round_trip(item.seed, item.x, item.features)
         alone = engine.run([item])[0]
         # exercises the batched executable too, when batching is on
@@ -163,17 +217,15 @@ def self_check(engine: Engine, stop: threading.Event | None = None) -> int:
     return checked
 
 
-def warm_up(
-    engine: Engine, pairs: list[tuple[int, int]], stop: threading.Event | None = None
-) -> str:
+def warm_up(engine: Engine, pairs: list[tuple[int, int]], steps: Steps | None = None) -> str:
     """Compile the warm-up shapes, run the self-check, and return the engine's numerics
-    :func:`fingerprint`; logs where it is after each shape and each phase. ``stop`` (set
-    on SIGTERM) is looked at between every two steps: a worker told to stop while it warms
-    up stops within one compilation or one self-check input."""
+    :func:`fingerprint`; logs where it is after each shape and each phase. A worker told to
+    stop while it warms up (``steps.stop``) stops within one compilation or one self-check
+    input."""
     started = time.perf_counter()
-    compiled = compile_shapes(engine, pairs, stop)
-    checked = self_check(engine, stop)
-    bits = fingerprint(engine, stop)
+    compiled = compile_shapes(engine, pairs, steps)
+    checked = self_check(engine, steps)
+    bits = fingerprint(engine, steps)
     log.info(
         "warm-up done",
         extra={
