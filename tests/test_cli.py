@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -139,6 +140,46 @@ def test_ready_says_whether_a_worker_is_serving(worker: WorkerProcess) -> None:
     done = run("ready", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert (done.returncode, json.loads(done.stdout)["serving"]) == (2, False)  # not 1: no one
     assert "nothing accepts connections" in done.stderr
+
+
+@pytest.mark.parametrize("port", ["http_port", "metrics_port"])
+def test_ready_names_an_http1_port_at_once_instead_of_waiting(
+    worker: WorkerProcess, port: str
+) -> None:
+    """The REST or metrics port given for the gRPC one: 2 at once, even with --wait 120."""
+    target = f"127.0.0.1:{getattr(worker, port)}"
+    started = time.monotonic()
+    done = run("ready", "--target", target, "--wait", "120", "--timeout", "5")
+    assert (done.returncode, json.loads(done.stdout)["serving"]) == (2, False)
+    assert f"{target} speaks HTTP/1, not gRPC" in done.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    "command", [["info"], ["call", "--seed", "0", "--x", "1", "--features", "1"], ["many"]]
+)
+def test_calls_that_end_unavailable_say_why(worker: WorkerProcess, command: list[str]) -> None:
+    target = f"127.0.0.1:{worker.http_port}"
+    done = subprocess.run(
+        [CLI, *command, "--target", target, "--timeout", "5"],
+        input='{"seed": 0, "x": [1], "features": 1}\n',
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"roundtrip: no serving worker reachable at {target}: ")
+    assert "speaks HTTP/1, not gRPC" in done.stderr
+
+
+def test_ready_waits_for_a_port_nothing_listens_on_yet_then_says_so() -> None:
+    """A worker that is starting binds its port late: --wait waits, then names the cause."""
+    target = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = run("ready", "--target", target, "--wait", "3", "--timeout", "2")
+    assert (done.returncode, json.loads(done.stdout)["serving"]) == (2, False)
+    assert "nothing accepts connections" in done.stderr
+    assert time.monotonic() - started >= 3
 
 
 def test_ready_while_warming_up_is_one_not_two() -> None:

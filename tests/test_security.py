@@ -10,54 +10,24 @@ import gc
 import http.client
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from roundtrip.client import RoundTripClient, RoundTripError, UnauthenticatedError, UnavailableError
-from roundtrip.client.channel import tls_credentials
 from support.collector import left_for_the_collector
+from support.pki import TOKEN, Pki
 from support.workers import InProcessWorker, console_script, free_port, metric_value, serving_worker
 
-TOKEN = "s3cret-token-for-tests"
 WORKED = (0, [1.0, 2.0, 3.0], 4)
 WORKED_ANSWER = [-4.221933364868164, -4.221933364868164, 0.0]
-
-
-class Pki:
-    """A server CA with the worker's certificate, and a client CA with a client certificate."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        server_ca, client_ca, stranger_ca = trustme.CA(), trustme.CA(), trustme.CA()
-        server_ca.cert_pem.write_to_path(str(directory / "server-ca.pem"))
-        client_ca.cert_pem.write_to_path(str(directory / "client-ca.pem"))
-        served = server_ca.issue_cert("127.0.0.1", "localhost")
-        served.private_key_pem.write_to_path(str(directory / "server.key"))
-        served.cert_chain_pems[0].write_to_path(str(directory / "server.pem"))
-        for name, ca in (("client", client_ca), ("stranger", stranger_ca)):
-            cert = ca.issue_cert("caller@example.test")
-            cert.private_key_pem.write_to_path(str(directory / f"{name}.key"))
-            cert.cert_chain_pems[0].write_to_path(str(directory / f"{name}.pem"))
-        (directory / "token").write_text(TOKEN + "\n")
-
-    def path(self, name: str) -> str:
-        return str(self.dir / name)
-
-    def credentials(self, client: str | None = "client") -> grpc.ChannelCredentials:
-        if client is None:
-            return tls_credentials(self.path("server-ca.pem"))
-        return tls_credentials(
-            self.path("server-ca.pem"), self.path(f"{client}.pem"), self.path(f"{client}.key")
-        )
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +233,23 @@ def test_cli_ready_says_tls_when_the_worker_speaks_it_and_the_caller_does_not(
     trusted += ["--cert-file", pki.path("client.pem"), "--key-file", pki.path("client.key")]
     done = subprocess.run([*ready, *trusted], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    started = time.monotonic()  # what waiting cannot fix is said before waiting
+    waited = subprocess.run([*ready, "--wait", "120"], capture_output=True, text=True)
+    assert waited.returncode == 2
+    assert "speaks TLS: pass --ca-file" in waited.stderr
+    assert time.monotonic() - started < 60
+    rest = [console_script("roundtrip"), "ready", "--target", f"127.0.0.1:{mtls_worker.http_port}"]
+    https = subprocess.run([*rest, *trusted], capture_output=True, text=True)
+    assert https.returncode == 2
+    assert "speaks HTTPS (HTTP/1 over TLS), not gRPC" in https.stderr
+
+
+def test_cli_calls_to_a_tls_worker_in_plaintext_say_so(mtls_worker: InProcessWorker) -> None:
+    """Not gRPC's "Socket closed": the cause, and the option that fixes it."""
+    done = subprocess.run(
+        [console_script("roundtrip"), "info", "--target", mtls_worker.target, "--timeout", "5"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "speaks TLS: pass --ca-file" in done.stderr

@@ -17,8 +17,11 @@ the result, or ``{"error": {"code": ..., "message": ...}}``.
 Exit status: 0 done; 1 the worker answered the call (or, for ``many``, any request) with an
 error (status and message on stderr), or, for ``ready``, answers but is not serving (warming
 up, draining); 2 a usage error, an unreadable file or input line, or no worker reachable at
-the target (for ``ready``: nothing listens there, or TLS on one side only, or a failed TLS
-handshake, said on stderr). ``roundtrip --version`` prints the client's version.
+the target, with the reason on stderr when the port shows it
+(:mod:`~roundtrip.client.diagnosis`: nothing listens there, TLS on one side only, a failed
+TLS handshake, an HTTP/1 port such as the worker's REST or metrics port). ``ready --wait``
+says what waiting cannot fix at once, before it waits. ``roundtrip --version`` prints the
+client's version.
 
 >>> float32_json(-4.221933364868164)
 -4.2219334
@@ -30,8 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from roundtrip.client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, tls_credentials
+from roundtrip.client.diagnosis import Problem, diagnose
 from roundtrip.client.errors import DeadlineExceededError, RoundTripError, UnavailableError
 from roundtrip.client.messages import Outcome, RoundTripResult
 from roundtrip.client.sync import RoundTripClient
@@ -235,76 +237,38 @@ def _attach_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
-def unreachable(
-    target: str,
-    *,
-    ca_file: str | None = None,
-    cert_file: str | None = None,
-    key_file: str | None = None,
-    timeout: float = 5.0,
-) -> str | None:
-    """Why a worker at ``target`` (``host:port``) cannot be talked to at all, or None when a
-    connection and its handshake succeed (so a worker that is not serving is warming up or
-    draining). Says which side speaks TLS when only one does.
-
-    >>> with socket.socket() as closed:  # a port nothing listens on
-    ...     closed.bind(("127.0.0.1", 0))
-    ...     port = closed.getsockname()[1]
-    >>> unreachable(f"127.0.0.1:{port}")  # doctest: +ELLIPSIS
-    'nothing accepts connections at 127.0.0.1:...'
-    """
-    host, _, port = target.removeprefix("dns:///").rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit():
-        return None  # a target only gRPC's resolver understands: no diagnosis
-    tls = bool(ca_file or cert_file or key_file)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
-            speaks_tls = _handshake(raw, host, _any_certificate()) is None
-    except OSError as error:
-        return f"nothing accepts connections at {target} ({error})"
-    if speaks_tls and not tls:
-        return (
-            f"the worker at {target} speaks TLS: pass --ca-file (and --cert-file and "
-            "--key-file if it asks for a client certificate)"
-        )
-    if not speaks_tls and tls:
-        return f"the worker at {target} speaks plaintext, not TLS: drop the TLS options"
-    if tls:
-        context = ssl.create_default_context(cafile=ca_file)
-        if cert_file:
-            context.load_cert_chain(cert_file, key_file)
-        try:
-            with socket.create_connection((host, int(port)), timeout=timeout) as raw:
-                failed = _handshake(raw, host, context)
-        except OSError as error:
-            return f"nothing accepts connections at {target} ({error})"
-        if failed is not None:
-            return f"the TLS handshake with {target} failed: {failed}"
-    return None
-
-
-def _any_certificate() -> ssl.SSLContext:
-    """A context that completes a handshake with any certificate: is it TLS at all?"""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _handshake(raw: socket.socket, host: str, context: ssl.SSLContext) -> str | None:
-    """None if a TLS handshake over ``raw`` succeeds, else why not."""
-    context.set_alpn_protocols(["h2"])
-    try:
-        with context.wrap_socket(raw, server_hostname=host):
-            return None
-    except (ssl.SSLError, OSError) as error:
-        return str(error)
-
-
 def _fail(message: str, status: int) -> int:
     print(f"roundtrip: {message}", file=sys.stderr)
     return status
+
+
+def _diagnosed(args: argparse.Namespace) -> Problem | None:
+    return diagnose(
+        args.target,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        timeout=args.timeout,
+    )
+
+
+def _ready(client: RoundTripClient, args: argparse.Namespace) -> int:
+    """0 serving; 1 answering but not serving (yet); 2 what waiting cannot fix, said at once
+    (TLS or HTTP/1 on the wrong side), or nothing listening once ``--wait`` is over."""
+    serving = client.is_serving()
+    problem = None
+    if not serving and args.wait > 0:
+        problem = _diagnosed(args)
+        if problem is None or not problem.lasting:
+            with contextlib.suppress(DeadlineExceededError):  # then: not serving
+                client.wait_until_serving(args.wait)
+            serving, problem = client.is_serving(), None
+    if not serving and problem is None:
+        problem = _diagnosed(args)
+    print(json.dumps({"target": args.target, "serving": serving}))
+    if problem is not None:
+        return _fail(problem.message, 2)
+    return 0 if serving else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,25 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.target, timeout=args.timeout, credentials=credentials, token=token
         ) as client:
             if args.command == "ready":
-                if args.wait > 0:
-                    with contextlib.suppress(DeadlineExceededError):  # then: not serving
-                        client.wait_until_serving(args.wait)
-                serving = client.is_serving()
-                problem = (
-                    None
-                    if serving
-                    else unreachable(
-                        args.target,
-                        ca_file=args.ca_file,
-                        cert_file=args.cert_file,
-                        key_file=args.key_file,
-                        timeout=args.timeout,
-                    )
-                )
-                print(json.dumps({"target": args.target, "serving": serving}))
-                if problem is not None:
-                    return _fail(problem, 2)
-                return 0 if serving else 1
+                return _ready(client, args)
             if args.command == "many":
                 try:
                     requests = read_requests(sys.stdin.read().splitlines())
@@ -360,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.seed, args.x, args.features, dtype=args.dtype, return_outputs=args.outputs
             )
     except UnavailableError as error:
-        return _fail(f"no serving worker reachable at {args.target} ({error})", 2)
+        problem = _diagnosed(args)
+        said = f": {problem.message}" if problem is not None else f" ({error})"
+        return _fail(f"no serving worker reachable at {args.target}{said}", 2)
     except RoundTripError as error:
         return _fail(str(error), 1)
     print(json.dumps(result_json(result)))
