@@ -20,7 +20,7 @@ V2_GEN_DIR := server/roundtrip/server/v2proto
 
 DIST ?= dist
 
-.PHONY: setup wheel serve test check lint typecheck protolint breaking protos check-protos pytest bench soak overload memory-bounds clean deploy-check image-test
+.PHONY: setup wheel serve test check lint typecheck protolint breaking protos check-protos pytest perf bench soak overload memory-bounds clean deploy-check image-test
 
 setup: $(VENV)/.synced
 
@@ -187,6 +187,18 @@ $(PERF)/.synced: | $(UV)
 	rm -rf $(PERF)/deb
 	LD_LIBRARY_PATH=$(abspath $(PERF)/lib) $(PERF)/bin/perf_analyzer --version
 	touch $@
+
+# Triton's perf_analyzer against the worker `make serve` started, with a request shipped in
+# bench/perf/ (w2.json: 64 -> 64; worked_example.json: SPEC.md's) and settings that settle on
+# a shared 2-core machine: median latency, stable within 25% over 3-second windows.
+# make perf PERF_TARGET=127.0.0.1:8000 PERF_ARGS="-i http": the REST door instead.
+PERF_TARGET ?= $(HOST):$(PORT)
+PERF_DATA ?= bench/perf/w2.json
+PERF_ARGS ?= -i grpc --concurrency-range 4
+perf: $(PERF)/.synced
+	LD_LIBRARY_PATH=$(abspath $(PERF)/lib) $(PERF)/bin/perf_analyzer -m roundtrip \
+	  -u $(PERF_TARGET) --input-data $(PERF_DATA) --measurement-interval 3000 \
+	  --percentile 50 --stability-percentage 25 --max-trials 10 $(PERF_ARGS)
 
 pytest: setup $(PROMTOOL) $(KUBECTL) $(VALIDATE)/.synced $(TRITON)/.synced $(PERF)/.synced
 	$(BIN)/pytest -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)

@@ -5,16 +5,17 @@ perf_analyzer, the standard load generator for V2 servers, over gRPC and HTTP.""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from bench import checks, loads
 from roundtrip.client import InvalidArgumentError, RoundTripClient
 from roundtrip.server.v2proto import grpc_predict_v2_pb2 as v2pb
 from support.v2_stub import V2Stub
-from support.workers import InProcessWorker, serving_worker
+from support.workers import ROOT, InProcessWorker, serving_worker
 
 M = TypeVar("M")
 
@@ -24,7 +25,7 @@ WORKED = [-4.221933364868164, -4.221933364868164, 0.0]
 @pytest.fixture(scope="module")
 def audited_worker() -> Iterator[InProcessWorker]:
     flags: tuple[str, ...] = ("--max-batch-items", "24", "--max-queue-delay-us", "249")
-    flags += ("--warmup-shapes", "3:4")
+    flags += ("--warmup-shapes", "3:4,64:64")  # the shapes of bench/perf's requests
     flags += ("--audit-fraction", "1.0")  # every answer checked against the eager reference
     with serving_worker(*flags) as process:
         yield process
@@ -110,37 +111,43 @@ def test_statistics_are_the_workers_own_counters(audited_worker: InProcessWorker
 
 
 @pytest.mark.external
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_perf_analyzer_drives_the_worker_and_every_answer_is_the_reference(
-    audited_worker: InProcessWorker, protocol: str
+@pytest.mark.parametrize(
+    ("protocol", "data"), [("grpc", "worked_example.json"), ("http", "w2.json")]
+)
+def test_make_perf_drives_the_worker_and_every_answer_is_the_reference(
+    audited_worker: InProcessWorker, protocol: str, data: str
 ) -> None:
+    """``make perf`` as the docs show it, with each data file shipped in ``bench/perf``."""
     # perf_analyzer's own validation wants fixed shapes for every output; the worker's audit
     # (every answer, here) checks each one against the eager reference instead
     port = audited_worker.port if protocol == "grpc" else audited_worker.http_port
     method = "ModelInfer" if protocol == "grpc" else "ModelInferHTTP"
     ok = f'roundtrip_requests_total{{code="OK",method="{method}"}}'
-    body = checks.workload_body("W1")
-    # the same request once first, its bits checked: perf_analyzer's first window must not
-    # hold the compilation of its shape (under the whole gate's load it held no answer)
-    if protocol == "grpc":
-        checks.check_v2(port, body)
-    else:
-        checks.check_json(port, body)
     before = audited_worker.metric(ok)
-    # windows of 3 s: under the whole gate's load a 1 s window held no answer at all, and
-    # once a 2 s one did
-    load = loads.perf_analyzer(port, protocol, body, duration=9, concurrency=4)
-    assert load["rps"] > 0
+    done = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "perf",
+            f"PERF_TARGET=127.0.0.1:{port}",
+            f"PERF_DATA=bench/perf/{data}",
+            f"PERF_ARGS=-i {protocol} --concurrency-range 4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", done.stdout)
+    assert throughput is not None
+    assert float(throughput[1]) > 0
     assert audited_worker.metric(ok) > before
     assert audited_worker.metric("roundtrip_audit_checks_total") > 0
     assert audited_worker.metric("roundtrip_audit_mismatches_total") == 0
-    assert (
-        audited_worker.metric(
-            'roundtrip_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}'
-        )
-        == 0
-    )
-    print(f"perf_analyzer over {protocol}: {load['rps']} infer/sec")
+    refused = f'roundtrip_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}'
+    assert audited_worker.metric(refused) == 0
+    print(f"make perf over {protocol}: {throughput[1]} infer/sec")
 
 
 def test_the_openapi_document_names_exactly_the_routes_served(
