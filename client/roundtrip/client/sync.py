@@ -159,7 +159,8 @@ class RoundTripClient:
             InvalidArgumentError: the worker rejected the request, or it is over one of the
                 worker's limits (the message names the field, or the limit and its knob).
             ResourceExhaustedError: the worker is overloaded now (its queue or its byte
-                budget is full); retry with backoff.
+                budget is full); retry with backoff. Or the message is larger than the
+                worker's ``max_message_bytes`` (gRPC core refuses it: never retry as is).
             UnavailableError: no serving worker could be reached (already retried).
             DeadlineExceededError: the deadline passed first.
             RoundTripError: any other status, with its ``code``.
@@ -187,9 +188,10 @@ class RoundTripClient:
         Raises:
             ValueError: a request's seed, features, x or dtype is unusable (its index is
                 named); nothing is sent.
-            RoundTripError: the call itself failed: too many items or a message over
-                ``max_message_bytes`` (``InvalidArgumentError``), no serving worker, the
-                deadline.
+            RoundTripError: the call itself failed: more than ``max_batch_items``
+                (``InvalidArgumentError``), a message over ``max_message_bytes``
+                (``ResourceExhaustedError``, from gRPC core), no serving worker
+                (``UnavailableError``), the deadline (``DeadlineExceededError``).
         """
         batch = build_batch(requests, dtype=dtype, return_outputs=return_outputs)
         response = self._unary("RoundTripBatch", batch, timeout, metadata)
