@@ -45,8 +45,8 @@ def documented() -> set[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[InProcessWorker]:
-    flags = ("--warmup-shapes", "3:4", "--max-queue-size", "1", "--max-batch-items", "4")
-    flags += ("--max-message-bytes", str(256 * 1024))
+    flags = ["--warmup-shapes", "3:4", "--max-queue-size", "1", "--max-batch-items", "4"]
+    flags += ["--max-message-bytes", str(256 * 1024)]
     with serving_worker(*flags) as process:
         yield process
 
