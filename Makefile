@@ -77,8 +77,8 @@ $(PROTOC_TOOLS)/.synced: | $(UV)
 	  protobuf==5.29.6
 	touch $@
 
-# The proto against the last release (v0.1.0, tagged; by commit so a clone without tags
-# still checks it): a field renumbered, removed or retyped fails the gate.
+# The proto against the last release, the commit whose wheel was 0.1.0 (no git tag names
+# it; by commit, so any clone checks it): a field renumbered, removed or retyped fails.
 LAST_RELEASE := 37e009d87fa10ea713b125321029cb6f09a9067a
 breaking: setup
 	$(BIN)/buf breaking --against '.git#ref=$(LAST_RELEASE)'

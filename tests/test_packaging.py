@@ -108,7 +108,9 @@ def test_the_worker_without_its_extra_says_which_to_install(
     _, python = installed
     done = run(python.parent / "roundtrip-server", "--port", "0", cwd=tmp_path)
     assert done.returncode == 2
-    assert "pip install 'roundtrip-worker[server]'" in done.stderr
+    assert "the 'server' extra" in done.stderr
+    assert f"roundtrip_worker-{__version__}-py3-none-any.whl[server]" in done.stderr
+    assert "not on PyPI" in done.stderr  # the name is not published: no bare pip install
     assert "Traceback" not in done.stderr
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import os
 import re
-import shlex
 import socket
 import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 
-from support.workers import ROOT, WorkerProcess, console_script
+from support.workers import ROOT, WorkerProcess
 
 README = (ROOT / "README.md").read_text()
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -32,73 +32,80 @@ def shell_lines(prefix: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_readme_python_example_runs(worker: WorkerProcess, index: int) -> None:
-    source = blocks("python")[index].replace(DEFAULT_TARGET, worker.target)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(source, f"README python block {index}", "exec"), {})
-    assert "-4.221933364868164" in printed.getvalue()
+#: Lines of the README's shell blocks that install or build rather than call the worker
+#: (``make serve`` is the command the walk runs first; the others have their own tests:
+#: tests/test_packaging.py builds and installs the wheel, ``make test`` is the gate).
+NOT_CALLS = ("make ", "pip install ")
+#: The README's addresses, and which of the served worker's ports stands for each.
+ADDRESSES = {DEFAULT_TARGET: "port", DEFAULT_HTTP: "http_port", "127.0.0.1:9464": "metrics_port"}
 
 
-@pytest.mark.parametrize("line", shell_lines("roundtrip "))
-def test_readme_cli_command_runs(worker: WorkerProcess, line: str) -> None:
-    args = shlex.split(line.replace(DEFAULT_TARGET, worker.target))[1:]
-    if "--target" not in args:
-        args = ["--target", worker.target, *args]
-    done = subprocess.run([console_script("roundtrip"), *args], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout
-
-
-@pytest.mark.parametrize("line", shell_lines("echo "))
-def test_readme_piped_cli_command_runs(worker: WorkerProcess, line: str) -> None:
-    source, _, command = line.partition(" | ")
-    args = shlex.split(command.replace(DEFAULT_TARGET, worker.target))
-    assert args[0] == "roundtrip"
-    done = subprocess.run(
-        [console_script("roundtrip"), *args[1:]],
-        input=shlex.split(source)[1] + "\n",
-        capture_output=True,
-        text=True,
+@pytest.fixture(scope="module")
+def served() -> Iterator[WorkerProcess]:
+    """The worker ``make serve`` starts, as the README says to start it (on free ports)."""
+    command = ["make", "--no-print-directory", "serve", "PORT=0", "METRICS_PORT=0"]
+    worker = WorkerProcess(
+        command=[*command, "HTTP_PORT=0"], env={"ROUNDTRIP_METRICS_TIMEOUT_S": "1"}
     )
-    assert done.returncode == 0, done.stderr
-    assert "-4.2219334" in done.stdout
+    try:
+        worker.wait_serving()
+        yield worker
+    finally:
+        worker.kill()
 
 
+def on(worker: WorkerProcess, text: str) -> str:
+    for address, port in ADDRESSES.items():
+        text = text.replace(address, f"127.0.0.1:{getattr(worker, port)}")
+    return text
+
+
+def run_shell_line(worker: WorkerProcess, line: str) -> None:
+    """One line of a shell block, as written, in a shell whose PATH starts with
+    ``.venv/bin`` (the README: activate the environment, or call its commands by path);
+    what its comment or the README's ``prints`` says it prints, it prints."""
+    command, _, comment = line.partition("  # ")
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", on(worker, command)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, (line, done.stderr)
+    assert done.stdout, line
+    if comment.startswith("{"):
+        assert done.stdout.strip() == comment.strip(), line
+    if command.startswith("curl "):
+        printed = re.search(r"prints `(\{.*?\})`", README)
+        assert printed is not None
+        assert done.stdout == printed.group(1)
+    if command.startswith(("buf curl", "echo ")):
+        assert "-4.22193" in done.stdout
+
+
+def run_python_block(source: str, language: str) -> None:
+    """A ``python`` block in this environment (the client's); a ``py`` block where
+    tritonclient is installed. Each prints the worked example's answer."""
+    python = sys.executable if language == "python" else str(TRITON_PYTHON)
+    done = subprocess.run([python, "-c", source], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (source, done.stderr)
+    assert "-4.221933364868164" in done.stdout, source
+
+
+@pytest.mark.slow
 @pytest.mark.external
-def test_readme_tritonclient_example_runs(worker: WorkerProcess) -> None:
-    """The ```py blocks run where tritonclient is installed (tests/test_tritonclient.py)."""
-    [source] = blocks("py")
-    done = subprocess.run(
-        [str(TRITON_PYTHON), "-c", source.replace(DEFAULT_TARGET, worker.target)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[[-4.221933364868164, -4.221933364868164, 0.0]]\n"
-
-
-@pytest.mark.external
-@pytest.mark.parametrize("line", shell_lines("curl "))
-def test_readme_curl_command_prints_what_it_says(worker: WorkerProcess, line: str) -> None:
-    address = f"127.0.0.1:{worker.http_port}"
-    done = subprocess.run(
-        shlex.split(line.replace(DEFAULT_HTTP, address)), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    printed = re.search(r"prints `(\{.*?\})`", README)
-    assert printed is not None
-    assert done.stdout == printed.group(1)
-
-
-@pytest.mark.parametrize("line", shell_lines("buf curl"))
-def test_readme_buf_curl_command_runs(worker: WorkerProcess, line: str) -> None:
-    args = shlex.split(line.replace(DEFAULT_TARGET, worker.target))[1:]
-    done = subprocess.run([console_script("buf"), *args], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "-4.221933364868164" in done.stdout
+def test_every_readme_snippet_runs_as_written_in_order_after_make_serve(
+    served: WorkerProcess,
+) -> None:
+    ran = []
+    for language, source in re.findall(r"```(\w*)\n(.*?)```", README, flags=re.DOTALL):
+        if language in ("python", "py"):
+            run_python_block(on(served, source), language)
+            ran.append(language)
+        elif language == "sh":
+            for line in filter(None, (line.strip() for line in source.splitlines())):
+                if not line.startswith((*NOT_CALLS, "#")):
+                    run_shell_line(served, line)
+                    ran.append(line.split()[0])
+    assert {"python", "py", "roundtrip", "echo", "buf", "curl"} <= set(ran)
 
 
 def test_readme_names_the_two_commands() -> None:
@@ -109,23 +116,14 @@ def test_readme_names_the_two_commands() -> None:
 
 
 @pytest.mark.slow
-def test_make_serve_starts_a_worker_that_answers_and_logs_only_json_lines() -> None:
-    """A whole run: answers, idle metrics connections that time out, REST callers that
-    hang up mid-upload or send garbage, and a drain; every line the worker writes to stderr
-    is one JSON object (make's own line about the signal aside)."""
-    worker = WorkerProcess(
-        command=[
-            "make",
-            "--no-print-directory",
-            "serve",
-            "PORT=0",
-            "METRICS_PORT=0",
-            "HTTP_PORT=0",
-        ],
-        env={"ROUNDTRIP_METRICS_TIMEOUT_S": "1"},
-    )
+def test_make_serve_starts_a_worker_that_answers_and_logs_only_json_lines(
+    served: WorkerProcess,
+) -> None:
+    """A whole run (after the README's snippets): answers, idle metrics connections that
+    time out, REST callers that hang up mid-upload or send garbage, and a drain; every line
+    the worker writes to stderr is one JSON object (make's own line about the signal aside)."""
+    worker = served
     try:
-        worker.wait_serving()
         from roundtrip.client import RoundTripClient
 
         with RoundTripClient(worker.target) as client:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from roundtrip.server.config import WorkerConfig, config_table
 from roundtrip.server.numerics import numerics
 from roundtrip.server.ops import eventloop
+from roundtrip.wire.version import __version__
 
 #: Import names the worker needs beyond the thin client: the ``server`` extra.
 SERVER_EXTRA = (
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(
             f"roundtrip-server: the worker needs the 'server' extra ({', '.join(missing)} "
-            f"missing): pip install '{DISTRIBUTION}[server]'",
+            f"missing): install {DISTRIBUTION} with it, from its wheel or its checkout "
+            f"(pip install 'dist/roundtrip_worker-{__version__}-py3-none-any.whl[server]', or "
+            f"pip install '/path/to/checkout[server]'); {DISTRIBUTION} is not on PyPI",
             file=sys.stderr,
         )
         return 2
