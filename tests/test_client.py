@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reference import reference
 
 from roundtrip.client import (
@@ -23,6 +26,7 @@ from roundtrip.client import (
     StreamOutcome,
     errors,
 )
+from roundtrip.client.channel import RETRY_POLICY, SERVICE
 from roundtrip.client.messages import as_int64, build_request
 from roundtrip.client.streams import STREAM_RESUMES, InOrder, resumable
 from support.workers import InProcessWorker, WorkerProcess, free_port, serving_worker
@@ -245,3 +249,55 @@ def test_a_stream_resumes_only_when_it_was_ended_not_refused(
 ) -> None:
     assert resumable(Ended(code, details), resumes=0) is expected
     assert resumable(Ended(code, details), resumes=STREAM_RESUMES) is False
+
+
+class _Counting(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts the calls a server receives, by method."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self.calls[details.method] += 1
+        return continuation(details)
+
+
+def _always_unavailable(request: bytes, context: grpc.ServicerContext) -> NoReturn:
+    context.abort(grpc.StatusCode.UNAVAILABLE, "draining (a test server)")
+
+
+@pytest.fixture
+def unavailable_server() -> Iterator[tuple[str, _Counting]]:
+    """A server whose RoundTrip always answers UNAVAILABLE and whose health reads SERVING."""
+    counting = _Counting()
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[counting])
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"RoundTrip": grpc.unary_unary_rpc_method_handler(_always_unavailable)}
+    )
+    server.add_generic_rpc_handlers([handler])
+    health = grpc_health.HealthServicer()
+    health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", counting
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("retry_policy", "attempts"),
+    [(RETRY_POLICY, 4), ({**RETRY_POLICY, "maxAttempts": 2}, 2), (None, 1)],
+)
+def test_a_retry_policy_of_ones_own_keeps_load_balancing_and_health_checking(
+    unavailable_server: tuple[str, _Counting], retry_policy: Any, attempts: int
+) -> None:
+    """UNAVAILABLE is tried as often as the policy says (None: once, where a mesh retries),
+    and the channel still watches the worker's health (round_robin's health checking)."""
+    target, counting = unavailable_server
+    client = RoundTripClient(target, timeout=10, retry_policy=retry_policy)
+    with client, pytest.raises(errors.UnavailableError):
+        client.round_trip(0, [1.0, 2.0, 3.0], 4)
+    assert counting.calls[f"/{SERVICE}/RoundTrip"] == attempts
+    assert counting.calls["/grpc.health.v1.Health/Watch"] >= 1

@@ -8,6 +8,7 @@ tests read the YAML that ``kubectl kustomize`` renders, as the cluster would.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 from collections.abc import Mapping
 from functools import cache
@@ -269,6 +270,26 @@ def test_the_pod_outlives_its_drain_and_readiness_sees_it_in_time(overlay: str) 
     assert readiness["failureThreshold"] >= 2, "one slow answer must not take a pod out"
     startup = container(overlay)["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # warm-up: 35 s here
+
+
+MESH_SECTION = (ROOT / "docs" / "deploy.md").read_text().split("## Service meshes")[1]
+
+
+def test_the_mesh_sidecar_outlives_the_drain_within_the_pods_grace() -> None:
+    """docs/deploy.md's sidecar settings: longer than the worker's drain, shorter than the
+    pod's grace; and the gRPC ports say they are gRPC, so no mesh has to guess."""
+    announce = knob_value("base", "drain_announce_s")
+    grace = knob_value("base", "drain_grace_s")
+    spec = one("base", "Deployment")["spec"]["template"]["spec"]
+    istio = re.search(r"terminationDrainDuration: (\d+)s", MESH_SECTION)
+    linkerd = re.search(r'proxy-wait-before-exit-seconds: "(\d+)"', MESH_SECTION)
+    assert istio is not None
+    assert linkerd is not None
+    for seconds in (int(istio[1]), int(linkerd[1])):
+        assert announce + grace < seconds < spec["terminationGracePeriodSeconds"]
+    for service in (doc for doc in rendered("base") if doc["kind"] == "Service"):
+        [grpc_port] = [port for port in service["spec"]["ports"] if port["port"] == 50051]
+        assert (grpc_port["name"], grpc_port["appProtocol"]) == ("grpc", "grpc")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +29,7 @@ from roundtrip.client.channel import (
     DEFAULT_TIMEOUT_S,
     HEALTH_CHECK,
     NOT_REACHED,
+    RETRY_POLICY,
     Metadata,
     Timeout,
     call_metadata,
@@ -78,13 +79,14 @@ class AsyncRoundTripClient:
         token: str | None = None,
         expect_fingerprint: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        retry_policy: Mapping[str, Any] | None = RETRY_POLICY,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         if channel is not None and (credentials is not None or channel_options):
             raise ValueError("pass credentials and channel_options to the channel you build")
         self._owns_channel = channel is None
         if channel is None:
-            options = build_channel_options(max_message_bytes, channel_options)
+            options = build_channel_options(max_message_bytes, channel_options, retry_policy)
             channel = (
                 grpc.aio.secure_channel(target, credentials, options)
                 if credentials is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,33 +25,50 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE = "roundtrip.v1.RoundTripService"
 
-SERVICE_CONFIG: dict[str, Any] = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": SERVICE},
-    "methodConfig": [
-        {
-            "name": [
-                {"service": SERVICE, "method": "RoundTrip"},
-                {"service": SERVICE, "method": "RoundTripBatch"},
-                {"service": SERVICE, "method": "GetServerInfo"},
-            ],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ],
+#: The retry policy of the client's service config: UNAVAILABLE (no worker took the call:
+#: none reachable, or one draining) tried again up to 3 times with exponential backoff.
+RETRY_POLICY: Mapping[str, Any] = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
 }
+#: The unary methods the retry policy covers (a stream is resent by the client itself).
+RETRIED = ("RoundTrip", "RoundTripBatch", "GetServerInfo")
+
+
+def service_config(retry_policy: Mapping[str, Any] | None = RETRY_POLICY) -> dict[str, Any]:
+    """The client's gRPC service config: ``round_robin`` over the target's addresses, each
+    address's ``grpc.health.v1`` status watched, and ``retry_policy`` (a gRPC
+    ``retryPolicy``; None: no retries, where a service mesh retries) on the unary methods.
+    Changing the retry policy keeps load balancing and health checking.
+
+    >>> config = service_config({**RETRY_POLICY, "maxAttempts": 2})
+    >>> config["loadBalancingConfig"], config["healthCheckConfig"]["serviceName"]
+    ([{'round_robin': {}}], 'roundtrip.v1.RoundTripService')
+    >>> config["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+    2
+    >>> "retryPolicy" in service_config(None)["methodConfig"][0]
+    False
+    """
+    method: dict[str, Any] = {"name": [{"service": SERVICE, "method": m} for m in RETRIED]}
+    if retry_policy is not None:
+        method["retryPolicy"] = dict(retry_policy)
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE},
+        "methodConfig": [method],
+    }
 
 
 def channel_options(
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    extra: Sequence[tuple[str, Any]] = (),
+    retry_policy: Mapping[str, Any] | None = RETRY_POLICY,
 ) -> list[tuple[str, Any]]:
-    """Options for ``grpc.*_channel``: both message limits, the service config, keepalive,
-    then ``extra``, which replaces any of those it names.
+    """Options for ``grpc.*_channel``: both message limits, the service config (with
+    ``retry_policy``), keepalive, then ``extra``, which replaces any of those it names.
 
     >>> dict(channel_options(extra=[("grpc.keepalive_time_ms", 5000)]))["grpc.keepalive_time_ms"]
     5000
@@ -59,7 +76,7 @@ def channel_options(
     options: dict[str, Any] = {
         "grpc.max_receive_message_length": max_message_bytes,
         "grpc.max_send_message_length": max_message_bytes,
-        "grpc.service_config": json.dumps(SERVICE_CONFIG),
+        "grpc.service_config": json.dumps(service_config(retry_policy)),
         "grpc.enable_retries": 1,
         "grpc.keepalive_time_ms": 30_000,
         "grpc.keepalive_timeout_ms": 10_000,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +26,7 @@ from roundtrip.client.channel import (
     DEFAULT_TIMEOUT_S,
     HEALTH_CHECK,
     NOT_REACHED,
+    RETRY_POLICY,
     Metadata,
     Timeout,
     call_metadata,
@@ -78,6 +79,11 @@ class RoundTripClient:
             bits that may differ. ``None``: no check.
         channel_options: extra ``grpc.*`` channel options, applied after (and so replacing)
             the client's own: service config, retries, keepalive, message limits.
+        retry_policy: the gRPC ``retryPolicy`` of the unary calls
+            (:data:`~roundtrip.client.channel.RETRY_POLICY` by default: UNAVAILABLE, 4
+            attempts, backoff from 50 ms); ``None``: no retries (where a service mesh
+            retries). Load balancing and health checking stay as they are; replacing the
+            whole service config through ``channel_options`` would drop them.
         channel: a channel you built yourself (with interceptors, say); then ``target``,
             ``credentials``, ``max_message_bytes`` and ``channel_options`` are not used, and
             :meth:`close` leaves the channel open: it is yours.
@@ -97,13 +103,14 @@ class RoundTripClient:
         token: str | None = None,
         expect_fingerprint: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        retry_policy: Mapping[str, Any] | None = RETRY_POLICY,
         channel: grpc.Channel | None = None,
     ) -> None:
         if channel is not None and (credentials is not None or channel_options):
             raise ValueError("pass credentials and channel_options to the channel you build")
         self._owns_channel = channel is None
         if channel is None:
-            options = build_channel_options(max_message_bytes, channel_options)
+            options = build_channel_options(max_message_bytes, channel_options, retry_policy)
             channel = (
                 grpc.secure_channel(target, credentials, options)
                 if credentials is not None
