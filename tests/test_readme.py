@@ -150,6 +150,30 @@ def test_make_serve_starts_a_worker_that_answers_and_logs_only_json_lines(
         worker.kill()
 
 
+def words_under(link: str) -> int:
+    """The words a "Start here" link leads to: a README section (its subsections too), a
+    file, or, for a folder's README, every page of the folder."""
+    if link.startswith("#"):
+        sections = re.split(r"^## (.*)$", README, flags=re.MULTILINE)
+        for title, text in zip(sections[1::2], sections[2::2], strict=True):
+            if "#" + re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-") == link:
+                return len(text.split())
+        raise AssertionError(f"no section {link}")
+    path = ROOT / link
+    pages = sorted(path.parent.glob("*.md")) if path.name == "README.md" else [path]
+    return sum(len(page.read_text().split()) for page in pages)
+
+
+def test_start_here_says_how_long_each_reading_is() -> None:
+    """Each row's length is within 15% of the words its links lead to."""
+    start = README.split("## Start here", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ([^|]+) \| ([^|]+) \| ([\d,]+) \|$", start, flags=re.MULTILINE)
+    assert len(rows) >= 8
+    for purpose, links, stated in rows:
+        counted = sum(words_under(link) for link in re.findall(r"\]\(([^)]+)\)", links))
+        assert abs(counted - int(stated.replace(",", ""))) <= 0.15 * counted, (purpose, counted)
+
+
 def test_readme_links_exist() -> None:
     for link in re.findall(r"\]\(((?!http)[^)#]+)\)", README):
         assert (ROOT / link).exists() or (ROOT / link).resolve().exists(), link
