@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame.
 #: A gRPC server answers with its own SETTINGS frame; an HTTP/1 server with ``HTTP/1.x 400``.
@@ -54,64 +58,66 @@ def diagnose(
     if not host or not port.isdigit():
         return None
     address = (host, int(port))
-    tls = bool(ca_file or cert_file or key_file)
-    try:
-        with socket.create_connection(address, timeout=timeout) as raw:
-            protocol = _handshake(raw, host, _any_certificate())
-    except OSError as error:
-        return Problem(f"nothing accepts connections at {target} ({error})", lasting=False)
-    speaks_tls = not isinstance(protocol, ssl.SSLError | OSError)
-    if speaks_tls and protocol != "h2":
-        return Problem(
-            f"{target} speaks HTTPS (HTTP/1 over TLS), not gRPC: is it the worker's REST or "
-            "metrics port? Its gRPC port is --port (50051 unless set)",
-            lasting=True,
-        )
-    if speaks_tls and not tls:
-        return Problem(
-            f"the worker at {target} speaks TLS: pass --ca-file (and --cert-file and "
-            "--key-file if it asks for a client certificate)",
-            lasting=True,
-        )
-    if not speaks_tls:
+
+    def connected(look: Callable[[socket.socket], T]) -> T:
+        """``look`` at a new connection to the target (:class:`_Refused`: none accepted)."""
         try:
-            with socket.create_connection(address, timeout=timeout) as raw:
-                speaks = _speaks_instead_of_http2(raw)
+            raw = socket.create_connection(address, timeout=timeout)
         except OSError as error:
-            return Problem(f"nothing accepts connections at {target} ({error})", lasting=False)
+            raise _Refused(error) from None
+        with raw:
+            return look(raw)
+
+    try:
+        return _looked_at(target, host, (ca_file, cert_file, key_file), connected)
+    except _Refused as refused:
+        return Problem(f"nothing accepts connections at {target} ({refused})", lasting=False)
+
+
+class _Refused(Exception):
+    """No connection to the target: nothing accepts them there (or nothing answers)."""
+
+
+def _looked_at(
+    target: str,
+    host: str,
+    files: tuple[str | None, str | None, str | None],
+    connected: Callable[[Callable[[socket.socket], Any]], Any],
+) -> Problem | None:
+    """What new connections to ``target`` show: TLS or not, HTTP/2 or not, and whether the
+    caller's own TLS ``files`` (CA, certificate, key) complete a handshake."""
+    protocol = connected(lambda raw: _handshake(raw, host, _any_certificate()))
+    if isinstance(protocol, ssl.SSLError | OSError):  # no TLS there
+        speaks = connected(_speaks_instead_of_http2)
         if speaks is not None:
             return Problem(
                 f"{target} speaks {speaks}, not gRPC: is it the worker's REST or metrics port? "
                 "Its gRPC port is --port (50051 unless set)",
                 lasting=True,
             )
-        if tls:
+        if any(files):
             return Problem(
                 f"the worker at {target} speaks plaintext, not TLS: drop the TLS options",
                 lasting=True,
             )
         return None
-    return _trusted_handshake(target, address, host, ca_file, cert_file, key_file, timeout)
-
-
-def _trusted_handshake(
-    target: str,
-    address: tuple[str, int],
-    host: str,
-    ca_file: str | None,
-    cert_file: str | None,
-    key_file: str | None,
-    timeout: float,
-) -> Problem | None:
-    """The handshake with the caller's own trust and certificate: None when it succeeds."""
-    context = ssl.create_default_context(cafile=ca_file)
+    if protocol != "h2":
+        return Problem(
+            f"{target} speaks HTTPS (HTTP/1 over TLS), not gRPC: is it the worker's REST or "
+            "metrics port? Its gRPC port is --port (50051 unless set)",
+            lasting=True,
+        )
+    if not any(files):
+        return Problem(
+            f"the worker at {target} speaks TLS: pass --ca-file (and --cert-file and "
+            "--key-file if it asks for a client certificate)",
+            lasting=True,
+        )
+    ca_file, cert_file, key_file = files
+    trusted = ssl.create_default_context(cafile=ca_file)
     if cert_file:
-        context.load_cert_chain(cert_file, key_file)
-    try:
-        with socket.create_connection(address, timeout=timeout) as raw:
-            failed = _handshake(raw, host, context)
-    except OSError as error:
-        return Problem(f"nothing accepts connections at {target} ({error})", lasting=False)
+        trusted.load_cert_chain(cert_file, key_file)
+    failed = connected(lambda raw: _handshake(raw, host, trusted))
     if isinstance(failed, ssl.SSLError | OSError):
         return Problem(f"the TLS handshake with {target} failed: {failed}", lasting=True)
     return None
