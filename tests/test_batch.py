@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import Iterator
 
 import grpc
 import ml_dtypes
@@ -23,7 +24,14 @@ from roundtrip.client import (
 from roundtrip.client.messages import build_request
 from roundtrip.v1 import roundtrip_pb2 as pb
 from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
-from support.workers import WorkerProcess, console_script, serving_worker
+from support.polling import wait_for
+from support.workers import (
+    InProcessWorker,
+    WorkerProcess,
+    busy_lane,
+    console_script,
+    serving_worker,
+)
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
@@ -181,3 +189,79 @@ def test_a_batch_past_its_deadline_counts_each_item_and_gives_back_its_bytes(
         time.sleep(0.1)
     assert worker.metric(dropped) - before == 16
     assert worker.metric("roundtrip_admitted_bytes") == 0
+
+
+@pytest.fixture(scope="module")
+def four_per_batch() -> Iterator[InProcessWorker]:
+    with serving_worker("--warmup-shapes", "3:4", "--max-batch-size", "4") as process:
+        yield process
+
+
+def test_a_batchs_same_shape_requests_join_one_engine_batch_whole(
+    four_per_batch: InProcessWorker,
+) -> None:
+    """While the lane is busy with a first call's batch, two single calls queue, then a
+    message of three requests of their shape. The three join one batch together (2 + 3 is
+    over 4, so they wait for the next), rather than two of them filling the second batch
+    and the last running alone."""
+    worker = four_per_batch
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    bucket = 'roundtrip_batch_size_bucket{le="1.0"}'
+    before = {name: worker.metric(name) for name in (bucket, "roundtrip_batch_size_count")}
+    with worker.channel() as channel, busy_lane(worker) as release:
+        stub = pb_grpc.RoundTripServiceStub(channel)
+        calls = [stub.RoundTrip.future(build_request(1, x, 4), timeout=60)]
+        wait_for(lambda: worker.metric("roundtrip_inflight_requests") == 1, "a batch of one")
+        wait_for(lambda: worker.metric("roundtrip_queued_requests") == 0, "it taken")
+        calls += [stub.RoundTrip.future(build_request(s, x, 4), timeout=60) for s in (2, 3)]
+        wait_for(lambda: worker.metric("roundtrip_queued_requests") == 2, "two queued")
+        many = stub.RoundTripBatch.future(
+            pb.RoundTripBatchRequest(requests=[build_request(s, x, 4) for s in (4, 5, 6)]),
+            timeout=60,
+        )
+        wait_for(lambda: worker.metric("roundtrip_queued_requests") == 5, "five queued")
+        release.set()
+        answers = [call.result() for call in calls]
+        answers += [outcome.response for outcome in many.result().outcomes]
+    for seed, answer in enumerate(answers, start=1):
+        got = (answer.orig_sum, answer.merged_sum, answer.max_abs_diff)
+        assert np.array_equal(np.array(got, np.float32), reference(seed, x, 4))
+    assert worker.metric("roundtrip_batch_size_count") - before["roundtrip_batch_size_count"] == 3
+    assert worker.metric(bucket) - before[bucket] == 1  # [1], [2, 3], [4, 5, 6]
+
+
+def test_a_request_that_fails_to_decode_gets_its_own_error_beside_its_group(
+    client: RoundTripClient, worker: WorkerProcess
+) -> None:
+    """Its declared shape weighs like its neighbours' (so it is admitted with them), and its
+    payload is short: it alone is INVALID_ARGUMENT."""
+    x = np.linspace(-1, 1, 4, dtype=np.float32)
+    requests = [build_request(seed, x, 4) for seed in range(5)]
+    requests[2].x.raw = requests[2].x.raw[:12]
+    with grpc.insecure_channel(worker.target) as channel:
+        response = pb_grpc.RoundTripServiceStub(channel).RoundTripBatch(
+            pb.RoundTripBatchRequest(requests=requests), timeout=60
+        )
+    for seed, outcome in enumerate(response.outcomes):
+        if seed == 2:
+            assert outcome.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert "x.raw" in outcome.error.message
+            continue
+        answer = outcome.response
+        got = (answer.orig_sum, answer.merged_sum, answer.max_abs_diff)
+        assert np.array_equal(np.array(got, np.float32), reference(seed, x, 4))
+    wait_for(lambda: worker.metric("roundtrip_admitted_bytes") == 0, "every byte given back")
+
+
+def test_requests_that_weigh_the_same_in_other_dtypes_are_each_exact(
+    client: RoundTripClient,
+) -> None:
+    """float16 and bfloat16 requests of one shape weigh the same and are admitted together;
+    each computes in its own dtype, with its own reference's bits."""
+    rng = np.random.default_rng(5)
+    cases = [
+        (seed, rng.standard_normal((2, 8)), ("float16", "bfloat16")[seed % 2]) for seed in range(12)
+    ]
+    outcomes = client.round_trip_many([(seed, as_sent(x, dtype), 3) for seed, x, dtype in cases])
+    for (seed, x, dtype), outcome in zip(cases, outcomes, strict=True):
+        assert np.array_equal(numbers(outcome), reference(seed, as_sent(x, dtype), 3))

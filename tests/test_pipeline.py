@@ -146,6 +146,8 @@ A_CALLS_OBJECTS = {
     "Received",
     "Unparseable",
     "Call",
+    "Many",
+    "_Group",
     "Ticket",
     "Reservation",
     "RoundTripInput",

@@ -200,7 +200,7 @@ class WorkerConfig:
     max_batch_items: int = _knob(
         1024,
         "Most requests one RoundTripBatch call may hold (INVALID_ARGUMENT beyond); each "
-        "is still admitted, queued and limited as if sent alone.",
+        "is still weighed and limited as if sent alone, and has its own outcome.",
         minimum=1,
     )
     max_compiled: int = _knob(

@@ -55,10 +55,11 @@ class RoundTripDoor:
     ) -> pb.RoundTripBatchResponse:
         """Answer every request of the message as if each came alone; outcomes in order.
 
-        Each item is weighed, admitted, decoded and queued on its own (so items join the
-        per-shape batches with all other traffic, and one bad item gets its own error while
-        the others are answered), in one pass: no task or coroutine per item. Items are
-        counted one by one, by the code each ended with.
+        Each item is weighed on its own, so one bad item gets its own error while the others
+        are answered; items in a row that weigh the same are admitted, decoded and queued as
+        one group (:class:`~roundtrip.server.pipeline.many.Many`) and join the per-shape
+        batches with all other traffic: no task, coroutine or queue entry per item. Items
+        are counted one by one, by the code each ended with.
         """
         pipeline = self.pipeline
         count = len(batch.requests)
@@ -81,23 +82,18 @@ class RoundTripDoor:
         pipeline.check_answer_size(
             batch_answer_bytes(outcomes, [size for _, size, _ in weighed_items])
         )
-        admitted = []
         pipeline.metrics.inflight.inc(count)
         try:
-            for index, size, decode_item in weighed_items:
-                try:
-                    call.admit(size, decode_item)
-                    admitted.append(index)
-                except Exception as error:
-                    outcomes[index] = failure_of(error)
-            answers = await call.outcomes()
+            many = pipeline.many(call)
+            many.admit([(size, decode_item) for _, size, decode_item in weighed_items])
+            answers = await many.outcomes()
         except asyncio.CancelledError:
             code = dropped_code(context).name
             pipeline.metrics.observe_rpcs("RoundTripBatch", [code] * count, started)
             raise
         finally:
             pipeline.metrics.inflight.dec(count)
-        for index, answer in zip(admitted, answers, strict=True):
+        for (index, _, _), answer in zip(weighed_items, answers, strict=True):
             if answer is None:  # not all or nothing: every request settles
                 answer = RuntimeError("a request of the batch was never answered")
             outcomes[index] = failure_of(answer) if isinstance(answer, Exception) else answer

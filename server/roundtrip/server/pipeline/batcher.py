@@ -1,25 +1,23 @@
 """Dynamic batching between the pipeline and the engine: requests in, futures out.
 
-Requests queue per :class:`ShapeSignature`. One runner task feeds the compute
-lanes (:class:`Lane`: an engine on one device and its one compute thread; JAX
-work never runs on the event loop). Whenever a lane is free the runner takes
-the signature whose head request is oldest and runs up to ``max_batch_size``
-of its requests together on that lane; if the batch is not full it waits at most
-until the oldest request's arrival plus ``max_queue_delay_us`` (``time.monotonic``),
-so the window cannot close early or stretch. With a delay of 0, batches form from
-whatever queued while the previous batch ran. A signature a lane has never run is
-first compiled on the compile thread (``compiler``) while other signatures' batches
-run; its requests wait in the queue meanwhile. A batch reserves its computation's bytes
-before it runs (:class:`~roundtrip.server.pipeline.admission.ByteBudget`) and, when they
-do not fit, waits until bytes come back.
+Requests queue per :class:`ShapeSignature` (a call of many's as group tickets, each joining
+one batch whole). One runner task feeds the compute lanes (:class:`Lane`: an engine on one
+device and its one compute thread; JAX work never runs on the event loop). Whenever a lane
+is free the runner takes the signature whose head request is oldest and runs up to
+``max_batch_size`` of its requests together on that lane; if the batch is not full it
+waits at most until the oldest request's arrival plus ``max_queue_delay_us``
+(``time.monotonic``), so the window cannot close early or stretch. With a delay of 0,
+batches form from whatever queued while the previous batch ran. A signature a lane has
+never run is first compiled on the compile thread (``compiler``) while other signatures'
+batches run. A batch reserves its computation's bytes before it runs
+(:class:`~roundtrip.server.pipeline.admission.ByteBudget`) and, when they do not fit, waits
+until bytes come back.
 
-Every request gets exactly its own answer: the engine's batches are
-bit-identical per request (a loop over the batch's requests inside one
-executable), and if a batch fails each of its
-requests is run again alone, so one failing request never fails its
-neighbours. A request whose caller goes away (cancelled, or its deadline
-passed) leaves the queue at once; one whose deadline passed unnoticed is
-dropped before it reaches the engine.
+Every request gets exactly its own answer, with eager's bits whatever its batch
+(:mod:`~roundtrip.server.engine.engine`); if a batch fails each of its requests is run
+again alone, so one failing request never fails its neighbours. A request whose caller
+goes away (cancelled, or its deadline passed) leaves the queue at once; one whose deadline
+passed unnoticed is dropped before it reaches the engine.
 
 >>> import numpy as np
 >>> from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +44,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from typing import Generic
+from typing import Any, Generic
 
 from roundtrip.server.errors import (
     DeadlineExpired,
@@ -56,7 +54,7 @@ from roundtrip.server.errors import (
 from roundtrip.server.ops.tracing import Tracing, end_request
 from roundtrip.server.pipeline.admission import ByteBudget, Reservation
 from roundtrip.server.pipeline.lanes import BatchRecord, EngineT, Lane, WarmSignatures, run_batch
-from roundtrip.server.pipeline.tickets import Gathering, Ticket, live
+from roundtrip.server.pipeline.tickets import Gathering, Ticket, live, settle_batch
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
 log = logging.getLogger(__name__)
@@ -137,7 +135,8 @@ class Batcher(Generic[EngineT]):
         """Queue ``item`` and wait for its answer. ``deadline`` is a ``time.monotonic()`` time."""
         ticket = self.enqueue(item, deadline=deadline)
         try:
-            return await ticket.future
+            answer: RoundTripAnswer = await ticket.future
+            return answer
         except asyncio.CancelledError:
             self.forget(ticket)
             raise
@@ -150,27 +149,31 @@ class Batcher(Generic[EngineT]):
         gathering: Gathering | None = None,
         held: Reservation | None = None,
         compute_bytes: int = 0,
+        group: list[RoundTripInput] | None = None,
     ) -> Ticket:
         """Queue ``item`` without waiting; its answer (or error) arrives on ``.future``.
 
         For callers that queue many requests at once (a RoundTripBatch): no task or
-        coroutine per request, and with a ``gathering`` one wait for all of them. A caller
-        that goes away calls :meth:`forget`.
+        coroutine per request, with a ``gathering`` one wait for all of them, and with a
+        ``group`` (of one signature, ``item`` its first, at most ``max_batch_size``) one
+        ticket for many, joining one batch together. A caller that goes away calls
+        :meth:`forget`.
         """
         if not self._accepting:
             raise ShuttingDown("the worker is draining; retry on another worker")
-        if self._queued >= self.max_queue_size:
+        rows = 1 if group is None else len(group)
+        if self._queued + rows > self.max_queue_size:
             raise QueueFull(
                 f"the worker's queue is full ({self.max_queue_size} requests waiting; "
                 "max_queue_size); retry with backoff"
             )
-        future: asyncio.Future[RoundTripAnswer] = asyncio.get_running_loop().create_future()
-        ticket = Ticket(item, future, time.monotonic(), deadline, gathering, held, compute_bytes)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ticket = Ticket(
+            item, future, time.monotonic(), deadline, gathering, held, compute_bytes, None, group
+        )
         queue = self._queues.setdefault(item.signature, collections.deque())
         queue.append(ticket)
-        self._queued += 1
-        if gathering is not None:
-            gathering.add()
+        self._queued += rows
         self._arrival.set()
         return ticket
 
@@ -181,11 +184,9 @@ class Batcher(Generic[EngineT]):
         self._forget(ticket.item.signature, ticket)
 
     def _forget(self, signature: ShapeSignature, ticket: Ticket) -> None:
-        """Take a request whose caller went away (cancelled, deadline passed) out of the queue.
-
-        At once, so it stops counting against ``max_queue_size`` and its bytes
-        can be freed; a request already taken into a batch is simply not answered.
-        """
+        """Take a request whose caller went away (cancelled, deadline passed) out of the
+        queue at once, so it stops counting against ``max_queue_size`` and its bytes can be
+        freed; a request already taken into a batch is simply not answered."""
         queue = self._queues.get(signature)
         if queue is None:
             return
@@ -193,7 +194,7 @@ class Batcher(Generic[EngineT]):
             queue.remove(ticket)
         except ValueError:
             return  # already in a batch
-        self._queued -= 1
+        self._queued -= ticket.rows
         if not queue:
             del self._queues[signature]
 
@@ -336,24 +337,27 @@ class Batcher(Generic[EngineT]):
         if rest:
             queue = self._queues.setdefault(signature, collections.deque())
             queue.extendleft(reversed(rest))
-            self._queued += len(rest)
+            self._queued += sum(ticket.rows for ticket in rest)
 
     def _take(self, signature: ShapeSignature) -> list[Ticket]:
-        """Pop up to ``max_batch_size`` live requests of ``signature``; fail expired ones."""
+        """Pop up to ``max_batch_size`` live requests of ``signature``, in order (a group
+        whole, or not yet); fail expired ones."""
         queue = self._queues.get(signature)
         if queue is None:  # every request of it was forgotten while the window was open
             return []
         batch: list[Ticket] = []
+        rows = 0
         now = time.monotonic()
-        while queue and len(batch) < self.max_batch_size:
+        while queue and rows + queue[0].rows <= self.max_batch_size:
             ticket = queue.popleft()
-            self._queued -= 1
+            self._queued -= ticket.rows
             if ticket.future.done():
                 continue  # cancelled: the caller went away
             if ticket.deadline is not None and ticket.deadline <= now:
-                ticket.resolve(DeadlineExpired("the deadline passed while the request was queued"))
+                ticket.fail(DeadlineExpired("the deadline passed while the request was queued"))
                 continue
             batch.append(ticket)
+            rows += ticket.rows
         if not queue:
             del self._queues[signature]
         return batch
@@ -367,7 +371,7 @@ class Batcher(Generic[EngineT]):
     ) -> None:
         """Hand ``batch`` to the lane's thread, then resolve each request with its outcome
         and give the batch's compute bytes back (each answer holds its own from then on)."""
-        items = [ticket.item for ticket in batch]
+        items = [item for ticket in batch for item in ticket.inputs()]
         loop = asyncio.get_running_loop()
         self._moved = time.monotonic()
         traced = [t for t in batch if t.span is not None] if self.tracing is not None else []
@@ -383,18 +387,11 @@ class Batcher(Generic[EngineT]):
             self._arrival.set()  # the runner may be waiting for a lane, not for requests
             if computing is not None:
                 computing.release()
-        record = BatchRecord(
-            signature=signature,
-            size=len(batch),
-            queue_seconds=[started - ticket.arrived for ticket in batch],
-            compute_seconds=finished - started,
-            lane=lane.name,
-        )
+        waits = [started - t.arrived for t in batch for _ in range(t.rows)]
+        record = BatchRecord(signature, len(items), waits, finished - started, lane.name)
         if traced and self.tracing is not None:
-            spans = [ticket.span for ticket in batch]
+            spans = [t.span if row == 0 else None for t in batch for row in range(t.rows)]
             self.tracing.record_batch(record, spans, started_ns=wall_started, counts=counts)
-        for ticket, outcome in zip(batch, outcomes, strict=True):
-            if not ticket.future.done():  # done: cancelled, its caller went away
-                ticket.resolve(outcome)
+        settle_batch(batch, outcomes)
         if self._on_batch is not None:
             self._on_batch(record)

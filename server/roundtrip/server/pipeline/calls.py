@@ -22,13 +22,13 @@ reservation itself.
 from __future__ import annotations
 
 import asyncio
-import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from roundtrip.server.engine.audit import Auditor
 from roundtrip.server.errors import RequestError
@@ -40,7 +40,7 @@ from roundtrip.server.pipeline.admission import (
     WorkingSet,
     reserved_bytes,
 )
-from roundtrip.server.pipeline.tickets import Outstanding, Queue, Ticket
+from roundtrip.server.pipeline.tickets import Queue, Ticket
 from roundtrip.server.pipeline.turns import QueueTurns
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput
 
@@ -58,19 +58,12 @@ class Holdings:
     tracing: Tracing | None = None
 
 
-class _Request:
-    """One request of a call of many, in the order the door admitted it: waiting in the call
-    for its turn, queued (its item, reservation and ticket), or refused when its turn came."""
+class Closing(Protocol):
+    """What closes with a call (its requests, if it is a call of many)."""
 
-    __slots__ = ("decode", "error", "held", "item", "size", "ticket")
-
-    def __init__(self, size: WorkingSet, decode: Callable[[], RoundTripInput]) -> None:
-        self.size = size
-        self.decode = decode
-        self.item: RoundTripInput | None = None
-        self.held: Reservation | None = None
-        self.ticket: Ticket | None = None
-        self.error: Exception | None = None
+    def close(self) -> None:
+        """The call closed."""
+        ...
 
 
 class Call:
@@ -80,10 +73,11 @@ class Call:
     A request is admitted by reserving what it holds outside a computation (its decoded
     input and its answer) and keeping room for its computation's working set, before it is
     decoded, then queued into the shared per-shape batches. A call of many requests
-    (:meth:`admit`, :meth:`answers`) queues them as the :class:`QueueTurns` allow; the
-    others wait in the call, holding nothing but their place in it, and are admitted in
-    order as places come back. A request that failed holds nothing; the message's bytes are
-    given back once the call's requests are answered. A stream message's call also holds
+    admits them in groups, queued as the :class:`QueueTurns` allow
+    (:class:`~roundtrip.server.pipeline.many.Many`, :meth:`attach`); the others
+    wait in the call, holding nothing but their place in it, and are admitted in order as
+    places come back. The message's bytes are given back once the call's requests are
+    answered. A stream message's call also holds
     its place among the stream's unanswered messages. Closing a call whose requests are
     still queued takes them out of the queue (its caller went away, or it failed whole).
     """
@@ -93,15 +87,13 @@ class Call:
         "_closed",
         "_held",
         "_holdings",
+        "_many",
         "_message",
         "_message_size",
         "_on_close",
-        "_outstanding",
         "_place",
         "_queued",
-        "_requests",
         "_trace",
-        "_waiting",
         "caller",
         "deadline",
     )
@@ -125,9 +117,8 @@ class Call:
         self._held: list[Reservation] = []
         self._answers = 0
         self._queued: list[Ticket] = []
-        self._requests: list[_Request] = []
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._outstanding: Outstanding | None = None
+        #: Its requests, if it is a call of many.
+        self._many: Closing | None = None
         self._place: asyncio.Semaphore | None = None
         self._closed = False
         #: The trace context its requests' spans start in (the call's span, taken when it
@@ -195,7 +186,7 @@ class Call:
         its :class:`RequestError` and holds nothing."""
         holdings = self._holdings
         held_bytes, compute, answer = reserved_bytes(size)
-        span = None if holdings.tracing is None else self._request_span(held_bytes, compute)
+        span = None if holdings.tracing is None else self.request_span(held_bytes, compute)
         held = None
         try:
             held = holdings.budget.admit(held_bytes, compute, self.caller)
@@ -205,7 +196,6 @@ class Call:
             ticket = holdings.batcher.enqueue(
                 item,
                 deadline=self.deadline,
-                gathering=self._outstanding,
                 held=held,
                 compute_bytes=compute,
             )
@@ -221,7 +211,7 @@ class Call:
         self._queued.append(ticket)
         return item, held, ticket
 
-    def _request_span(self, held_bytes: int, compute_bytes: int) -> Any:
+    def request_span(self, held_bytes: int, compute_bytes: int) -> Any:
         """A request's span under the call's (None: tracing is off)."""
         tracing = self._holdings.tracing
         if tracing is None:
@@ -231,74 +221,31 @@ class Call:
         attributes = {"roundtrip.held_bytes": held_bytes, "roundtrip.compute_bytes": compute_bytes}
         return tracing.start_request(self._trace, attributes)
 
-    def admit(
-        self,
-        size: WorkingSet,
-        decode: Callable[[], RoundTripInput],
-        *,
-        all_or_nothing: bool = False,
-    ) -> None:
-        """Admit one request of a call of many, weighed at ``size`` (``decode`` reads its
-        payload, once it is admitted): queued now if the turns allow, else when its turn
-        comes. A refusal now raises its :class:`RequestError`; one when its turn comes is its
-        outcome in :meth:`answers`. ``all_or_nothing``: the call fails whole at its first
-        failure (V2), so :meth:`answers` returns as soon as one fails."""
-        if self._outstanding is None:
-            self._outstanding = Outstanding(self._place_back, all_or_nothing)
-            if self._holdings.tracing is not None:  # for the requests queued later
-                self._trace = otel_context.get_current()
-        request = _Request(size, decode)
-        turns = self._holdings.turns
-        if self._waiting:
-            self._waiting.append(request)
-        elif turns is not None and not turns.may_queue(self.caller):
-            self._waiting.append(request)
-            turns.wait(self)
-        else:
-            self._queue_request(request)
-        self._requests.append(request)
+    def requests_traced(self) -> bool:
+        """Take the call's trace context for its requests' spans (now: the call's task runs
+        this); whether the call is recorded (each request then gets a span of its own)."""
+        if self._holdings.tracing is None:
+            return False
+        self._trace = otel_context.get_current()
+        return bool(trace.get_current_span(self._trace).is_recording())
 
-    def _queue_request(self, request: _Request) -> None:
-        request.item, request.held, request.ticket = self._queue(request.size, request.decode)
-        self.caller.outstanding += 1
+    def attach(self, many: Closing) -> None:
+        """The call is a call of many: ``many`` holds its requests
+        (:class:`~roundtrip.server.pipeline.many.Many`), closed with it."""
+        self._many = many
 
-    def take_turn(self) -> bool:
-        """Queue the next waiting request (its refusal is its outcome); whether more wait."""
-        request = self._waiting.popleft()
-        try:
-            self._queue_request(request)
-        except Exception as error:
-            request.error = error
-            if self._outstanding is not None:
-                self._outstanding.settle(failed=True)
-        return bool(self._waiting)
-
-    def _place_back(self) -> None:
-        """A queued request of this call was answered: its caller has a place back."""
-        self.caller.outstanding -= 1
-        turns = self._holdings.turns
-        if turns is not None and turns.waiting:
-            turns.grant()
-
-    async def outcomes(self) -> list[RoundTripAnswer | Exception | None]:
-        """Every admitted request's answer, or its own error (a :class:`RequestError`; any
-        other exception is a bug in the worker), in the order admitted. For a call that is
-        ``all_or_nothing``, as soon as one has failed: the others not settled by then are
-        None (the call fails whole)."""
-        outstanding = self._outstanding
-        if outstanding is not None:
-            await outstanding.wait(len(self._requests))
-        if self._message is not None:  # every request is decoded, or never will be
+    def decoded(self) -> None:
+        """Every request of the call is decoded, or never will be: the message is no longer
+        needed."""
+        if self._message is not None:
             self._message.release()
-        outcomes: list[RoundTripAnswer | Exception | None] = []
-        for request in self._requests:
-            if request.ticket is None or request.item is None or request.held is None:
-                outcomes.append(request.error)
-            elif request.ticket.future.done():
-                outcomes.append(self._settle(request.item, request.held, request.ticket))
-            else:
-                outcomes.append(None)
-        return outcomes
+
+    def keep(self, held: Reservation, tickets: Sequence[Ticket], answer_bytes: int) -> None:
+        """Queued requests of the call of many: what they hold (their answers'
+        ``answer_bytes`` among it) and their tickets, given back when the call closes."""
+        self._held.append(held)
+        self._queued += tickets
+        self._answers += answer_bytes
 
     async def answer(
         self, size: WorkingSet, decode: Callable[[], RoundTripInput]
@@ -307,15 +254,16 @@ class Call:
         error raised."""
         item, held, ticket = self._queue(size, decode)
         try:
-            answer = await ticket.future
+            answer: RoundTripAnswer = await ticket.future
         except RequestError:
             self._done_with(held, None)
             raise
-        self._offer(item, answer)
+        self.offer(item, answer)
         self._done_with(held, answer)
         return answer
 
-    def _offer(self, item: RoundTripInput, answer: RoundTripAnswer) -> None:
+    def offer(self, item: RoundTripInput, answer: RoundTripAnswer) -> None:
+        """An answer of the call, offered to the audit."""
         auditor = self._holdings.auditor
         if auditor is not None:
             auditor.offer(item, answer)
@@ -329,20 +277,6 @@ class Call:
         if answer is None:
             held.release()
 
-    def _settle(
-        self, item: RoundTripInput, held: Reservation, ticket: Ticket
-    ) -> RoundTripAnswer | Exception:
-        """A settled request of a call of many: its answer offered to the audit (it keeps
-        holding its bytes until the answer is taken), or its error (it holds nothing from
-        now)."""
-        error = ticket.future.exception()
-        if isinstance(error, Exception):
-            held.release()
-            return error
-        answer = ticket.future.result()
-        self._offer(item, answer)
-        return answer
-
     def close(self) -> None:
         """Give back everything the call holds, and take its unanswered requests out of the
         queue."""
@@ -350,16 +284,16 @@ class Call:
             return
         self._closed = True
         holdings = self._holdings
-        if self._waiting and holdings.turns is not None:
-            holdings.turns.leave(self)
-        self._waiting.clear()
+        many = self._many
+        if many is not None:
+            many.close()
         forgotten = 0
         for ticket in self._queued:
             if not ticket.future.done():
-                forgotten += 1
+                forgotten += ticket.rows
                 assert holdings.batcher is not None
                 holdings.batcher.forget(ticket)
-        if self._outstanding is None:
+        if many is None:
             forgotten = 0  # a call of one request: not counted among outstanding ones
         for held in self._held:
             held.release()
@@ -379,5 +313,4 @@ class Call:
         # call now rather than a collector pass later (tests/test_pipeline.py).
         self._queued = []
         self._held = []
-        self._requests = []
-        self._outstanding = None
+        self._many = None

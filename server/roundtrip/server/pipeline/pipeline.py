@@ -45,6 +45,7 @@ from roundtrip.server.pipeline.admission import ByteBudget, Caller, Reservation,
 from roundtrip.server.pipeline.batcher import Batcher
 from roundtrip.server.pipeline.calls import Call, Holdings
 from roundtrip.server.pipeline.envelope import Envelope, OpenCalls
+from roundtrip.server.pipeline.many import Many
 from roundtrip.server.pipeline.turns import QueueTurns
 from roundtrip.server.pipeline.validation import MAX_RANK, RequestLimits
 from roundtrip.server.pipeline.wire_counts import RepeatedLimits
@@ -145,7 +146,22 @@ class Pipeline:
         answer_bytes = requests.answer_wire_bytes()
         self.check_answer_size(answer_bytes)
         call.reserve(answer_bytes)
-        return await answer_all(call, requests)
+        return await answer_all(self.many(call, all_or_nothing=True), requests)
+
+    def many(self, call: Call, *, all_or_nothing: bool = False) -> Many:
+        """``call`` as a call of many requests (:class:`Many`, closed with the call);
+        ``all_or_nothing``: it fails whole at its first failure (V2), so its outcomes are
+        ready as soon as one fails."""
+        holdings = self._holdings
+        many = Many(
+            call,
+            budget=holdings.budget,
+            batcher=holdings.batcher,
+            turns=holdings.turns,
+            all_or_nothing=all_or_nothing,
+        )
+        call.attach(many)
+        return many
 
     def received(self, nbytes: int) -> Reservation:
         """Count a message that has arrived, or raise Overloaded when the budget cannot take
@@ -210,19 +226,20 @@ class AllOrNothing(Protocol):
         ...
 
 
-async def answer_all(call: Call, requests: AllOrNothing) -> list[RoundTripAnswer]:
+async def answer_all(many: Many, requests: AllOrNothing) -> list[RoundTripAnswer]:
     """Every request of a call that succeeds or fails whole (a V2 call of B seeds): each
-    weighed, admitted and read exactly as if sent alone. The first failure is raised naming
-    its request (``requests.about``) as soon as it happens; closing the call then takes the
-    others out of the queue, so a retry does not find the first attempt's requests still
-    queued."""
-    for index, size in enumerate(requests.sizes):
-        try:
-            call.admit(size, functools.partial(requests.item, index), all_or_nothing=True)
-        except RequestError as error:
-            raise requests.about(index, error) from None
+    weighed, admitted and read as a call of many's (:meth:`Call.admit_many`). The first
+    failure is raised naming its request (``requests.about``) as soon as it happens; closing
+    the call then takes the others out of the queue, so a retry does not find the first
+    attempt's requests still queued."""
+    many.admit(
+        [
+            (size, functools.partial(requests.item, index))
+            for index, size in enumerate(requests.sizes)
+        ]
+    )
     answers = []
-    for index, outcome in enumerate(await call.outcomes()):
+    for index, outcome in enumerate(await many.outcomes()):
         if isinstance(outcome, RequestError):
             raise requests.about(index, outcome)
         if isinstance(outcome, Exception):

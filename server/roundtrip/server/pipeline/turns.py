@@ -10,9 +10,6 @@ queue, a call gone), the waiting calls get them in turn, one caller after anothe
 refused for want of a place: only their deadline ends their wait.
 
 >>> from roundtrip.server.pipeline.admission import Caller
-
-#: Requests a waiting caller may queue in one turn before the next caller's turn.
-TURN = 8
 >>> queued = [0]
 >>> turns = QueueTurns(queued=lambda: queued[0], line=2, per_caller=1)
 >>> first, second = Caller("a"), Caller("b")
@@ -31,17 +28,19 @@ from typing import Protocol
 
 from roundtrip.server.pipeline.admission import Caller
 
-#: Requests a waiting caller may queue in one turn before the next caller's turn.
-TURN = 8
-
 
 class Waiting(Protocol):
     """A call with requests waiting for their turn."""
 
     caller: Caller
 
+    @property
+    def next_rows(self) -> int:
+        """The places its next waiting requests take (a group's: as many as it holds)."""
+        ...
+
     def take_turn(self) -> bool:
-        """Queue its next waiting request; whether it still has more waiting."""
+        """Queue its next waiting requests; whether it still has more waiting."""
 
 
 class QueueTurns:
@@ -59,12 +58,13 @@ class QueueTurns:
     def waiting_calls(self) -> int:
         return sum(len(calls) for calls in self.waiting.values())
 
-    def may_queue(self, caller: Caller) -> bool:
-        """Whether a request of ``caller``'s call of many may be queued now, ahead of none."""
+    def may_queue(self, caller: Caller, rows: int = 1) -> bool:
+        """Whether ``rows`` requests of ``caller``'s call of many may be queued now, ahead of
+        none."""
         return (
             caller not in self.waiting
-            and caller.outstanding < self.per_caller
-            and self._queued() < self.line
+            and caller.outstanding + rows <= self.per_caller
+            and self._queued() + rows <= self.line
         )
 
     def wait(self, call: Waiting) -> None:
@@ -86,9 +86,16 @@ class QueueTurns:
             return
         self._granting = True
         try:
-            while self.waiting and self._queued() < self.line:
-                caller = next((c for c in self.waiting if c.outstanding < self.per_caller), None)
-                if caller is None:
+            while self.waiting:
+                caller = next(
+                    (
+                        c
+                        for c, calls in self.waiting.items()
+                        if c.outstanding + calls[0].next_rows <= self.per_caller
+                    ),
+                    None,
+                )
+                if caller is None or self._queued() + self.waiting[caller][0].next_rows > self.line:
                     return
                 calls = self.waiting.pop(caller)
                 if calls[0].take_turn() is False:

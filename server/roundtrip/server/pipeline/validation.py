@@ -80,6 +80,7 @@ def weigh(
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def weigh_shape(
     shape: tuple[int, ...],
     dtype: np.dtype[np.generic],
@@ -90,6 +91,8 @@ def weigh_shape(
 ) -> WorkingSet:
     """The contract's rules and ``limits`` for x of ``shape`` and ``dtype`` and ``features``:
     every way in (``RoundTripRequest``, V2's tensors) is checked here, on the shape alone.
+    Cached: the requests of a batch mostly share one shape, and then one working set (the
+    same object, which groups them cheaply); a refusal is raised anew each time.
 
     >>> limits = RequestLimits(100, 8, 1024, 100)
     >>> weigh_shape((2, 3), np.dtype("float32"), 4, limits, with_outputs=False).param_bytes
