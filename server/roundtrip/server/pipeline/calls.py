@@ -72,14 +72,14 @@ class Call:
 
     A request is admitted by reserving what it holds outside a computation (its decoded
     input and its answer) and keeping room for its computation's working set, before it is
-    decoded, then queued into the shared per-shape batches. A call of many requests
-    admits them in groups, queued as the :class:`QueueTurns` allow
-    (:class:`~roundtrip.server.pipeline.many.Many`, :meth:`attach`); the others
-    wait in the call, holding nothing but their place in it, and are admitted in order as
-    places come back. The message's bytes are given back once the call's requests are
-    answered. A stream message's call also holds
-    its place among the stream's unanswered messages. Closing a call whose requests are
-    still queued takes them out of the queue (its caller went away, or it failed whole).
+    decoded, then queued into the shared per-shape batches. A call of many requests admits
+    them in groups, queued as the :class:`QueueTurns` allow
+    (:class:`~roundtrip.server.pipeline.many.Many`, :meth:`attach`); the others wait in the
+    call, holding nothing but their place in it, and are admitted in order as places come
+    back. The message's bytes are given back once the call's requests are decoded. A stream
+    message's call also holds its place among the stream's unanswered messages. Closing a
+    call whose requests are still queued takes them out of the queue (its caller went away,
+    or it failed whole).
     """
 
     __slots__ = (
@@ -181,9 +181,9 @@ class Call:
     def _queue(
         self, size: WorkingSet, decode: Callable[[], RoundTripInput]
     ) -> tuple[RoundTripInput, Reservation, Ticket]:
-        """Reserve ``size``'s holdings and keep room for its computation, decode, and queue
-        (counted among the call's outstanding requests, if it has many); a refusal raises
-        its :class:`RequestError` and holds nothing."""
+        """The call's one request: reserve ``size``'s holdings and keep room for its
+        computation, decode, and queue; a refusal raises its :class:`RequestError` and
+        holds nothing."""
         holdings = self._holdings
         held_bytes, compute, answer = reserved_bytes(size)
         span = None if holdings.tracing is None else self.request_span(held_bytes, compute)

@@ -1,5 +1,6 @@
 """The requests of one call of many (a RoundTripBatch, a V2 call of B seeds): admitted in
-groups, queued in turn, and their outcomes gathered in order (:class:`Many`).
+groups, queued in turn, counted as they settle (:class:`Outstanding`) and their outcomes
+gathered in order (:class:`Many`).
 
 Requests in a row that weigh the same are one group (:func:`groups`): one reservation, one
 decode pass, one ticket per signature and one place in the turns, so that a call of many
@@ -18,6 +19,7 @@ byte budget (so large requests are admitted one by one, as if sent alone).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
@@ -31,7 +33,7 @@ from roundtrip.server.pipeline.admission import (
     WorkingSet,
     reserved_bytes,
 )
-from roundtrip.server.pipeline.tickets import Outstanding, Queue, Ticket
+from roundtrip.server.pipeline.tickets import Gathering, Queue, Ticket
 from roundtrip.server.pipeline.turns import QueueTurns
 from roundtrip.server.values import RoundTripAnswer, RoundTripInput, ShapeSignature
 
@@ -92,6 +94,70 @@ def groups(
         group_bytes += each
     if group:
         yield group
+
+
+def _no_places(rows: int) -> None:
+    """What a closed call's requests give back: nothing (the call gave their places back)."""
+
+
+class Outstanding(Gathering):
+    """A call's requests, counted as they settle (answered by the batcher, a ticket's at a
+    time, or refused when their turn came), awaited as one; each answer gives the call's
+    caller its places back in the queue. With ``all_or_nothing`` the wait ends at the first
+    failure (the call fails whole; its other requests are taken out of the queue when it
+    closes).
+
+    ``asyncio.wait`` on their futures would add a callback to every one and run each as it
+    is answered: 165 us more per 64-item message than this, on the event loop.
+    """
+
+    __slots__ = ("_done", "_expected", "_on_place_back", "all_or_nothing", "failed", "settled")
+
+    def __init__(self, on_place_back: Callable[[int], None], all_or_nothing: bool) -> None:
+        self._on_place_back = on_place_back
+        self.all_or_nothing = all_or_nothing
+        self.settled = 0
+        self.failed = False
+        self._expected = -1
+        self._done: asyncio.Future[None] | None = None
+
+    def report(self, failed: bool = False, rows: int = 1) -> None:
+        self._on_place_back(rows)
+        # settle(), inline: this runs for every answered ticket of every call of many
+        self.settled += rows
+        if failed:
+            self.failed = True
+        done = self._done
+        if (
+            done is not None
+            and (self.settled >= self._expected or (failed and self.all_or_nothing))
+            and not done.done()
+        ):
+            done.set_result(None)
+
+    def settle(self, failed: bool, rows: int = 1) -> None:
+        """``rows`` requests settled without an answer from the batcher (refused when their
+        turn came)."""
+        self.settled += rows
+        self.failed = self.failed or failed
+        done = self._done
+        if done is not None and not done.done() and self._over():
+            done.set_result(None)
+
+    def _over(self) -> bool:
+        return self.settled >= self._expected or (self.all_or_nothing and self.failed)
+
+    def close(self) -> None:
+        """Its call closed: what is still answered gives no place back through it (and it
+        no longer keeps the call alive)."""
+        self._on_place_back = _no_places
+
+    async def wait(self, expected: int) -> None:
+        """Until ``expected`` requests have settled (or, all or nothing, one has failed)."""
+        self._expected = expected
+        if not self._over():
+            self._done = asyncio.get_running_loop().create_future()
+            await self._done
 
 
 class _Group:

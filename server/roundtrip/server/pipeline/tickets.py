@@ -1,13 +1,13 @@
 """A queued request as the batcher holds it (:class:`Ticket`: one request, or the
 same-signature requests of one call of many queued as one, its ``group``), and what the
-requests of one call report to as they are answered (:class:`Gathering`; a call's own:
-:class:`Outstanding`)."""
+requests of one call report to as they are answered (:class:`Gathering`; a call of many's
+own: :class:`~roundtrip.server.pipeline.many.Outstanding`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,70 +118,6 @@ def settle_batch(batch: Sequence[Ticket], outcomes: Sequence[Outcome]) -> None:
             else:
                 ticket.resolve_all(outcomes[at : at + rows])
         at += rows
-
-
-def _no_places(rows: int) -> None:
-    """What a closed call's requests give back: nothing (the call gave their places back)."""
-
-
-class Outstanding(Gathering):
-    """A call's requests, counted as they settle (answered by the batcher, a ticket's at a
-    time, or refused when their turn came), awaited as one; each answer gives the call's
-    caller its places back in the queue. With ``all_or_nothing`` the wait ends at the first
-    failure (the call fails whole; its other requests are taken out of the queue when it
-    closes).
-
-    ``asyncio.wait`` on their futures would add a callback to every one and run each as it
-    is answered: 165 us more per 64-item message than this, on the event loop.
-    """
-
-    __slots__ = ("_done", "_expected", "_on_place_back", "all_or_nothing", "failed", "settled")
-
-    def __init__(self, on_place_back: Callable[[int], None], all_or_nothing: bool) -> None:
-        self._on_place_back = on_place_back
-        self.all_or_nothing = all_or_nothing
-        self.settled = 0
-        self.failed = False
-        self._expected = -1
-        self._done: asyncio.Future[None] | None = None
-
-    def report(self, failed: bool = False, rows: int = 1) -> None:
-        self._on_place_back(rows)
-        # settle(), inline: this runs for every answered ticket of every call of many
-        self.settled += rows
-        if failed:
-            self.failed = True
-        done = self._done
-        if (
-            done is not None
-            and (self.settled >= self._expected or (failed and self.all_or_nothing))
-            and not done.done()
-        ):
-            done.set_result(None)
-
-    def settle(self, failed: bool, rows: int = 1) -> None:
-        """``rows`` requests settled without an answer from the batcher (refused when their
-        turn came)."""
-        self.settled += rows
-        self.failed = self.failed or failed
-        done = self._done
-        if done is not None and not done.done() and self._over():
-            done.set_result(None)
-
-    def _over(self) -> bool:
-        return self.settled >= self._expected or (self.all_or_nothing and self.failed)
-
-    def close(self) -> None:
-        """Its call closed: what is still answered gives no place back through it (and it
-        no longer keeps the call alive)."""
-        self._on_place_back = _no_places
-
-    async def wait(self, expected: int) -> None:
-        """Until ``expected`` requests have settled (or, all or nothing, one has failed)."""
-        self._expected = expected
-        if not self._over():
-            self._done = asyncio.get_running_loop().create_future()
-            await self._done
 
 
 class Queue(Protocol):
