@@ -93,10 +93,10 @@ def header_shape(msg: pb.Array, *, field: str) -> tuple[int, ...]:
     if msg.dtype not in NUMPY_DTYPES:
         known = ", ".join(pb.Dtype.Name(d) for d in NUMPY_DTYPES)  # type: ignore[arg-type]
         raise ArrayFormatError(f"{field}.dtype", f"unknown value {msg.dtype}; use one of {known}")
-    shape = tuple(int(d) for d in msg.shape)
-    for axis, dim in enumerate(shape):
-        if dim < 0:
-            raise ArrayFormatError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
+    shape = tuple(msg.shape)  # ints already (int64 on the wire)
+    if shape and min(shape) < 0:
+        axis, dim = next((axis, dim) for axis, dim in enumerate(shape) if dim < 0)
+        raise ArrayFormatError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
     values = len(msg.values)
     if values and not shape:
         return (values,)

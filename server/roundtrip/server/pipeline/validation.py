@@ -62,22 +62,17 @@ def weigh(
         raise InvalidArgument("x is required: an Array with raw or values")
     features = request.features
     _check_features(features, limits)  # before x: the order errors are reported in
+    x = request.x  # each read of a submessage builds its wrapper: once, here
     try:
-        shape = arrays.header_shape(request.x, field="x")
-        itemsize = arrays.NUMPY_DTYPES[request.x.dtype].itemsize
+        shape = arrays.header_shape(x, field="x")
+        dtype = arrays.NUMPY_DTYPES[x.dtype]
         if message_bytes is None or (
-            not request.x.values and math.prod(shape) * itemsize > message_bytes
+            not x.values and math.prod(shape) * dtype.itemsize > message_bytes
         ):
-            shape = arrays.declared_shape(request.x, field="x")  # raw is small, or asked for
+            shape = arrays.declared_shape(x, field="x")  # raw is small, or asked for
     except arrays.ArrayFormatError as error:
         raise InvalidArgument(str(error)) from None
-    return weigh_shape(
-        shape,
-        arrays.NUMPY_DTYPES[request.x.dtype],
-        features,
-        limits,
-        with_outputs=request.return_outputs,
-    )
+    return weigh_shape(shape, dtype, features, limits, request.return_outputs)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -86,7 +81,6 @@ def weigh_shape(
     dtype: np.dtype[np.generic],
     features: int,
     limits: RequestLimits,
-    *,
     with_outputs: bool,
 ) -> WorkingSet:
     """The contract's rules and ``limits`` for x of ``shape`` and ``dtype`` and ``features``:
