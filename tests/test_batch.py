@@ -211,8 +211,8 @@ def test_a_batchs_same_shape_requests_join_one_engine_batch_whole(
     with worker.channel() as channel, busy_lane(worker) as release:
         stub = pb_grpc.RoundTripServiceStub(channel)
         calls = [stub.RoundTrip.future(build_request(1, x, 4), timeout=60)]
-        wait_for(lambda: worker.metric("roundtrip_inflight_requests") == 1, "a batch of one")
-        wait_for(lambda: worker.metric("roundtrip_queued_requests") == 0, "it taken")
+        # its batch formed: it reserved its working set, and waits for the lane
+        wait_for(lambda: worker.metric("roundtrip_computing_bytes") > 0, "a batch of one")
         calls += [stub.RoundTrip.future(build_request(s, x, 4), timeout=60) for s in (2, 3)]
         wait_for(lambda: worker.metric("roundtrip_queued_requests") == 2, "two queued")
         many = stub.RoundTripBatch.future(
