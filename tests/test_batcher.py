@@ -166,3 +166,19 @@ def test_a_cancelled_request_frees_its_queue_place_at_once() -> None:
             max_queue_delay_us=200_000,
         )
     )
+
+
+def test_a_group_no_batch_could_take_is_refused_and_the_queue_moves_on() -> None:
+    """A group ticket over ``max_batch_size`` would wait at the head of its queue forever;
+    it is refused when queued, and the requests after it are answered."""
+
+    async def body(batcher: Batcher[Any]) -> None:
+        group = [item(seed) for seed in range(9)]
+        with pytest.raises(ValueError, match="over max_batch_size 8"):
+            batcher.enqueue(group[0], group=group)
+        assert batcher.queued == 0
+        answer = await asyncio.wait_for(batcher.submit(item(1)), 60)
+        want = reference(1, np.linspace(-1, 1, 4, dtype=np.float32), 3)
+        assert np.array_equal([answer.orig_sum, answer.merged_sum, answer.max_abs_diff], want)
+
+    asyncio.run(with_batcher(Engine(max_compiled=8, max_batch_size=8), body))

@@ -162,6 +162,8 @@ class Batcher(Generic[EngineT]):
         if not self._accepting:
             raise ShuttingDown("the worker is draining; retry on another worker")
         rows = 1 if group is None else len(group)
+        if rows > self.max_batch_size:  # no batch could ever take it: the queue would wedge
+            raise ValueError(f"a group of {rows} is over max_batch_size {self.max_batch_size}")
         if self._queued + rows > self.max_queue_size:
             raise QueueFull(
                 f"the worker's queue is full ({self.max_queue_size} requests waiting; "
