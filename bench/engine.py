@@ -2,6 +2,7 @@
 
     python -m bench.engine                 # 5 rounds -> docs/bench/engine.json and a table
     python -m bench.engine --rounds 1      # a smoke run
+    python -m bench.engine --split         # where a proven W2 batch's time goes (below)
 
 For W1, W2 and W3 (:data:`bench.checks.WORKLOADS`), with fresh seeds (64 different ones a
 batch) and a repeated seed (one seed, its parameters cached after the first batch), the
@@ -13,6 +14,13 @@ Every engine answer of the first batch is checked against the eager reference.
 
 The rounds alternate the three; a figure is the median over rounds of each round's median
 batch, in microseconds per row.
+
+``--split`` times the parts of one W2 batch of 64 cached parameter sets (the bulk path's
+case: 64 seeds that repeat): the Python that stacks the operands, the proven executable's
+steps 1-4, its reductions as proven (each request's sums reduced on their own, ``sliced``),
+and the same sums as one row-wise reduce (which does not give eager's bits here: the
+proof refuses it), with how many of the 64 rows' sums the row-wise reduce gets right, and
+how many four orders chosen to look like a vectorised reduce get right.
 """
 
 from __future__ import annotations
@@ -131,6 +139,58 @@ def measure(rounds: int, calls: int) -> dict[str, Any]:
     return results
 
 
+def in_lanes(lanes: int, rows: Any) -> Any:
+    """Each row summed in ``lanes`` running sums, which are then added in halves: an order a
+    vectorised reduce might take, tried against eager's sums (``--split``)."""
+    width = rows.shape[-1]
+    chunks = rows.reshape(rows.shape[0], width // lanes, lanes)
+    acc = chunks[:, 0]
+    for step in range(1, width // lanes):
+        acc = acc + chunks[:, step]
+    while acc.shape[1] > 1:
+        half = acc.shape[1] // 2
+        acc = acc[:, :half] + acc[:, half:]
+    return acc[:, 0]
+
+
+def split(calls: int = 300) -> dict[str, Any]:
+    """Microseconds per row of each part of a proven W2 batch from cached sets (``--split``)."""
+    from roundtrip.server.engine.engine import param_key
+
+    items = inputs("W2", "fresh")
+    one = engine(batched=True)
+    for _ in range(3):  # the second run caches the sets, the third runs from them
+        one.run(items)
+    signature = items[0].signature
+    width, features = WORKLOADS["W2"]
+    found = [one.params.get(param_key(item.seed, width, features)) for item in items]
+    compiled = one.executable(signature, one.bucket_for(BATCH), source="rows")
+    operands = (compiled._parameters(items, found), compiled._xs(items), np.int32(BATCH))
+    outs = jax.block_until_ready(compiled._outputs(*operands))
+    rowwise = compiled.with_reductions("rowwise")
+    proven = np.asarray(compiled._orig_reductions(*outs[:3]))
+    unproven = np.asarray(rowwise._orig_reductions(*outs[:3]))
+    parts = {
+        "program": compiled.reductions,
+        "engine run": per_row_us(functools.partial(one.run, items), calls),
+        "operands (Python)": per_row_us(lambda: compiled._parameters(items, found), calls),
+        "steps 1-4": per_row_us(lambda: jax.block_until_ready(compiled._outputs(*operands)), calls),
+        "reductions as proven": per_row_us(
+            lambda: np.asarray(compiled._orig_reductions(*outs[:3])), calls
+        ),
+        "reductions row-wise (not exact)": per_row_us(
+            lambda: np.asarray(rowwise._orig_reductions(*outs[:3])), calls
+        ),
+        "rows whose sum the row-wise reduce gets right": int((proven[0] == unproven[0]).sum()),
+    }
+    for lanes in (4, 8, 16, 32):
+        summed = np.asarray(jax.jit(functools.partial(in_lanes, lanes))(outs[0]))
+        parts[f"rows right summed in {lanes} lanes, then halves"] = int((proven[0] == summed).sum())
+    for name, value in parts.items():
+        print(f"{name}: {value if isinstance(value, (int, str)) else round(value, 2)}")
+    return parts
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| batch of 64 | batched (us/row) | looped (us/row) | bound (us/row) | batched / bound |",
@@ -149,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10, help="batches timed per round")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--split", action="store_true", help="time a W2 batch's parts only")
     args = parser.parse_args(argv)
+    if args.split:
+        split()
+        return 0
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "backend": jax.default_backend(),

@@ -1,8 +1,8 @@
 """The servers a benchmark runs (:func:`launched`): the worker (``roundtrip-server``,
 through ``support.workers``, the tests' own launcher; from another commit's tree with
-:func:`worktree`), the empty grpc.aio handler and the naive eager server
-(``bench/servers.py``), and MLServer from its own environment (``bench/mlserver``); and
-the worker's own counters read around a load (:func:`codes`).
+:func:`worktree`), the empty grpc.aio handler, the naive eager server and the engine under
+the thinnest handler (``bench/servers.py``), and MLServer from its own environment
+(``bench/mlserver``); and the worker's own counters read around a load (:func:`codes`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from support.workers import (
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """A server a benchmark starts: ``kind`` is ``worker``, ``empty``, ``naive`` or
-    ``mlserver``; a worker takes ``flags`` and ``env``, and ``tree`` (a checkout of
+    """A server a benchmark starts: ``kind`` is ``worker``, ``empty``, ``naive``,
+    ``engine`` or ``mlserver``; a worker takes ``flags`` and ``env``, and ``tree`` (a checkout of
     another commit) runs that commit's worker instead of this one. ``traced``: the worker
     exports its traces over OTLP/gRPC to a collector on loopback that counts them (its
     sampler as ``env`` sets it)."""

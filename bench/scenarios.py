@@ -49,6 +49,8 @@ SERVERS = {
     ),
     "empty handler": ServerSpec("empty handler", "empty"),
     "naive": ServerSpec("naive", "naive"),
+    # RoundTripBatch only: the worker's engine under the thinnest handler (bench.servers)
+    "engine only": ServerSpec("engine only", "engine"),
     "MLServer": ServerSpec("MLServer", "mlserver"),
 }
 
@@ -97,7 +99,7 @@ SCENARIOS = (
         "W2 RoundTripBatch x64",
         "batch",
         "W2",
-        ("worker", "empty handler", "worker (traced 1%)", "worker (traced 100%)"),
+        ("worker", "empty handler", "engine only", "worker (traced 1%)", "worker (traced 100%)"),
         streams=4,
         unit="results/s",
     ),
@@ -106,7 +108,7 @@ SCENARIOS = (
         "W2 RoundTripBatch x1024",
         "batch",
         "W2",
-        ("worker", "empty handler"),
+        ("worker", "empty handler", "engine only"),
         streams=1,
         unit="results/s",
         items=1024,
@@ -163,6 +165,16 @@ RATIOS = (
     (
         "W2 RoundTripBatch x1024 results/s / empty handler's unary req/s",
         ("W2 RoundTripBatch x1024", "worker"),
+        ("W2 unary", "empty handler"),
+    ),
+    (
+        "engine only: RoundTripBatch x64 results/s / empty handler's unary req/s",
+        ("W2 RoundTripBatch x64", "engine only"),
+        ("W2 unary", "empty handler"),
+    ),
+    (
+        "engine only: RoundTripBatch x1024 results/s / empty handler's unary req/s",
+        ("W2 RoundTripBatch x1024", "engine only"),
         ("W2 unary", "empty handler"),
     ),
     (

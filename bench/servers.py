@@ -5,9 +5,16 @@
   It is the ceiling of a Python grpc.aio server on this machine, unary and batched.
 * ``naive``: runs SPEC.md's eager reference per request on one compute thread,
   as the worker's predecessors did.
+* ``engine``: the worker's engine (batched programs proven bit-exact, the parameter cache)
+  under the thinnest RoundTripBatch handler: each item's ``x`` read as it is, no checks,
+  admission, batcher, metrics or audit, the message's items through ``Engine.run`` in
+  batches of 64 on one compute thread, the three numbers written straight into the answer.
+  It serves RoundTripBatch only, and is the ceiling of any design of the bulk path around
+  this engine: what is left when every step the worker adds costs nothing.
 
     python -m bench.servers empty --port 50061
     python -m bench.servers empty --event-loop uvloop   # the same handler on the worker's loop
+    python -m bench.servers engine --port 50063
 """
 
 from __future__ import annotations
@@ -64,6 +71,55 @@ class NaiveServicer(pb_grpc.RoundTripServiceServicer):
         return await loop.run_in_executor(self._executor, self._eager, request)
 
 
+class EngineOnlyServicer(pb_grpc.RoundTripServiceServicer):
+    """RoundTripBatch straight through the worker's engine (``engine`` above)."""
+
+    def __init__(self) -> None:
+        from roundtrip.server.config import WorkerConfig
+        from roundtrip.server.engine.engine import Engine
+
+        config = WorkerConfig()
+        self._batch = config.max_batch_size
+        self._engine = Engine(
+            max_compiled=config.max_compiled,
+            max_batch_size=config.max_batch_size,
+            max_param_cache_bytes=config.max_param_cache_bytes,
+            batched_max_bytes=config.batched_max_bytes,
+        )
+        self._executor = ThreadPoolExecutor(1)
+
+    def _compute(self, items: list[Any]) -> list[Any]:
+        size = self._batch
+        return [
+            a for at in range(0, len(items), size) for a in self._engine.run(items[at : at + size])
+        ]
+
+    async def RoundTripBatch(  # noqa: N802
+        self, request: pb.RoundTripBatchRequest, context: Any
+    ) -> pb.RoundTripBatchResponse:
+        import numpy as np
+
+        from roundtrip.server.values import RoundTripInput
+        from roundtrip.wire.arrays import NUMPY_DTYPES
+
+        items = [
+            RoundTripInput(r.seed, np.frombuffer(r.x.raw, NUMPY_DTYPES[r.x.dtype]), r.features)
+            for r in request.requests
+        ]
+        loop = asyncio.get_running_loop()
+        answers = await loop.run_in_executor(self._executor, self._compute, items)
+        response = pb.RoundTripBatchResponse()
+        for answer in answers:
+            out = response.outcomes.add().response
+            out.orig_sum = answer.orig_sum
+            out.merged_sum = answer.merged_sum
+            out.max_abs_diff = answer.max_abs_diff
+        return response
+
+
+SERVICERS = {"empty": EmptyServicer, "naive": NaiveServicer, "engine": EngineOnlyServicer}
+
+
 async def serve(kind: str, port: int) -> None:
     server = grpc.aio.server(
         options=[
@@ -71,9 +127,9 @@ async def serve(kind: str, port: int) -> None:
             ("grpc.max_send_message_length", 64 << 20),
         ]
     )
-    # Both serve RoundTrip and leave the other methods to the base class (UNIMPLEMENTED),
+    # Each serves some methods and leaves the others to the base class (UNIMPLEMENTED),
     # which the generated stub declares abstract.
-    servicer = EmptyServicer() if kind == "empty" else NaiveServicer()  # type: ignore[abstract]
+    servicer = SERVICERS[kind]()  # type: ignore[abstract]
     pb_grpc.add_RoundTripServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -83,7 +139,7 @@ async def serve(kind: str, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["empty", "naive"])
+    parser.add_argument("kind", choices=sorted(SERVICERS))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
     args = parser.parse_args()
