@@ -70,7 +70,8 @@ def features_zero(kind: str, worker: InProcessWorker) -> Any:
 
 def queue_full(kind: str, worker: InProcessWorker) -> Any:
     """Behind the busy lane: one call's batch waits for the lane, the next holds the one
-    queue place (max_queue_size 1)."""
+    queue place (max_queue_size 1). The second is sent once the first has left the queue
+    for its batch: sent together, both could be in the queue at once, the second refused."""
     with busy_lane(worker) as release:
         waiting = [
             threading.Thread(
@@ -78,15 +79,17 @@ def queue_full(kind: str, worker: InProcessWorker) -> Any:
             )
             for seed in (1, 2)
         ]
-        for thread in waiting:
-            thread.start()
         try:
-            wait_for(lambda: worker.metric("roundtrip_queued_requests") == 1)
+            waiting[0].start()
+            wait_for(lambda: worker.metric("roundtrip_computing_bytes") > 0, "a batch of one")
+            waiting[1].start()
+            wait_for(lambda: worker.metric("roundtrip_queued_requests") == 1, "one queued")
             return call(kind, worker.target, "round_trip", 3, [1.0, 2.0, 3.0], 4)
         finally:
             release.set()
             for thread in waiting:
-                thread.join()
+                if thread.ident is not None:  # started
+                    thread.join()
 
 
 ONE = (0, [1.0, 2.0, 3.0], 4)
