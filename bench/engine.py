@@ -53,11 +53,13 @@ TABLE_START = "<!-- python -m bench.engine writes the table below from docs/benc
 TABLE_END = "<!-- end of bench.engine's table -->"
 
 
-def engine(batched: bool) -> Engine:
+def engine(batched: bool, max_batch_size: int = BATCH) -> Engine:
+    """The worker's engine as its defaults configure it, with batches of ``max_batch_size``
+    (``batched`` False: every batch looped)."""
     config = WorkerConfig()
     return Engine(
         max_compiled=config.max_compiled,
-        max_batch_size=BATCH,
+        max_batch_size=max_batch_size,
         max_param_cache_bytes=config.max_param_cache_bytes,
         batched_max_bytes=config.batched_max_bytes if batched else 0,
     )

@@ -8,7 +8,8 @@
 * ``engine``: the worker's engine (batched programs proven bit-exact, the parameter cache)
   under the thinnest RoundTripBatch handler: each item's ``x`` read as it is, no checks,
   admission, batcher, metrics or audit, the message's items through ``Engine.run`` in
-  batches of 64 on one compute thread, the three numbers written straight into the answer.
+  batches of the worker's default ``max_batch_size`` on one compute thread, the three
+  numbers written straight into the answer.
   It serves RoundTripBatch only, and is the ceiling of any design of the bulk path around
   this engine: what is left when every step the worker adds costs nothing.
 
@@ -75,17 +76,11 @@ class EngineOnlyServicer(pb_grpc.RoundTripServiceServicer):
     """RoundTripBatch straight through the worker's engine (``engine`` above)."""
 
     def __init__(self) -> None:
+        from bench.engine import engine
         from roundtrip.server.config import WorkerConfig
-        from roundtrip.server.engine.engine import Engine
 
-        config = WorkerConfig()
-        self._batch = config.max_batch_size
-        self._engine = Engine(
-            max_compiled=config.max_compiled,
-            max_batch_size=config.max_batch_size,
-            max_param_cache_bytes=config.max_param_cache_bytes,
-            batched_max_bytes=config.batched_max_bytes,
-        )
+        self._batch = WorkerConfig().max_batch_size
+        self._engine = engine(batched=True, max_batch_size=self._batch)
         self._executor = ThreadPoolExecutor(1)
 
     def _compute(self, items: list[Any]) -> list[Any]:

@@ -17,7 +17,7 @@ from roundtrip.v1 import roundtrip_pb2_grpc as pb_grpc
 
 def test_the_engine_only_server_answers_each_item_of_a_batch_with_eagers_bits() -> None:
     rng = np.random.default_rng(3)
-    # 70 items: two engine batches (of 64 and 6), seeds both new and repeated
+    # 70 items: engine batches of max_batch_size (32, 32 and 6), seeds new and repeated
     cases = [(int(rng.integers(0, 5)) * 7919, rng.standard_normal(3), 4) for _ in range(70)]
     batch = pb.RoundTripBatchRequest(
         requests=[
