@@ -278,6 +278,39 @@ def test_no_context_or_malformed_context_starts_a_new_trace_never_an_error(
     assert len({span.trace_id for span in roots}) == 3
 
 
+def test_calls_without_context_are_sampled_by_their_trace_id_at_the_configured_ratio() -> None:
+    """``parentbased_traceidratio`` at 0.25: about a quarter of 200 calls that come without
+    trace context are recorded, each whole (its request and batch spans too), and each by
+    the ratio sampler's rule on its new trace id (the id's low 64 bits below a quarter of
+    their range), so a service that samples by the same ratio agrees; a caller's sampled
+    flag is still followed."""
+    with Collector() as collector:
+        sampling = traced_worker(
+            collector,
+            "grpc",
+            OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+            OTEL_TRACES_SAMPLER_ARG="0.25",
+        )
+        try:
+            with RoundTripClient(sampling.target) as client:
+                for seed in range(200):
+                    client.round_trip(seed % 4, X, 4)
+            new_trace(sampling, collector, 0xAF)  # sampled by its caller, exported last
+        finally:
+            sampling.kill()
+        roots = [
+            span
+            for span in collector.spans("roundtrip.v1.RoundTripService/RoundTrip")
+            if span.trace_id != f"{0xAF:032x}"
+        ]
+    assert 20 <= len(roots) <= 90, len(roots)  # 50 expected; 5 standard deviations either way
+    assert all(not span.parent_id for span in roots)
+    assert all(int(span.trace_id, 16) & (2**64 - 1) < 2**62 for span in roots)
+    requests = {span.trace_id for span in collector.spans("roundtrip.request")}
+    linked = {linked for batch in collector.spans("roundtrip.batch") for linked, _ in batch.links}
+    assert {span.trace_id for span in roots} <= requests & linked
+
+
 def test_a_caller_that_does_not_sample_gets_no_spans(
     worker: InProcessWorker, collector: Collector
 ) -> None:
@@ -442,7 +475,12 @@ def test_the_worker_process_reports_where_spans_go_and_refuses_what_it_cannot_ho
             collector.wait_for("roundtrip.v1.RoundTripService/RoundTrip")
         finally:
             assert worker.terminate() == 0
-    for bad in ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, {"OTEL_TRACES_EXPORTER": "zipkin"}):
+    for bad in (
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+        {"OTEL_TRACES_EXPORTER": "zipkin"},
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratoi"},  # the SDK would sample everything
+        {"OTEL_TRACES_SAMPLER_ARG": "1%", "OTEL_TRACES_SAMPLER": "traceidratio"},
+    ):
         done = subprocess.run(
             [sys.executable, "-m", "roundtrip.server", "--port", "0"],
             env={**_environ(), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", **bad},

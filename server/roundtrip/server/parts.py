@@ -118,8 +118,8 @@ def tracing_for(settings: TraceSettings, metrics: WorkerMetrics) -> Tracing | No
     started = trace_export.start(settings, version=__version__, count=metrics.count_spans)
     if started is None:
         return None
-    tracer, batch_tracer, close = started
-    return Tracing(tracer, settings, batch_tracer=batch_tracer, close=close)
+    tracer, batch_tracer, close, root = started
+    return Tracing(tracer, settings, batch_tracer=batch_tracer, close=close, root=root)
 
 
 def pipeline_for(config: WorkerConfig, traces: TraceSettings | None = None) -> Pipeline:

@@ -30,6 +30,19 @@ False
 'grpc'
 >>> TraceSettings.from_environ({}).describe()
 {'enabled': False}
+
+A sampler the specification does not name, or a ratio that is not a share, is refused
+(the SDK would sample everything); ``root_rate``: the share of calls without context it records.
+
+>>> on = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+>>> TraceSettings.from_environ({**on, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}).root_rate
+0.01
+>>> try:
+...     TraceSettings.from_environ({**on, "OTEL_TRACES_SAMPLER": "traceidratio",
+...                                 "OTEL_TRACES_SAMPLER_ARG": "1%"})
+... except TraceConfigError as refused:
+...     print(refused)
+OTEL_TRACES_SAMPLER_ARG='1%': a share from 0 to 1 (0.01 samples 1% of the calls)
 """
 
 from __future__ import annotations
@@ -52,6 +65,16 @@ log = logging.getLogger(__name__)
 CONTEXT_KEYS = ("traceparent", "tracestate", "baggage")
 
 PROTOCOLS = ("http/protobuf", "grpc")
+
+#: ``OTEL_TRACES_SAMPLER``'s values, by the share of calls without context each records.
+SAMPLERS: dict[str, float | None] = {
+    "parentbased_always_on": 1.0,
+    "parentbased_always_off": 0.0,
+    "parentbased_traceidratio": None,
+    "always_on": 1.0,
+    "always_off": 0.0,
+    "traceidratio": None,
+}
 
 #: The context of a call that came without one: its span is a new root.
 _NO_PARENT = otel_context.Context()
@@ -86,6 +109,8 @@ class TraceSettings:
     endpoint: str = ""
     sampler: str = ""
     sampler_arg: str = ""
+    #: The share of calls that come without trace context the sampler records.
+    root_rate: float = 0.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TraceSettings:
@@ -111,12 +136,22 @@ class TraceSettings:
                 f"OTLP protocol {protocol!r} (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or "
                 f"OTEL_EXPORTER_OTLP_PROTOCOL): use one of {', '.join(PROTOCOLS)}"
             )
+        sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+        if sampler not in SAMPLERS:
+            raise TraceConfigError(
+                f"OTEL_TRACES_SAMPLER={sampler!r}: use one of {', '.join(SAMPLERS)}"
+            )
+        sampler_arg = environ.get("OTEL_TRACES_SAMPLER_ARG", "")
+        rate = SAMPLERS[sampler]
+        if rate is None:
+            rate = _share(sampler_arg)
         return cls(
             enabled=True,
             protocol=protocol,
             endpoint=endpoint,
-            sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-            sampler_arg=environ.get("OTEL_TRACES_SAMPLER_ARG", ""),
+            sampler=sampler,
+            sampler_arg=sampler_arg,
+            root_rate=rate,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -130,6 +165,21 @@ class TraceSettings:
             "sampler": self.sampler,
             "sampler_arg": self.sampler_arg,
         }
+
+
+def _share(text: str) -> float:
+    """A ratio sampler's argument: a share from 0 to 1 (1 when unset, as the spec says)."""
+    if not text.strip():
+        return 1.0
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise TraceConfigError(
+            f"OTEL_TRACES_SAMPLER_ARG={text!r}: a share from 0 to 1 (0.01 samples 1% of the calls)"
+        )
+    return share
 
 
 def carrier_of(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
@@ -227,8 +277,14 @@ class Tracing:
         batch_tracer: trace.Tracer | None = None,
         fingerprint: Callable[[], str] = str,
         close: Callable[[float], None] | None = None,
+        root: Callable[[], bool] | None = None,
     ) -> None:
         self.tracer = tracer
+        #: Whether the sampler records a call that came without trace context, asked
+        #: before its span starts (its trace id drawn ahead, for that span): an unrecorded
+        #: call, most of them at a low rate, then starts no span at all. None: the SDK's
+        #: ``start_span`` decides.
+        self._root = root
         #: Batches' spans: recorded whenever made (only for a batch that served a recorded
         #: request, whose sampling decision they follow).
         self.batch_tracer = batch_tracer or tracer
@@ -248,8 +304,12 @@ class Tracing:
             if not trace.get_current_span().is_recording():
                 return None
             parent = None
-        else:  # no context: a new root (extracting nothing costs a call per call)
-            parent = propagate.extract(carrier) if carrier else _NO_PARENT
+        elif carrier:
+            parent = propagate.extract(carrier)
+        else:  # no context: a new root, if the sampler records it
+            if self._root is not None and not self._root():
+                return None
+            parent = _NO_PARENT
         span = self.tracer.start_span(start.name, context=parent, kind=SpanKind.SERVER)
         if not span.is_recording():  # unsampled: its attributes are never set
             return None
@@ -275,8 +335,8 @@ class Tracing:
     ) -> Span | None:
         """A request's span, from its admission (its bytes reserved) to its answer; None
         when its call is not recorded."""
-        if not trace.get_current_span(parent).is_recording():
-            return None
+        if not parent or not trace.get_current_span(parent).is_recording():
+            return None  # (an empty context, an unrecorded call's, holds no span)
         return self.tracer.start_span("roundtrip.request", context=parent, attributes=attributes)
 
     def record_batch(
