@@ -151,27 +151,23 @@ class RootIds:
 
 def sampler_for(settings: TraceSettings) -> Any:
     """The SDK's sampler that ``OTEL_TRACES_SAMPLER``/``_ARG`` name (checked by
-    :class:`TraceSettings`), built here so that its rate is the one :class:`RootIds`
-    decides by.
+    :class:`TraceSettings`), built from the share of roots it records so that its rate is
+    the one :class:`RootIds` decides by.
 
     >>> sampler_for(TraceSettings(True, sampler="parentbased_traceidratio", root_rate=0.25)
     ...             ).get_description()
     'ParentBased{root:TraceIdRatioBased{0.25},remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler}'
-
+    >>> sampler_for(TraceSettings(True, sampler="always_off", root_rate=0.0)).get_description()
+    'AlwaysOffSampler'
     """
     from opentelemetry.sdk.trace import sampling
 
     name, rate = settings.sampler, settings.root_rate
-    if name == "traceidratio":
-        return sampling.TraceIdRatioBased(rate)
-    if name == "parentbased_traceidratio":
-        return sampling.ParentBasedTraceIdRatio(rate)
-    return {
-        "always_on": sampling.ALWAYS_ON,
-        "always_off": sampling.ALWAYS_OFF,
-        "parentbased_always_on": sampling.DEFAULT_ON,
-        "parentbased_always_off": sampling.DEFAULT_OFF,
-    }[name]
+    if name.endswith("traceidratio"):
+        root: Any = sampling.TraceIdRatioBased(rate)
+    else:
+        root = sampling.ALWAYS_ON if rate else sampling.ALWAYS_OFF
+    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
 
 
 def start(

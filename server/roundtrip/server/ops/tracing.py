@@ -276,14 +276,13 @@ class Tracing:
         *,
         batch_tracer: trace.Tracer | None = None,
         fingerprint: Callable[[], str] = str,
+        root: Callable[[], bool],
         close: Callable[[float], None] | None = None,
-        root: Callable[[], bool] | None = None,
     ) -> None:
         self.tracer = tracer
         #: Whether the sampler records a call that came without trace context, asked
         #: before its span starts (its trace id drawn ahead, for that span): an unrecorded
-        #: call, most of them at a low rate, then starts no span at all. None: the SDK's
-        #: ``start_span`` decides.
+        #: call, most of them at a low rate, then starts no span at all.
         self._root = root
         #: Batches' spans: recorded whenever made (only for a batch that served a recorded
         #: request, whose sampling decision they follow).
@@ -307,7 +306,7 @@ class Tracing:
         elif carrier:
             parent = propagate.extract(carrier)
         else:  # no context: a new root, if the sampler records it
-            if self._root is not None and not self._root():
+            if not self._root():
                 return None
             parent = _NO_PARENT
         span = self.tracer.start_span(start.name, context=parent, kind=SpanKind.SERVER)
